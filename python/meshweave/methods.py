@@ -1,0 +1,101 @@
+"""Parallelization methods: which devices, which logical mesh, which pass pipeline.
+
+A method is a plain frozen dataclass. `resolve_mesh()` turns it into a jax Mesh plus the
+meshweave MeshSpec; `pipeline()` is the pass pipeline the spine runs on the traced module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from meshweave.dialects.sharding import MeshSpec, default_axis_names
+
+
+class MethodError(ValueError):
+    """A method's settings do not fit the devices or the program; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class AutoShardingOption:
+    """Knobs of the intra-op auto-sharding ILP (see passes/auto_sharding.py).
+
+    alpha/beta: latency (s) and inverse bandwidth (s/byte) per logical mesh axis; None → alpha 1,
+    beta 1 on axis 0 and 0.1 on the others (the last axes model faster, intra-host links).
+    memory_budget_per_device: bytes, None for no limit.
+    force_batch_dim_to_mesh_dim: split the batch of batch arguments over this mesh axis (None: free).
+    solver: "highs" or "cbc"; time_limit in seconds.
+    """
+
+    alpha: tuple[float, ...] | None = None
+    beta: tuple[float, ...] | None = None
+    memory_budget_per_device: int | None = None
+    force_batch_dim_to_mesh_dim: int | None = None
+    allow_all_gather: bool = True
+    allow_all_to_all: bool = True
+    prefer_reduce_scatter: bool = False
+    solver: str = "highs"
+    time_limit: float = 60.0
+
+    def __post_init__(self):
+        if self.solver not in ("highs", "cbc"):
+            raise MethodError(f"AutoShardingOption.solver={self.solver!r}: expected 'highs' or 'cbc'")
+        if self.time_limit <= 0:
+            raise MethodError(f"AutoShardingOption.time_limit must be positive, got {self.time_limit}")
+        if self.memory_budget_per_device is not None and self.memory_budget_per_device <= 0:
+            raise MethodError("AutoShardingOption.memory_budget_per_device must be a positive byte count or None")
+
+
+@dataclass(frozen=True)
+class ParallelMethod:
+    """Common base: a logical mesh over some devices."""
+
+    mesh_shape: tuple[int, ...] | None = None
+    devices: tuple | None = None
+    axis_names: tuple[str, ...] | None = None
+
+    def resolve_mesh(self) -> tuple[Mesh, MeshSpec]:
+        name = type(self).__name__
+        if self.devices is not None:
+            devices = list(np.asarray(self.devices, dtype=object).flat)
+            if not devices:
+                raise MethodError(f"{name}: devices is empty")
+        else:
+            devices = jax.devices()
+        shape = tuple(int(s) for s in self.mesh_shape) if self.mesh_shape is not None else (len(devices),)
+        if any(s < 1 for s in shape):
+            raise MethodError(f"{name}: mesh_shape {shape} must hold positive integers")
+        need = math.prod(shape)
+        if self.devices is not None and need != len(devices):
+            raise MethodError(f"{name}: mesh_shape {shape} needs {need} devices but devices= holds "
+                              f"{len(devices)}; make the product of mesh_shape equal to len(devices)")
+        if need > len(devices):
+            raise MethodError(f"{name}: mesh_shape {shape} needs {need} devices but only {len(devices)} are "
+                              f"available ({devices[0].platform}); use a smaller mesh, or on CPU set "
+                              f"XLA_FLAGS=--xla_force_host_platform_device_count={need} before importing jax")
+        devices = devices[:need]   # a smaller mesh uses the first devices (their ids are in the plan)
+        axes = tuple(self.axis_names) if self.axis_names else default_axis_names(len(shape))
+        spec = MeshSpec.from_shape(shape, axes)
+        mesh = Mesh(np.array(devices, dtype=object).reshape(shape), axes,
+                    axis_types=(AxisType.Auto,) * len(shape))
+        return mesh, spec
+
+    def pipeline(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+_FRONT = "inline-calls,strip-markers,canonicalize,cse,install-mesh"
+
+
+@dataclass(frozen=True)
+class DataParallel(ParallelMethod):
+    """Batch arguments split over the whole mesh, everything else replicated; XLA all-reduces gradients."""
+
+    def pipeline(self) -> str:
+        return f"{_FRONT},data-parallel"
