@@ -1,0 +1,55 @@
+"""A multi-layer perceptron (Dense with bias, ReLU) and its optax training step."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def init(key, sizes, dtype=jnp.float32):
+    """Parameters of an MLP with layer widths `sizes` (input first): a list of {kernel, bias}."""
+    params = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        k = jax.random.fold_in(key, i)
+        params.append({"kernel": (jax.random.normal(k, (a, b)) / np.sqrt(a)).astype(dtype),
+                       "bias": jnp.zeros((b,), dtype)})
+    return params
+
+
+def apply(params, x):
+    for i, layer in enumerate(params):
+        x = x @ layer["kernel"] + layer["bias"]
+        if i < len(params) - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+def mse_loss(params, batch):
+    return jnp.mean((apply(params, batch["x"]) - batch["y"]) ** 2)
+
+
+def make_train_step(optimizer: optax.GradientTransformation, grad_fn=jax.value_and_grad):
+    """train_step(state, batch) -> (state, loss); state = {"params", "opt_state"}.
+
+    grad_fn: jax.value_and_grad, or meshweave.value_and_grad to mark the gradient boundary.
+    """
+
+    def train_step(state, batch):
+        loss, grads = grad_fn(mse_loss)(state["params"], batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+    return train_step
+
+
+def init_state(key, sizes, optimizer, dtype=jnp.float32):
+    params = init(key, sizes, dtype)
+    return {"params": params, "opt_state": optimizer.init(params)}
+
+
+def synthetic_batch(key, batch_size, in_dim, out_dim, dtype=jnp.float32):
+    kx, kw = jax.random.split(key)
+    x = jax.random.normal(kx, (batch_size, in_dim), dtype)
+    w = jax.random.normal(kw, (in_dim, out_dim), dtype) / np.sqrt(in_dim)
+    return {"x": x, "y": jnp.tanh(x @ w)}

@@ -1,0 +1,20 @@
+"""Shared test set-up: 8 simulated CPU devices (set before jax is imported) and numerics helpers."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
+    """Same pytree structure and values (the parallel result against single-device jax.jit)."""
+    a_leaves, a_tree = jax.tree.flatten(actual)
+    e_leaves, e_tree = jax.tree.flatten(expected)
+    assert a_tree == e_tree, f"pytree structure differs: {a_tree} vs {e_tree}"
+    for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
+                                   err_msg=f"leaf {i} of {a_tree}")
