@@ -33,6 +33,15 @@ def test_meshweave_is_imported_from_the_staged_tree():
     assert "/bazel-out/" in real, real
 
 
+def test_subprocesses_import_the_staged_tree_too():
+    # lit runs `python -m meshweave.cli.opt`: Bazel's PYTHONPATH must win over the install.
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "import meshweave; print(meshweave.__file__)"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    assert os.path.abspath(out) == os.path.join(_staged_root(), "meshweave", "__init__.py"), out
+
+
 def test_no_editable_finder_for_meshweave():
     for finder in sys.meta_path:
         module = sys.modules.get(getattr(finder, "__module__", ""), None)
