@@ -10,6 +10,8 @@ Attributes
     mw.donated    : unit     the argument's buffer is donated (its result keeps the input sharding)
   on func results
     mw.result_path: string   pytree path of the flat result
+    mw.keeps_arg  : i64      the result is the new value of this argument (state in, state out):
+                             the planner gives it the argument's sharding
   on operations
     mw.strategy   : string   the sharding strategy the planner chose (for dumps and explain)
 Markers
@@ -25,6 +27,7 @@ ARG_PATH = "mw.arg_path"
 BATCH_DIM = "mw.batch_dim"
 DONATED = "mw.donated"
 RESULT_PATH = "mw.result_path"
+KEEPS_ARG = "mw.keeps_arg"
 STRATEGY = "mw.strategy"
 MARKER = "mw.marker"
 MARKER_NAME = "mw.name"

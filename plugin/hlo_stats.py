@@ -37,7 +37,7 @@ def _group_size(rest: str) -> int | None:
         return int(m.group(2))
     if m := re.search(r"replica_groups=\{\{([0-9,]*)\}", rest):
         return len(m.group(1).split(","))
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest):
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\((?:[^()]|\([^()]*\))*\))?\s*\{([^}]*)\}", rest):
         sizes = {k.strip("' "): int(v) for k, v in (kv.split("=") for kv in m.group(1).split(","))}
         return int(np.prod([sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip()]))
     return None

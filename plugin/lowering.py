@@ -32,6 +32,7 @@ class TracedStep:
     donated: list[bool]
     result_paths: list[str]
     out_avals: list
+    keeps_arg: list[int | None]      # per flat result: the flat argument it is the new value of
 
     def module(self) -> ir.Module:
         """A private, annotated copy of the lowered StableHLO (safe to mutate)."""
@@ -150,7 +151,44 @@ def trace(fun, args, kwargs, *, static_argnums=(), donate_argnums=(), batch_argn
         jax.tree.unflatten(lowered.out_tree, list(range(lowered.out_tree.num_leaves))))[0]
     result_paths = ["result" + jax.tree_util.keystr(p) for p, _ in out_leaves]
     out_avals = [o for o in jax.tree.leaves(lowered.out_info)]
-    return TracedStep(lowered, arg_paths, arg_avals, batch_dims, donated, result_paths, out_avals)
+    dyn_args = [a for i, a in enumerate(args) if i not in static]
+    keeps = state_in_state_out(dyn_args, lowered.out_info)
+    return TracedStep(lowered, arg_paths, arg_avals, batch_dims, donated, result_paths, out_avals, keeps)
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), str(jax.numpy.result_type(x) if not hasattr(x, "dtype") else x.dtype))
+                          for x in leaves)
+
+
+def state_in_state_out(dyn_args, out_info) -> list[int | None]:
+    """Match whole positional arguments to whole top-level results with the same structure, shapes
+    and dtypes (`train_step(state, batch) -> (state, loss)`): those results are the arguments' new
+    values, so the planner keeps their layout and the step can be called again without resharding."""
+    n_out = len(jax.tree.leaves(out_info))
+    keeps: list[int | None] = [None] * n_out
+    parts = list(out_info) if isinstance(out_info, tuple) else [out_info]
+    offsets, off = [], 0
+    for p in parts:
+        offsets.append(off)
+        off += len(jax.tree.leaves(p))
+    arg_offsets, off = [], 0
+    for a in dyn_args:
+        arg_offsets.append(off)
+        off += len(jax.tree.leaves(a))
+    taken = set()
+    for j, a in enumerate(dyn_args):
+        sig = _signature(a)
+        if not sig[1]:
+            continue
+        for k, p in enumerate(parts):
+            if k not in taken and _signature(p) == sig:
+                taken.add(k)
+                for leaf in range(len(sig[1])):
+                    keeps[offsets[k] + leaf] = arg_offsets[j] + leaf
+                break
+    return keeps
 
 
 def annotate(module: ir.Module, step: TracedStep) -> None:
@@ -168,6 +206,8 @@ def annotate(module: ir.Module, step: TracedStep) -> None:
                 d[mw.DONATED] = ir.UnitAttr.get()
         mw.set_arg_attr_dicts(main, attrs)
         res = mw.result_attr_dicts(main)
-        for d, path in zip(res, step.result_paths):
+        for d, path, keep in zip(res, step.result_paths, step.keeps_arg):
             d[mw.RESULT_PATH] = mw.string_attr(path)
+            if keep is not None:
+                d[mw.KEEPS_ARG] = mw.i64_attr(keep)
         mw.set_result_attr_dicts(main, res)

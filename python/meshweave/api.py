@@ -90,7 +90,7 @@ class ParallelizedFunc:
         configure = getattr(self.method, "configure_state", None)
         if configure is not None:
             configure(state, step)
-        pipeline = Pipeline(self.method.pipeline())
+        pipeline = Pipeline(self.method.pipeline_for(spec))
         try:
             pipeline.run(module, state, record_ir=True, dump_dir=os.environ.get("MESHWEAVE_DUMP_DIR"))
         except PassError as e:

@@ -83,7 +83,7 @@ class ParallelMethod:
                     axis_types=(AxisType.Auto,) * len(shape))
         return mesh, spec
 
-    def pipeline(self) -> str:  # pragma: no cover - interface
+    def pipeline_for(self, spec: MeshSpec) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -97,5 +97,86 @@ _FRONT = "inline-calls,strip-markers,canonicalize,cse,install-mesh"
 class DataParallel(ParallelMethod):
     """Batch arguments split over the whole mesh, everything else replicated; XLA all-reduces gradients."""
 
-    def pipeline(self) -> str:
+    def pipeline_for(self, spec: MeshSpec) -> str:
         return f"{_FRONT},data-parallel"
+
+
+def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_axes=(), zero_stage=0) -> str:
+    o = []
+    if opt.alpha is not None:
+        o.append("alpha=" + ",".join(map(str, opt.alpha)))
+    if opt.beta is not None:
+        o.append("beta=" + ",".join(map(str, opt.beta)))
+    if opt.memory_budget_per_device is not None:
+        o.append(f"memory-budget={int(opt.memory_budget_per_device)}")
+    if batch_axes:
+        o.append("batch-axes=" + ",".join(batch_axes))
+    if zero_stage:
+        o.append(f"zero-stage={zero_stage}")
+    if not opt.allow_all_gather:
+        o.append("allow-all-gather=false")
+    if not opt.allow_all_to_all:
+        o.append("allow-all-to-all=false")
+    if opt.prefer_reduce_scatter or zero_stage:
+        o.append("prefer-reduce-scatter=true")
+    if opt.solver != "highs":
+        o.append(f"solver={opt.solver}")
+    if opt.time_limit != 60.0:
+        o.append(f"time-limit={opt.time_limit}")
+    return f"{_FRONT},auto-sharding" + ("{" + " ".join(o) + "}" if o else "")
+
+
+@dataclass(frozen=True)
+class ShardParallel(ParallelMethod):
+    """Intra-op parallelism chosen by the auto-sharding ILP over a logical mesh (Alpa's ShardParallel).
+
+    num_micro_batches: gradient accumulation over that many micro-batches (the step must use
+    meshweave.grad / value_and_grad); gradients are reduced across devices once per step.
+    """
+
+    num_micro_batches: int | None = None
+    auto_sharding: AutoShardingOption = field(default_factory=AutoShardingOption)
+
+    def __post_init__(self):
+        if self.num_micro_batches is not None and (not isinstance(self.num_micro_batches, int)
+                                                   or self.num_micro_batches < 1):
+            raise MethodError(f"num_micro_batches must be a positive int, got {self.num_micro_batches!r}")
+        if not isinstance(self.auto_sharding, AutoShardingOption):
+            raise MethodError("auto_sharding must be an AutoShardingOption")
+
+    def batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
+        k = self.auto_sharding.force_batch_dim_to_mesh_dim
+        if k is None:
+            return ()
+        if not 0 <= k < len(spec.axis_names):
+            raise MethodError(f"force_batch_dim_to_mesh_dim={k} but the mesh has {len(spec.axis_names)} axes")
+        return (spec.axis_names[k],)
+
+    def pipeline_for(self, spec: MeshSpec) -> str:
+        return _auto_sharding_pipeline(self.auto_sharding, len(spec.shape), batch_axes=self.batch_axes(spec))
+
+    def data_parallel_axes(self, spec: MeshSpec) -> tuple[str, ...]:
+        """Mesh axes a micro-batch is split over when accumulating gradients."""
+        return self.batch_axes(spec) or tuple(spec.axis_names)
+
+
+@dataclass(frozen=True)
+class Zero2Parallel(ShardParallel):
+    """Data parallel with ZeRO-2 weight-update sharding: gradients reduce-scattered, optimizer state
+    sharded over all devices, parameters replicated (all-gathered after the update)."""
+
+    zero_stage: int = 2
+
+    def pipeline_for(self, spec: MeshSpec) -> str:
+        return _auto_sharding_pipeline(self.auto_sharding, len(spec.shape), batch_axes=tuple(spec.axis_names),
+                                       zero_stage=self.zero_stage)
+
+    def data_parallel_axes(self, spec: MeshSpec) -> tuple[str, ...]:
+        return tuple(spec.axis_names)
+
+
+@dataclass(frozen=True)
+class Zero3Parallel(Zero2Parallel):
+    """ZeRO-3: as Zero2Parallel, and parameters sharded too (all-gathered where they are used)."""
+
+    zero_stage: int = 3

@@ -1,0 +1,269 @@
+"""auto-sharding: choose how every op is sharded over the logical mesh by an ILP (Alpa's intra-op pass).
+
+Steps: attach Shardy sharding rules to every op; build the cost graph (passes/cost_graph.py:
+strategy groups, α-β communication costs, resharding edges, per-tensor memory); convert it to a
+`ShardingProblem` and solve it (passes/solver); write the choice back as closed sdy shardings on
+@main's arguments and results, on every planned op's results, and as `sdy.sharding_constraint`
+on the operands of dots/convolutions/gathers/scatters whose layout must change. XLA's Shardy
+partitioner then inserts exactly the collectives the plan priced; `plan_fidelity` checks that.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import sdy
+from jaxlib.mlir.passmanager import PassManager
+
+from meshweave.dialects import meshweave as mw
+from meshweave.dialects.sharding import TensorSharding
+from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
+from meshweave.passes.cost_model import INF, LogicalMesh
+from meshweave.passes.registry import Option, Pass, PassError, register
+
+COST_SCALE = 1000          # float cost units -> integer problem units (tie-breakers are 0.001)
+
+
+class MemoryBudgetError(PassError):
+    """No plan fits the per-device memory budget; `min_budget` is the smallest one that does."""
+
+    def __init__(self, message, min_budget):
+        super().__init__("auto-sharding", message)
+        self.min_budget = min_budget
+
+
+def to_int_cost(x: np.ndarray) -> np.ndarray:
+    from meshweave.passes.solver.problem import INF_COST
+
+    out = np.where(np.isinf(x), INF_COST, np.minimum(np.round(x * COST_SCALE), INF_COST))
+    return out.astype(np.int64)
+
+
+def build_problem(graph: CostGraph, memory_budget: float | None, name: str = "meshweave"):
+    """The graph as a ShardingProblem. With a memory budget, every tensor's bytes count over its
+    live range: tensors other than a group's first become extra nodes tied to the group."""
+    from meshweave.passes.solver.problem import INF_COST, ShardingProblem
+
+    costs = [to_int_cost(g.node_cost) for g in graph.groups]
+    names = [g.name for g in graph.groups]
+    strategy_names = [list(g.strategies) for g in graph.groups]
+    usages = [np.zeros(len(g.strategies), dtype=np.int64) for g in graph.groups]
+    intervals = [[0, 0] for _ in graph.groups]
+    merged: dict[tuple[int, int], np.ndarray] = {}
+    for e in graph.edges:
+        m = graph.edge_matrix(e)
+        a, b = e.src_group, e.dst_group
+        if a > b:
+            a, b, m = b, a, m.T
+        merged[(a, b)] = merged.get((a, b), 0) + m
+    edge_nodes = list(merged)
+    edge_costs = [to_int_cost(merged[k]) for k in edge_nodes]
+    if memory_budget is not None:
+        first = {}
+        for gid, start, end, usage in graph.memory_terms():
+            u = np.ceil(usage).astype(np.int64)
+            if gid not in first:
+                first[gid] = True
+                usages[gid] = u
+                intervals[gid] = [start, end]
+                continue
+            k = len(u)
+            node = len(costs)
+            costs.append(np.zeros(k, dtype=np.int64))
+            usages.append(u)
+            intervals.append([start, end])
+            names.append(f"{graph.groups[gid].name}/mem{node}")
+            strategy_names.append(list(graph.groups[gid].strategies))
+            tie = np.full((k, k), INF_COST, dtype=np.int64)
+            np.fill_diagonal(tie, 0)
+            edge_nodes.append((gid, node))
+            edge_costs.append(tie)
+    problem = ShardingProblem(
+        name=name, node_costs=costs, node_usages=usages, intervals=np.array(intervals, dtype=np.int64),
+        edge_nodes=np.array(edge_nodes, dtype=np.int64).reshape(-1, 2), edge_costs=edge_costs,
+        usage_limit=int(memory_budget) if memory_budget is not None else None,
+        node_names=names, strategy_names=strategy_names)
+    problem.validate()
+    return problem
+
+
+def predicted_collectives(graph: CostGraph, choice) -> list[tuple[str, tuple, float, str]]:
+    """The collectives the plan pays for, as (kind, axes, per-device bytes, why)."""
+    out = []
+    for g in graph.groups:
+        out += g.node_plans[choice[g.id]]
+    for e in graph.edges:
+        src, dst = e.src[choice[e.src_group]], e.dst[choice[e.dst_group]]
+        out += [(k, ax, b, e.why) for k, ax, b in graph.lmesh.reshard_plan(e.nbytes, src, dst)]
+    return out
+
+
+def summarize_predicted(colls) -> dict:
+    out: dict = {}
+    for kind, axes, nbytes, _ in colls:
+        s = out.setdefault(kind, {"count": 0, "bytes": 0})
+        s["count"] += 1
+        s["bytes"] += int(round(nbytes))
+    return dict(sorted(out.items()))
+
+
+def _annotate(module, func, graph: CostGraph, choice) -> int:
+    """Write the chosen shardings into the module; returns the number of constraints inserted."""
+    ctx = module.context
+    with ctx, ir.Location.unknown():
+        args = mw.entry_block(func).arguments
+        arg_attrs = mw.arg_attr_dicts(func)
+        for i, arg in enumerate(args):
+            t = graph.tensors[graph.value_ids[arg]]
+            arg_attrs[i][mw.SDY_SHARDING] = t.shardings[choice[t.group]].to_attr()
+        mw.set_arg_attr_dicts(func, arg_attrs)
+        res_attrs = mw.result_attr_dicts(func)
+        ret_types = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value).results
+        for r, tid, alias in graph.outputs:
+            if alias is not None:
+                at = graph.tensors[graph.value_ids[args[alias]]]
+                ts = at.shardings[choice[at.group]]
+            elif tid is not None and graph.tensors[tid].group >= 0:
+                t = graph.tensors[tid]
+                ts = t.shardings[choice[t.group]]
+            else:
+                ts = TensorSharding.replicated(len(ir.RankedTensorType(ret_types[r]).shape), graph.mesh.name)
+            res_attrs[r][mw.SDY_SHARDING] = ts.to_attr()
+        mw.set_result_attr_dicts(func, res_attrs)
+        n_constraints = 0
+        for rec in graph.ops:
+            if rec.group < 0:
+                continue
+            s = choice[rec.group]
+            per_value = [graph.tensors[t].shardings[s].to_text()[len("#sdy.sharding"):] for t in rec.results]
+            rec.op.attributes["sdy.sharding"] = ir.Attribute.parse(
+                "#sdy.sharding_per_value<[" + ", ".join(per_value) + "]>")
+            if rec.descriptions is not None:
+                rec.op.attributes[mw.STRATEGY] = ir.StringAttr.get(rec.descriptions[s])
+            # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays.
+            for k, (tid, req) in enumerate(zip(rec.operand_tensors, rec.operand_reqs)):
+                if tid is None or graph.tensors[tid].group < 0 or req is None:
+                    continue
+                t = graph.tensors[tid]
+                if t.shardings[choice[t.group]] == req[s]:
+                    continue
+                with ir.InsertionPoint(rec.op):
+                    c = sdy.ShardingConstraintOp(rec.op.operands[k], req[s].to_attr())
+                rec.op.operands[k] = c.result
+                n_constraints += 1
+    return n_constraints
+
+
+def _explain(graph: CostGraph, choice, colls, info) -> str:
+    lines = [f"logical mesh {graph.mesh}  alpha={graph.lmesh.alpha} beta={graph.lmesh.beta}",
+             f"ILP: {info['nodes']} nodes, {info['edges']} edges, {info['variables_hint']} strategy choices; "
+             f"solved by {info['method']} in {info['solve_time']:.3f} s ({info['status']}); objective {info['objective']:.6g}"]
+    heavy = sorted((r for r in graph.ops if r.descriptions is not None), key=lambda r: -r.flops)
+    lines.append("heavy ops (chosen strategy, its own communication cost):")
+    for rec in heavy[:40]:
+        g = graph.groups[rec.group]
+        s = choice[g.id]
+        lines.append(f"  {g.name:24s} {rec.descriptions[s]:48s} cost {g.node_cost[s]:.6g}")
+    if len(heavy) > 40:
+        lines.append(f"  ... {len(heavy) - 40} more")
+    by_kind = defaultdict(lambda: [0, 0.0, 0.0])
+    for kind, axes, nbytes, _ in colls:
+        by_kind[kind][0] += 1
+        by_kind[kind][1] += nbytes
+        by_kind[kind][2] += graph.lmesh.plan_cost([(kind, axes, nbytes)])
+    lines.append("predicted collectives:")
+    for kind, (n, b, c) in sorted(by_kind.items()):
+        lines.append(f"  {kind:15s} x{n:<4d} {b:14.0f} B/device   cost {c:.6g}")
+    if not by_kind:
+        lines.append("  none")
+    return "\n".join(lines)
+
+
+@register
+class AutoSharding(Pass):
+    name = "auto-sharding"
+    summary = "Choose every op's sharding over the mesh with an ILP (α-β costs, memory limit); write sdy shardings"
+    options = (
+        Option("alpha", "float-list", (), "latency per mesh axis (default 1 each)"),
+        Option("beta", "float-list", (), "inverse bandwidth per mesh axis (default 1, then 0.1)"),
+        Option("memory-budget", "float", 0.0, "bytes per device; 0 = unlimited"),
+        Option("batch-axes", "str-list", (), "force batch arguments (mw.batch_dim) to split their batch dim on these axes"),
+        Option("zero-stage", "int", 0, "2: shard optimizer state over all devices; 3: shard parameters too"),
+        Option("allow-all-gather", "bool", True, "allow all-gather when resharding"),
+        Option("allow-all-to-all", "bool", True, "allow all-to-all when resharding"),
+        Option("prefer-reduce-scatter", "bool", False, "offer reduce-scatter variants of summing ops"),
+        Option("solver", "str", "highs", "ILP backend: highs | cbc"),
+        Option("time-limit", "float", 60.0, "solver time limit in seconds"),
+    )
+
+    def run(self, module, state):
+        from meshweave.passes.solver import solve
+
+        mesh = state.mesh
+        if mesh is None:
+            raise PassError(self.name, "no mesh: run install-mesh first (or give --mesh)")
+        lmesh = LogicalMesh.create(mesh, self.alpha or None, self.beta or None,
+                                   allow_all_gather=self.allow_all_gather, allow_all_to_all=self.allow_all_to_all)
+        for a in self.batch_axes:
+            if a not in mesh.axis_names:
+                raise PassError(self.name, f"batch-axes: '{a}' is not an axis of mesh {mesh}")
+        if self.zero_stage not in (0, 2, 3):
+            raise PassError(self.name, f"zero-stage={self.zero_stage}: expected 0, 2 or 3")
+        state.logical_mesh = lmesh
+        func = mw.main_func(module)
+        PassManager.parse("builtin.module(func.func(sdy-populate-op-sharding-rules))",
+                          context=module.context).run(module.operation)
+        t0 = time.perf_counter()
+        graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
+                          zero_stage=self.zero_stage, warn=state.warn).build(func)
+        budget = self.memory_budget or None
+        problem = build_problem(graph, budget)
+        t_build = time.perf_counter() - t0
+        sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver)
+        if not sol.feasible:
+            if budget is not None:
+                floor = sol.stats.get("min_peak_usage")
+                raise MemoryBudgetError(
+                    f"no sharding plan fits memory-budget={budget:.0f} bytes per device; the smallest budget "
+                    f"the planner can meet is {floor} bytes (raise memory_budget_per_device to at least that, "
+                    f"or use more devices)", floor)
+            raise PassError(self.name, f"the solver found no plan ({sol.status})")
+        if sol.status == "timeout" or sol.status == "feasible":
+            state.warn(f"auto-sharding: solver stopped at its {self.time_limit:.0f} s limit; using the best plan "
+                       f"found (status {sol.status})")
+        choice = [int(x) for x in sol.assignment[: len(graph.groups)]]
+        objective = sol.cost / COST_SCALE
+        if objective >= 1e13:
+            state.warn("auto-sharding: the plan needs a forbidden (infinite-cost) resharding; check the warnings "
+                       "above for ops that run replicated")
+        n_constraints = _annotate(module, func, graph, choice)
+        PassManager.parse("builtin.module(func.func(sdy-drop-sharding-rules))",
+                          context=module.context).run(module.operation)
+        colls = predicted_collectives(graph, choice)
+        info = {"nodes": problem.num_nodes, "edges": problem.num_edges,
+                "variables_hint": int(sum(len(c) for c in problem.node_costs)),
+                "method": sol.method, "status": sol.status, "solve_time": sol.solve_time,
+                "build_time": t_build, "objective": objective}
+        report = {
+            "objective": objective,
+            "predicted_collectives": summarize_predicted(colls),
+            "predicted_costs": {k: v for k, v in _cost_by_kind(lmesh, colls).items()},
+            "solver": {**info, **{k: v for k, v in sol.stats.items() if isinstance(v, (int, float, str))}},
+            "graph": graph.stats(),
+            "constraints_inserted": n_constraints,
+            "explain": _explain(graph, choice, colls, info),
+        }
+        state.reports[self.name] = report
+        state.options["auto_sharding_problem"] = problem
+        state.options["auto_sharding_graph"] = graph
+        state.options["auto_sharding_choice"] = choice
+
+
+def _cost_by_kind(lmesh, colls) -> dict:
+    out = defaultdict(float)
+    for kind, axes, nbytes, _ in colls:
+        out[kind] += lmesh.plan_cost([(kind, axes, nbytes)])
+    out["total"] = sum(out.values())
+    return dict(out)

@@ -1,0 +1,417 @@
+"""The intra-op cost graph of a function: ILP nodes (strategy groups), their costs and edges.
+
+Every non-constant tensor gets its sharding from one *group* (an ILP node):
+- anchors start a group and enumerate strategies from their sharding rule: function
+  arguments, dot_general / convolution (heavy: no replicated compute), gather / scatter;
+- followers (elementwise, broadcast, reshape, transpose, reduce, slice, ... : any other op
+  with a rule) join the group of their biggest non-constant operand and derive their
+  sharding from it, paying an all-gather where the rule cannot carry a split over and an
+  all-reduce where they sum over a split dimension. Followers keep the ILP small.
+- ops without a rule (custom_call, unknown ops) are replicated anchors, with a warning.
+Constants, iotas and ops computed only from them are *free*: any layout is a local slice.
+
+Edges carry the resharding cost between a producer's sharding and what a consumer needs.
+Costs come from passes/cost_model.py; the result converts to a `ShardingProblem` for the solver.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from jaxlib.mlir import ir
+
+from meshweave.dialects import meshweave as mw
+from meshweave.dialects.sharding import TensorSharding
+from meshweave.passes.cost_model import INF, LogicalMesh
+from meshweave.passes import sharding_rules as sr
+
+HEAVY = {"stablehlo.dot_general", "stablehlo.convolution"}
+ANCHORS = HEAVY | {"stablehlo.gather", "stablehlo.scatter"}
+PASS_THROUGH = {"stablehlo.optimization_barrier", "stablehlo.while"}
+RULE_ATTR = "sdy.sharding_rule"
+_DTYPE_BYTES = {"f64": 8, "i64": 8, "ui64": 8, "c64": 8, "c128": 16, "f32": 4, "i32": 4, "ui32": 4,
+                "bf16": 2, "f16": 2, "i16": 2, "ui16": 2, "i8": 1, "ui8": 1, "i1": 1}
+
+
+def tensor_bytes(t: ir.Type) -> int:
+    rt = ir.RankedTensorType(t)
+    et = str(rt.element_type)
+    return math.prod(rt.shape) * _DTYPE_BYTES.get(et, 4)
+
+
+@dataclass(frozen=True)
+class OpStrategy:
+    a: sr.Assignment
+    scatter: int | None = None      # factor that takes the reduced axes (reduce-scatter instead of all-reduce)
+
+
+@dataclass
+class Tensor:
+    value: ir.Value
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+    group: int                              # -1: free (constant-derived)
+    shardings: list[TensorSharding] | None  # per strategy of the group
+    start: int = 0
+    end: int = 0
+
+
+@dataclass
+class Group:
+    id: int
+    name: str
+    kind: str                               # "arg" | "anchor" | "replicated"
+    strategies: list[str]
+    node_cost: np.ndarray                   # float, per strategy
+    node_plans: list[list]                  # per strategy: [(kind, axes, bytes, why)]
+    op: object = None                       # anchor op (OpView) or None for arguments
+    arg_index: int | None = None
+    op_strategies: list[OpStrategy] | None = None
+    members: list[int] = field(default_factory=list)    # tensor ids
+
+
+@dataclass
+class OpRecord:
+    op: object
+    group: int
+    results: list[int]                      # tensor ids
+    operand_tensors: list[int | None]       # producing tensor id, None for values from elsewhere
+    operand_reqs: list[list[TensorSharding] | None]   # per operand: required sharding per group strategy
+    heavy: bool = False
+    flops: float = 0.0
+    descriptions: list[str] | None = None
+
+
+@dataclass
+class EdgeTerm:
+    src_group: int
+    dst_group: int
+    src: list[TensorSharding]               # producer sharding per src-group strategy
+    dst: list[TensorSharding]               # required sharding per dst-group strategy
+    nbytes: int
+    why: str
+
+
+class CostGraphError(ValueError):
+    pass
+
+
+class CostGraph:
+    def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
+                 warn=None):
+        self.lmesh = lmesh
+        self.mesh = lmesh.mesh
+        self.prefer_reduce_scatter = prefer_reduce_scatter
+        self.batch_axes = tuple(batch_axes)   # batch arguments split their batch dim over these axes first
+        self.zero_stage = zero_stage          # 2: optimizer state sharded; 3: parameters sharded too
+        self.parameters: set[int] = set()
+        self.warn = warn or (lambda msg: None)
+        self.groups: list[Group] = []
+        self.tensors: list[Tensor] = []
+        self.ops: list[OpRecord] = []
+        self.edges: list[EdgeTerm] = []
+        self.value_ids: dict = {}
+        self.outputs: list[tuple[int, int | None, int | None]] = []   # (result idx, tensor id, aliased arg)
+        self.num_steps = 0
+        self.unhandled: dict[str, int] = {}
+
+    # ----------------------------------------------------------------- building
+    def _new_group(self, name, kind, strategies, op=None, arg_index=None, op_strategies=None) -> Group:
+        g = Group(len(self.groups), name, kind, strategies, np.zeros(len(strategies)),
+                  [[] for _ in strategies], op, arg_index, op_strategies)
+        self.groups.append(g)
+        return g
+
+    def _new_tensor(self, value, name, group, shardings, step) -> int:
+        t = Tensor(value, name, tuple(ir.RankedTensorType(value.type).shape), tensor_bytes(value.type),
+                   group, shardings, step, step + 1)
+        self.tensors.append(t)
+        tid = len(self.tensors) - 1
+        self.value_ids[value] = tid
+        if group >= 0:
+            self.groups[group].members.append(tid)
+        return tid
+
+    def _charge(self, group: Group, s: int, plan, why: str):
+        cost = self.lmesh.plan_cost(plan)
+        group.node_cost[s] += cost
+        group.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
+
+    def build(self, func) -> "CostGraph":
+        block = mw.entry_block(func)
+        attrs = mw.arg_attr_dicts(func)
+        self.parameters = parameter_args(func)
+        for i, arg in enumerate(block.arguments):
+            self._add_argument(i, arg, attrs[i])
+        for step, op in enumerate(block.operations, start=1):
+            self.num_steps = step
+            name = op.operation.name
+            if name == "func.return":
+                self._add_return(op, step, func)
+                continue
+            self._add_op(op, step)
+        self.num_steps += 1
+        return self
+
+    def _add_argument(self, i, arg, attrs):
+        shape = tuple(ir.RankedTensorType(arg.type).shape)
+        path = mw.attr_value(attrs[mw.ARG_PATH]) if mw.ARG_PATH in attrs else f"arg{i}"
+        rule = sr.Rule.identity(shape)
+        batch_dim = mw.attr_value(attrs[mw.BATCH_DIM]) if mw.BATCH_DIM in attrs else None
+        all_axes = tuple(a for a, n in zip(self.mesh.axis_names, self.mesh.shape) if n > 1)
+        used = lambda a: sum(len(x) for x in a)
+        tries = [lambda a: True]
+        if batch_dim is not None and self.batch_axes:
+            forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
+            tries.insert(0, lambda a: a[batch_dim][:len(forced)] == forced)
+        elif self.zero_stage and batch_dim is None:
+            replicate = i in self.parameters and self.zero_stage < 3
+            tries.insert(0, (lambda a: used(a) == 0) if replicate else (lambda a: used(a) == len(all_axes)))
+        assigns = []
+        for allowed in tries:       # the policy if any layout meets it, else every layout
+            assigns = sr.enumerate_assignments(rule, self.mesh, allowed=allowed)
+            if assigns:
+                break
+        shardings = [sr.tensor_sharding(rule.results[0], a, self.mesh) for a in assigns]
+        g = self._new_group(path, "arg", [s.short() for s in shardings], arg_index=i,
+                            op_strategies=[OpStrategy(a) for a in assigns])
+        self._new_tensor(arg, path, g.id, shardings, 0)
+
+    def _operand_tensor(self, v) -> int | None:
+        return self.value_ids.get(v)
+
+    def _touch(self, tid, step):
+        if tid is not None:
+            t = self.tensors[tid]
+            t.end = max(t.end, step + 1)
+
+    def _add_return(self, op, step, func):
+        res_attrs = mw.result_attr_dicts(func)
+        arg_attrs = mw.arg_attr_dicts(func)
+        args = mw.entry_block(func).arguments
+        donors = [i for i, d in enumerate(arg_attrs) if "jax.buffer_donor" in d or mw.DONATED in d]
+        used = {mw.attr_value(d[mw.KEEPS_ARG]) for d in res_attrs if mw.KEEPS_ARG in d}
+        for r, v in enumerate(op.operands):
+            tid = self._operand_tensor(v)
+            self._touch(tid, step)
+            if tid is not None:
+                self.tensors[tid].end = step + 1
+            alias = mw.attr_value(res_attrs[r][mw.KEEPS_ARG]) if mw.KEEPS_ARG in res_attrs[r] else None
+            if alias is None:
+                for i in donors:
+                    if i not in used and args[i].type == v.type:
+                        alias = i
+                        used.add(i)
+                        break
+            self.outputs.append((r, tid, alias))
+            if alias is not None and tid is not None and self.tensors[tid].group >= 0:
+                arg_t = self.value_ids[args[alias]]
+                self._edge_or_node(tid, self.tensors[arg_t].group, self.tensors[arg_t].shardings,
+                                   f"result {r} keeps {self.tensors[arg_t].name}'s sharding")
+
+    def _edge_or_node(self, src_tid, dst_group, dst_shardings, why):
+        """Charge resharding src tensor -> dst_shardings (indexed by dst_group's strategies)."""
+        src = self.tensors[src_tid]
+        if src.group < 0:
+            return
+        if src.group == dst_group:
+            g = self.groups[dst_group]
+            for s in range(len(g.strategies)):
+                plan = self.lmesh.reshard_plan(src.nbytes, src.shardings[s], dst_shardings[s])
+                if plan:
+                    self._charge(g, s, plan, why)
+        else:
+            self.edges.append(EdgeTerm(src.group, dst_group, src.shardings, dst_shardings, src.nbytes, why))
+
+    def _add_op(self, op, step):
+        name = op.operation.name
+        operand_tids = [self._operand_tensor(v) for v in op.operands]
+        for tid in operand_tids:
+            self._touch(tid, step)
+        results = list(op.results)
+        if not results:
+            return
+        live = [t for t in operand_tids if t is not None and self.tensors[t].group >= 0]
+        if not live and name not in ANCHORS:
+            for k, r in enumerate(results):       # constant-derived: free
+                self._new_tensor(r, f"{name}#{step}", -1, None, step)
+            return
+        label = f"{name.split('.')[-1]}#{step}"
+        if RULE_ATTR not in op.attributes:
+            if name in PASS_THROUGH and len(op.operands) == len(results):
+                self._add_pass_through(op, step, operand_tids, label)
+            else:
+                self._add_replicated(op, step, operand_tids, label)
+            return
+        rule = sr.Rule.from_attr(op.attributes[RULE_ATTR])
+        if name in ANCHORS:
+            self._add_anchor(op, step, rule, operand_tids, label, heavy=name in HEAVY)
+        else:
+            self._add_follower(op, step, rule, operand_tids, live, label)
+
+    def _result_shardings(self, rule, strategies, r):
+        out = []
+        for st in strategies:
+            a = st.a
+            if st.scatter is not None:
+                red = sr.reduced_axes(rule, a)
+                a = tuple(ax + red if f == st.scatter else ax for f, ax in enumerate(a))
+            out.append(sr.tensor_sharding(rule.results[r], a, self.mesh))
+        return out
+
+    def _add_anchor(self, op, step, rule, operand_tids, label, heavy):
+        assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy)
+        strategies = [OpStrategy(a) for a in assigns]
+        if self.prefer_reduce_scatter:
+            strategies += self._scatter_variants(rule, assigns)
+        names = [sr.describe(rule, st.a, self.mesh) + (" scatter" if st.scatter is not None else "")
+                 for st in strategies]
+        g = self._new_group(label, "anchor", names, op=op, op_strategies=strategies)
+        res_bytes = [tensor_bytes(r.type) for r in op.results]
+        res_tids = []
+        for r, v in enumerate(op.results):
+            shs = self._result_shardings(rule, strategies, r)
+            res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
+        for s, st in enumerate(strategies):
+            red = sr.reduced_axes(rule, st.a)
+            if red:
+                for r in range(len(op.results)):
+                    before = res_bytes[r] / self.mesh.axes_size(sr.tensor_sharding(rule.results[r], st.a, self.mesh).used_axes())
+                    kind = "reduce-scatter" if st.scatter is not None else "all-reduce"
+                    self._charge(g, s, [(kind, red, before)], f"{label} sums over {','.join(red)}")
+        reqs = []
+        for k, tid in enumerate(operand_tids):
+            req = [sr.tensor_sharding(rule.operands[k], st.a, self.mesh) for st in strategies]
+            reqs.append(req)
+            if tid is not None:
+                self._edge_or_node(tid, g.id, req, f"operand {k} of {label}")
+        flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
+        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names))
+
+    def _scatter_variants(self, rule, assigns):
+        """Reduce-scatter variants: the summed axes also split the result's leading dimension."""
+        out = []
+        for a in assigns:
+            red = sr.reduced_axes(rule, a)
+            if not red:
+                continue
+            for factors in rule.results[0]:
+                f = next((f for f in factors if rule.factor_sizes[f] > 1), None)
+                if f is None or f in rule.reduction or not rule.shardable(f):
+                    continue
+                if rule.factor_sizes[f] % self.mesh.axes_size(a[f] + red) == 0:
+                    out.append(OpStrategy(a, f))
+        return out
+
+    def _add_follower(self, op, step, rule, operand_tids, live, label):
+        # Follow the biggest operand that is not constant-derived (ties: the first).
+        p = max(live, key=lambda t: (self.tensors[t].nbytes, -operand_tids.index(t)))
+        pk = operand_tids.index(p)
+        src = self.tensors[p]
+        g = self.groups[src.group]
+        induced = [OpStrategy(sr.induced_assignment(rule, pk, sh, self.mesh)) for sh in src.shardings]
+        res_tids = []
+        for r, v in enumerate(op.results):
+            shs = self._result_shardings(rule, induced, r)
+            res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
+        for s, st in enumerate(induced):
+            red = sr.reduced_axes(rule, st.a)
+            if red:
+                for r, v in enumerate(op.results):
+                    before = self.lmesh.shard_bytes(tensor_bytes(v.type), self.tensors[res_tids[r]].shardings[s])
+                    self._charge(g, s, [("all-reduce", red, before)], f"{label} sums over {','.join(red)}")
+        reqs = []
+        for k, tid in enumerate(operand_tids):
+            req = [sr.tensor_sharding(rule.operands[k], st.a, self.mesh) for st in induced]
+            reqs.append(req)
+            if tid is not None:
+                self._edge_or_node(tid, g.id, req, f"operand {k} of {label}")
+        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs))
+
+    def _add_pass_through(self, op, step, operand_tids, label):
+        res = []
+        for r, (v, tid) in enumerate(zip(op.results, operand_tids)):
+            if tid is None or self.tensors[tid].group < 0:
+                res.append(self._new_tensor(v, f"{label}.{r}", -1, None, step))
+            else:
+                t = self.tensors[tid]
+                res.append(self._new_tensor(v, f"{label}.{r}", t.group, list(t.shardings), step))
+        self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids)))
+
+    def _add_replicated(self, op, step, operand_tids, label):
+        name = op.operation.name
+        self.unhandled[name] = self.unhandled.get(name, 0) + 1
+        if self.unhandled[name] == 1:
+            self.warn(f"auto-sharding: no sharding rule for '{name}' ({label}); it runs replicated")
+        g = self._new_group(label, "replicated", ["replicated"], op=op, op_strategies=[None])
+        res = []
+        for r, v in enumerate(op.results):
+            rank = len(ir.RankedTensorType(v.type).shape)
+            res.append(self._new_tensor(v, f"{label}.{r}", g.id, [TensorSharding.replicated(rank, self.mesh.name)], step))
+        reqs = []
+        for k, (v, tid) in enumerate(zip(op.operands, operand_tids)):
+            rank = len(ir.RankedTensorType(v.type).shape)
+            req = [TensorSharding.replicated(rank, self.mesh.name)]
+            reqs.append(req)
+            if tid is not None:
+                self._edge_or_node(tid, g.id, req, f"operand {k} of {label} (replicated)")
+        self.ops.append(OpRecord(op, g.id, res, operand_tids, reqs))
+
+    # ----------------------------------------------------------------- costs
+    def edge_matrix(self, e: EdgeTerm) -> tuple[np.ndarray, list]:
+        """Cost matrix (src strategies x dst strategies), computed on distinct shardings only."""
+        src_u = {s: i for i, s in enumerate(dict.fromkeys(e.src))}
+        dst_u = {s: i for i, s in enumerate(dict.fromkeys(e.dst))}
+        small = np.zeros((len(src_u), len(dst_u)))
+        for s, i in src_u.items():
+            for d, j in dst_u.items():
+                small[i, j] = self.lmesh.reshard(e.nbytes, s, d)
+        si = np.array([src_u[s] for s in e.src])
+        di = np.array([dst_u[d] for d in e.dst])
+        return small[np.ix_(si, di)]
+
+    def memory_terms(self):
+        """(group, start, end, per-strategy bytes per device) for every non-free tensor."""
+        out = []
+        for t in self.tensors:
+            if t.group < 0:
+                continue
+            g = self.groups[t.group]
+            usage = np.array([t.nbytes / self.mesh.axes_size(t.shardings[s].used_axes())
+                              for s in range(len(g.strategies))])
+            out.append((t.group, t.start, t.end, usage))
+        return out
+
+    def stats(self) -> dict:
+        return {"groups": len(self.groups), "tensors": len(self.tensors), "edges": len(self.edges),
+                "strategies": int(sum(len(g.strategies) for g in self.groups)),
+                "heavy_ops": sum(1 for o in self.ops if o.heavy), "steps": self.num_steps,
+                "unhandled_ops": dict(self.unhandled)}
+
+
+_LAYOUT_OPS = {"stablehlo.convert", "stablehlo.transpose", "stablehlo.reshape", "stablehlo.broadcast_in_dim",
+               "stablehlo.bitcast_convert", "stablehlo.copy", "sdy.sharding_constraint"}
+
+
+def parameter_args(func) -> set[int]:
+    """Arguments that reach a dot/convolution operand through layout-only ops: the model's weights."""
+    out = set()
+    attrs = mw.arg_attr_dicts(func)
+    for i, arg in enumerate(mw.entry_block(func).arguments):
+        if mw.BATCH_DIM in attrs[i]:
+            continue
+        frontier, seen = [arg], set()
+        while frontier and i not in out:
+            v = frontier.pop()
+            for use in v.uses:
+                owner = use.owner
+                name = owner.name
+                if name in HEAVY:
+                    out.add(i)
+                    break
+                if name in _LAYOUT_OPS and owner not in seen:
+                    seen.add(owner)
+                    frontier.extend(owner.results)
+    return out

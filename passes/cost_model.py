@@ -1,0 +1,125 @@
+"""α-β cost model of a logical device mesh: collectives, resharding, per-device memory.
+
+Costs are in the mesh's own units: `alpha[a]` per collective step on axis a (latency) plus
+`beta[a]` per byte moved (inverse bandwidth). A collective over several axes uses the
+slowest of them. Small constant tie-breakers (as in Alpa) make the solver prefer, at equal
+bytes, reduce-scatter over all-reduce over all-to-all over all-gather.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meshweave.dialects.sharding import MeshSpec, TensorSharding
+
+INF = float("inf")
+TIE_ALL_REDUCE = 0.01
+TIE_ALL_GATHER = 0.1
+TIE_REDUCE_SCATTER = 0.001
+TIE_ALL_TO_ALL = 0.001
+
+
+@dataclass(frozen=True)
+class LogicalMesh:
+    mesh: MeshSpec
+    alpha: tuple[float, ...]
+    beta: tuple[float, ...]
+    allow_all_gather: bool = True
+    allow_all_to_all: bool = True
+
+    @classmethod
+    def create(cls, mesh: MeshSpec, alpha=None, beta=None, **kw) -> "LogicalMesh":
+        n = len(mesh.shape)
+        alpha = tuple(float(a) for a in alpha) if alpha is not None else (1.0,) * n
+        # Default: the first axis is the slow (inter-host) one, later axes are 10x faster.
+        beta = tuple(float(b) for b in beta) if beta is not None else (1.0,) + (0.1,) * (n - 1)
+        if len(alpha) != n or len(beta) != n:
+            raise ValueError(f"alpha {alpha} / beta {beta} need one value per mesh axis ({n} axes: {mesh})")
+        if any(a < 0 for a in alpha) or any(b < 0 for b in beta):
+            raise ValueError("alpha and beta must be non-negative")
+        return cls(mesh, alpha, beta, **kw)
+
+    # ------------------------------------------------------------------ axes
+    def _ab(self, axes) -> tuple[float, float, int]:
+        idx = [self.mesh.axis_names.index(a) for a in axes]
+        n = math.prod(self.mesh.shape[i] for i in idx)
+        return max(self.alpha[i] for i in idx), max(self.beta[i] for i in idx), n
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, nbytes: float, axes) -> float:
+        if not axes:
+            return 0.0
+        a, b, n = self._ab(axes)
+        return a + b * 2 * (n - 1) / n * nbytes + TIE_ALL_REDUCE if n > 1 else 0.0
+
+    def reduce_scatter(self, nbytes: float, axes) -> float:
+        """nbytes: the per-device size *before* scattering."""
+        if not axes:
+            return 0.0
+        a, b, n = self._ab(axes)
+        return a + b * (n - 1) / n * nbytes + TIE_REDUCE_SCATTER if n > 1 else 0.0
+
+    def all_gather(self, nbytes: float, axes) -> float:
+        """nbytes: the per-device size *after* gathering."""
+        if not axes:
+            return 0.0
+        a, b, n = self._ab(axes)
+        if n == 1:
+            return 0.0
+        if not self.allow_all_gather:
+            return INF
+        return a + b * (n - 1) / n * nbytes + TIE_ALL_GATHER
+
+    def all_to_all(self, nbytes: float, axes) -> float:
+        """nbytes: the per-device size (unchanged by an all-to-all)."""
+        if not axes:
+            return 0.0
+        a, b, n = self._ab(axes)
+        if n == 1:
+            return 0.0
+        if not self.allow_all_to_all:
+            return INF
+        return a + b * (n - 1) / n / n * nbytes * (n / 2) + TIE_ALL_TO_ALL
+
+    # ------------------------------------------------------------------ resharding
+    def reshard_plan(self, nbytes: float, src: TensorSharding, dst: TensorSharding) -> list[tuple[str, tuple, float]]:
+        """The collectives that turn a tensor of `nbytes` (global) laid out as `src` into `dst`.
+
+        Per dimension, the axes both shardings share as a common prefix stay; further
+        splitting by dst is a free local slice. Axes src has but dst does not keep are
+        all-gathered, or moved to another dimension with an all-to-all when that is cheaper.
+        Returns [(kind, axes, per-device bytes)], empty when slicing suffices.
+        """
+        if src == dst or src.rank == 0:
+            return []
+        kept, gathered, dst_extra = [], [], []
+        for s, d in zip(src.dims, dst.dims):
+            k = 0
+            while k < len(s) and k < len(d) and s[k] == d[k]:
+                k += 1
+            kept += s[:k]
+            gathered += s[k:]
+            dst_extra += d[k:]
+        if not gathered:
+            return []
+        gather = [("all-gather", tuple(gathered), nbytes / self.mesh.axes_size(kept))]
+        moved = [a for a in gathered if a in dst_extra]
+        if not moved:
+            return gather
+        rest = [a for a in gathered if a not in moved]
+        a2a = [("all-to-all", tuple(moved), nbytes / self.mesh.axes_size(src.used_axes()))]
+        if rest:
+            a2a.append(("all-gather", tuple(rest), nbytes / self.mesh.axes_size(kept + moved)))
+        return a2a if self.plan_cost(a2a) < self.plan_cost(gather) else gather
+
+    def plan_cost(self, plan) -> float:
+        cost = {"all-gather": self.all_gather, "all-to-all": self.all_to_all,
+                "all-reduce": self.all_reduce, "reduce-scatter": self.reduce_scatter}
+        return sum(cost[kind](nbytes, axes) for kind, axes, nbytes in plan)
+
+    def reshard(self, nbytes: float, src: TensorSharding, dst: TensorSharding) -> float:
+        """Cost of `reshard_plan` (0 when dst only slices src further)."""
+        return self.plan_cost(self.reshard_plan(nbytes, src, dst))
+
+    def shard_bytes(self, nbytes: float, sharding: TensorSharding) -> float:
+        return nbytes / self.mesh.axes_size(sharding.used_axes())
