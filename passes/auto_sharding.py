@@ -100,12 +100,13 @@ def predicted_collectives(graph: CostGraph, choice) -> list[tuple[str, tuple, fl
     return out
 
 
-def summarize_predicted(colls) -> dict:
+def summarize_predicted(colls, mesh) -> dict:
+    """{kind: {count, bytes}} with bytes as the compiled HLO shows them (result size per device)."""
     out: dict = {}
     for kind, axes, nbytes, _ in colls:
         s = out.setdefault(kind, {"count": 0, "bytes": 0})
         s["count"] += 1
-        s["bytes"] += int(round(nbytes))
+        s["bytes"] += int(round(nbytes / mesh.axes_size(axes) if kind == "reduce-scatter" else nbytes))
     return dict(sorted(out.items()))
 
 
@@ -248,7 +249,7 @@ class AutoSharding(Pass):
                 "build_time": t_build, "objective": objective}
         report = {
             "objective": objective,
-            "predicted_collectives": summarize_predicted(colls),
+            "predicted_collectives": summarize_predicted(colls, mesh),
             "predicted_costs": {k: v for k, v in _cost_by_kind(lmesh, colls).items()},
             "solver": {**info, **{k: v for k, v in sol.stats.items() if isinstance(v, (int, float, str))}},
             "graph": graph.stats(),

@@ -331,6 +331,10 @@ class CostGraph:
         self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs))
 
     def _add_pass_through(self, op, step, operand_tids, label):
+        if op.operation.name == "stablehlo.while" and "while" not in self.unhandled:
+            self.unhandled["while"] = 1
+            self.warn(f"auto-sharding: the body of stablehlo.while ({label}) is not planned; loop values keep "
+                      "their input layout and Shardy propagates it into the body")
         res = []
         for r, (v, tid) in enumerate(zip(op.results, operand_tids)):
             if tid is None or self.tensors[tid].group < 0:

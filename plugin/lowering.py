@@ -6,6 +6,7 @@ annotations (`mw.arg_path`, `mw.batch_dim`, `mw.donated`) so passes and dumps ca
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -126,8 +127,12 @@ def trace(fun, args, kwargs, *, static_argnums=(), donate_argnums=(), batch_argn
     jit_kwargs = dict(static_argnums=static, donate_argnums=donate, keep_unused=True)
     if mesh is not None:
         jit_kwargs["in_shardings"] = NamedSharding(mesh, PartitionSpec())
+    @functools.wraps(fun)
+    def fresh(*a, **k):   # a new function object: jit's trace cache must not skip our trace-time hooks
+        return fun(*a, **k)
+
     try:
-        lowered = jax.jit(fun, **jit_kwargs).lower(*args, **kwargs)
+        lowered = jax.jit(fresh, **jit_kwargs).lower(*args, **kwargs)
     except TypeError as e:
         raise ArgumentError(f"jax could not trace {getattr(fun, '__name__', 'the function')}: {e}") from e
     arg_paths, arg_avals, batch_dims, donated = [], [], [], []

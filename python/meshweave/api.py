@@ -1,6 +1,7 @@
 """`parallelize`: trace on first call per input signature, run the method's passes, compile, cache."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -10,11 +11,13 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.pipeline import Pipeline, PipelineState
 from meshweave.passes.registry import PassError
 from meshweave.plan import Plan, StagePlan, TensorPlacement
+from meshweave import fidelity
 from meshweave.plugin import hlo_stats
 from meshweave.plugin.compile import arg_shardings, compile_single_mesh, result_shardings
 from meshweave.plugin.lowering import ArgumentError, check_call, trace
 from meshweave.methods import DataParallel, MethodError, ParallelMethod
 from meshweave.executable import Executable
+from meshweave.markers import AccumulationError, accumulate_gradients
 from meshweave.runtime.local import LocalStageRunner
 
 
@@ -81,10 +84,26 @@ class ParallelizedFunc:
         self.last_executable = exe
         return exe
 
+    @contextlib.contextmanager
+    def _accumulation(self, args, kwargs, spec):
+        k = getattr(self.method, "num_micro_batches", None) or 1
+        if k == 1:
+            yield None
+            return
+        b = _batch_size(self.fun, args, kwargs, self.static_argnums, self.donate_argnums, self.batch_argnums)
+        replicas = spec.axes_size(self.method.data_parallel_axes(spec))
+        with accumulate_gradients(k, replicas, b) as cfg:
+            yield cfg
+
     def _compile(self, args, kwargs) -> Executable:
         mesh, spec = self.method.resolve_mesh()
-        step = trace(self.fun, args, kwargs, static_argnums=self.static_argnums,
-                     donate_argnums=self.donate_argnums, batch_argnums=self.batch_argnums, mesh=mesh)
+        with self._accumulation(args, kwargs, spec) as acc:
+            step = trace(self.fun, args, kwargs, static_argnums=self.static_argnums,
+                         donate_argnums=self.donate_argnums, batch_argnums=self.batch_argnums, mesh=mesh)
+        if acc is not None and acc["used"] == 0:
+            raise ParallelizeError(
+                f"num_micro_batches={acc['k']} needs the step to compute gradients with meshweave.grad or "
+                "meshweave.value_and_grad (jax.grad cannot be split into micro-batches by meshweave)")
         module = step.module()
         state = PipelineState(mesh=spec, options={"method": self.method})
         configure = getattr(self.method, "configure_state", None)
@@ -107,6 +126,15 @@ class ParallelizedFunc:
         if os.environ.get("MESHWEAVE_DUMP_DIR"):
             exe.dump(os.environ["MESHWEAVE_DUMP_DIR"])
         return exe
+
+
+def _batch_size(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums) -> int:
+    static, _, batch, names = check_call(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums)
+    sizes = {x.shape[0] for i in batch for x in jax.tree.leaves(args[i]) if getattr(x, "ndim", 0) >= 1}
+    if len(sizes) != 1:
+        raise ParallelizeError(f"num_micro_batches needs batch arguments (batch_argnums={batch_argnums}) whose "
+                               f"array leaves share one batch size on dimension 0; found sizes {sorted(sizes)}")
+    return sizes.pop()
 
 
 def _placements(paths, avals, shardings, rank_default):
@@ -140,6 +168,12 @@ def build_plan(method, pipeline, spec, mesh, step, module, compiled, state) -> P
     logical = {"shape": list(spec.shape), "axis_names": list(spec.axis_names),
                "alpha": list(getattr(lm, "alpha", ())) or None, "beta": list(getattr(lm, "beta", ())) or None}
     auto = state.reports.get("auto-sharding", {})
+    if "predicted_collectives" in auto:
+        rows = fidelity.compare(auto["predicted_collectives"], stage.collectives)
+        auto["fidelity"] = rows
+        auto["explain"] = auto.get("explain", "") + "\nplan fidelity (predicted vs compiled collectives):\n" + \
+            fidelity.report(rows)
+        stage.fidelity = rows
     return Plan(method=method.describe(), pass_pipeline=pipeline.spec(), logical_mesh=logical, stages=[stage],
                 num_micro_batches=getattr(method, "num_micro_batches", None) or 1,
                 objective=auto.get("objective"), predicted_costs=auto.get("predicted_costs", {}),

@@ -24,6 +24,7 @@ class StagePlan:
     outputs: list[TensorPlacement]
     collectives: dict = field(default_factory=dict)      # compiled HLO: {kind: {count, bytes}}
     memory: dict = field(default_factory=dict)           # compiled memory analysis, bytes per device
+    fidelity: list = field(default_factory=list)         # predicted vs compiled collectives, per kind
 
 
 @dataclass

@@ -1,0 +1,38 @@
+"""Plan fidelity: do the collectives XLA emitted match what the auto-sharding ILP paid for?
+
+Per collective kind, the predicted count and per-device bytes are compared with the compiled,
+partitioned HLO. XLA's combiners merge independent collectives of one kind into one op, so
+equal bytes with fewer ops is reported as "combined", not as a mismatch.
+"""
+from __future__ import annotations
+
+BYTES_TOLERANCE = 0.01
+
+
+def compare(predicted: dict, compiled: dict) -> list[dict]:
+    rows = []
+    for kind in sorted(set(predicted) | set(compiled)):
+        p = predicted.get(kind, {"count": 0, "bytes": 0})
+        c = compiled.get(kind, {"count": 0, "bytes": 0})
+        same_bytes = abs(p["bytes"] - c["bytes"]) <= BYTES_TOLERANCE * max(p["bytes"], c["bytes"], 1)
+        if same_bytes and p["count"] == c["count"]:
+            status = "match"
+        elif same_bytes and 0 < c["count"] < p["count"]:
+            status = "combined"
+        else:
+            status = "mismatch"
+        rows.append({"kind": kind, "predicted_count": p["count"], "predicted_bytes": p["bytes"],
+                     "compiled_count": c["count"], "compiled_bytes": c["bytes"], "status": status})
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    if not rows:
+        return "no collectives predicted or compiled"
+    lines = [f"  {'kind':15s} {'predicted':>22s} {'compiled (XLA)':>22s}  status"]
+    for r in rows:
+        lines.append(f"  {r['kind']:15s} {r['predicted_count']:5d} x {r['predicted_bytes']:12d} B "
+                     f"{r['compiled_count']:5d} x {r['compiled_bytes']:12d} B  {r['status']}")
+    bad = [r["kind"] for r in rows if r["status"] == "mismatch"]
+    lines.append("  mismatches: " + (", ".join(bad) if bad else "none"))
+    return "\n".join(lines)
