@@ -20,7 +20,9 @@ from jaxlib.mlir.passmanager import PassManager
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
+from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
+from meshweave.passes.explicit_collectives import wrap_reduce_scatter
 from meshweave.passes.registry import Option, Pass, PassError, register
 
 COST_SCALE = 1000          # float cost units -> integer problem units (tie-breakers are 0.001)
@@ -134,6 +136,7 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
             res_attrs[r][mw.SDY_SHARDING] = ts.to_attr()
         mw.set_result_attr_dicts(func, res_attrs)
         n_constraints = 0
+        scatters = []
         for rec in graph.ops:
             if rec.group < 0:
                 continue
@@ -143,6 +146,9 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 "#sdy.sharding_per_value<[" + ", ".join(per_value) + "]>")
             if rec.descriptions is not None:
                 rec.op.attributes[mw.STRATEGY] = ir.StringAttr.get(rec.descriptions[s])
+                st = graph.groups[rec.group].op_strategies[s]
+                if st is not None and st.scatter is not None:
+                    scatters.append((rec, s, st))
             # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays.
             for k, (tid, req) in enumerate(zip(rec.operand_tensors, rec.operand_reqs)):
                 if tid is None or graph.tensors[tid].group < 0 or req is None:
@@ -154,6 +160,13 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                     c = sdy.ShardingConstraintOp(rec.op.operands[k], req[s].to_attr())
                 rec.op.operands[k] = c.result
                 n_constraints += 1
+        for rec, s, st in scatters:   # after the constraints: the manual computation takes the op's operands
+            rule = st.rule
+            partial = sr.tensor_sharding(rule.results[0], st.a, graph.mesh)
+            result = graph.tensors[rec.results[0]].shardings[s]
+            dim = next(d for d, fs in enumerate(rule.results[0]) if st.scatter in fs)
+            wrap_reduce_scatter(rec.op, [req[s] for req in rec.operand_reqs], partial, result,
+                                sr.reduced_axes(rule, st.a), dim, graph.mesh)
     return n_constraints
 
 
@@ -161,7 +174,7 @@ def _explain(graph: CostGraph, choice, colls, info) -> str:
     lines = [f"logical mesh {graph.mesh}  alpha={graph.lmesh.alpha} beta={graph.lmesh.beta}",
              f"ILP: {info['nodes']} nodes, {info['edges']} edges, {info['variables_hint']} strategy choices; "
              f"solved by {info['method']} in {info['solve_time']:.3f} s ({info['status']}); objective {info['objective']:.6g}"]
-    heavy = sorted((r for r in graph.ops if r.descriptions is not None), key=lambda r: -r.flops)
+    heavy = sorted((r for r in graph.ops if r.heavy), key=lambda r: -r.flops)
     lines.append("heavy ops (chosen strategy, its own communication cost):")
     for rec in heavy[:40]:
         g = graph.groups[rec.group]

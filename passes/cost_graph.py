@@ -44,6 +44,7 @@ def tensor_bytes(t: ir.Type) -> int:
 class OpStrategy:
     a: sr.Assignment
     scatter: int | None = None      # factor that takes the reduced axes (reduce-scatter instead of all-reduce)
+    rule: sr.Rule | None = None     # the op's sharding rule (for scatter strategies)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Tensor:
     shardings: list[TensorSharding] | None  # per strategy of the group
     start: int = 0
     end: int = 0
+    batch_dim: int | None = None            # the dimension carrying the batch (data-parallel analysis)
 
 
 @dataclass
@@ -177,7 +179,8 @@ class CostGraph:
         shardings = [sr.tensor_sharding(rule.results[0], a, self.mesh) for a in assigns]
         g = self._new_group(path, "arg", [s.short() for s in shardings], arg_index=i,
                             op_strategies=[OpStrategy(a) for a in assigns])
-        self._new_tensor(arg, path, g.id, shardings, 0)
+        tid = self._new_tensor(arg, path, g.id, shardings, 0)
+        self.tensors[tid].batch_dim = batch_dim
 
     def _operand_tensor(self, v) -> int | None:
         return self.value_ids.get(v)
@@ -246,10 +249,31 @@ class CostGraph:
                 self._add_replicated(op, step, operand_tids, label)
             return
         rule = sr.Rule.from_attr(op.attributes[RULE_ATTR])
-        if name in ANCHORS:
+        if name in ANCHORS or (name == "stablehlo.broadcast_in_dim" and
+                               tensor_bytes(results[0].type) > 2 * tensor_bytes(op.operands[0].type)):
+            # A broadcast is planned on its own: resharding its small input beats resharding its output.
             self._add_anchor(op, step, rule, operand_tids, label, heavy=name in HEAVY)
         else:
             self._add_follower(op, step, rule, operand_tids, live, label)
+
+    def _batch_factor(self, rule, operand_tids) -> int | None:
+        """The rule factor that carries the batch (from operands' batch dims), if any."""
+        for k, tid in enumerate(operand_tids):
+            if tid is None or self.tensors[tid].batch_dim is None or k >= len(rule.operands):
+                continue
+            factors = [f for f in rule.operands[k][self.tensors[tid].batch_dim] if rule.factor_sizes[f] > 1]
+            if factors:
+                return factors[0]
+        return None
+
+    def _set_result_batch_dims(self, rule, res_tids, factor):
+        if factor is None:
+            return
+        for r, tid in enumerate(res_tids):
+            for d, factors in enumerate(rule.results[r]):
+                if factor in factors:
+                    self.tensors[tid].batch_dim = d
+                    break
 
     def _result_shardings(self, rule, strategies, r):
         out = []
@@ -262,7 +286,14 @@ class CostGraph:
         return out
 
     def _add_anchor(self, op, step, rule, operand_tids, label, heavy):
-        assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy)
+        bf = self._batch_factor(rule, operand_tids)
+        assigns = []
+        forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
+        if bf is not None and forced:   # data-parallel forcing: the batch factor keeps the batch axes
+            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy,
+                                               allowed=lambda a: a[bf][:len(forced)] == forced)
+        if not assigns:
+            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy)
         strategies = [OpStrategy(a) for a in assigns]
         if self.prefer_reduce_scatter:
             strategies += self._scatter_variants(rule, assigns)
@@ -287,6 +318,7 @@ class CostGraph:
             reqs.append(req)
             if tid is not None:
                 self._edge_or_node(tid, g.id, req, f"operand {k} of {label}")
+        self._set_result_batch_dims(rule, res_tids, bf)
         flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
         self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names))
 
@@ -302,7 +334,7 @@ class CostGraph:
                 if f is None or f in rule.reduction or not rule.shardable(f):
                     continue
                 if rule.factor_sizes[f] % self.mesh.axes_size(a[f] + red) == 0:
-                    out.append(OpStrategy(a, f))
+                    out.append(OpStrategy(a, f, rule))
         return out
 
     def _add_follower(self, op, step, rule, operand_tids, live, label):
@@ -316,6 +348,7 @@ class CostGraph:
         for r, v in enumerate(op.results):
             shs = self._result_shardings(rule, induced, r)
             res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
+        self._set_result_batch_dims(rule, res_tids, self._batch_factor(rule, operand_tids))
         for s, st in enumerate(induced):
             red = sr.reduced_axes(rule, st.a)
             if red:
@@ -342,6 +375,7 @@ class CostGraph:
             else:
                 t = self.tensors[tid]
                 res.append(self._new_tensor(v, f"{label}.{r}", t.group, list(t.shardings), step))
+                self.tensors[res[-1]].batch_dim = t.batch_dim
         self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids)))
 
     def _add_replicated(self, op, step, operand_tids, label):
@@ -395,27 +429,23 @@ class CostGraph:
                 "unhandled_ops": dict(self.unhandled)}
 
 
-_LAYOUT_OPS = {"stablehlo.convert", "stablehlo.transpose", "stablehlo.reshape", "stablehlo.broadcast_in_dim",
-               "stablehlo.bitcast_convert", "stablehlo.copy", "sdy.sharding_constraint"}
-
-
 def parameter_args(func) -> set[int]:
-    """Arguments that reach a dot/convolution operand through layout-only ops: the model's weights."""
-    out = set()
+    """Arguments whose values flow into a dot or convolution (the model's weights and biases, as
+    opposed to optimizer state and counters, which only flow into the step's outputs)."""
+    block = mw.entry_block(func)
     attrs = mw.arg_attr_dicts(func)
-    for i, arg in enumerate(mw.entry_block(func).arguments):
-        if mw.BATCH_DIM in attrs[i]:
+    feeds = set()
+    stack = []
+    for op in block.operations:
+        if op.operation.name in HEAVY:
+            stack.extend(op.operands)
+    while stack:
+        v = stack.pop()
+        if v in feeds:
             continue
-        frontier, seen = [arg], set()
-        while frontier and i not in out:
-            v = frontier.pop()
-            for use in v.uses:
-                owner = use.owner
-                name = owner.name
-                if name in HEAVY:
-                    out.add(i)
-                    break
-                if name in _LAYOUT_OPS and owner not in seen:
-                    seen.add(owner)
-                    frontier.extend(owner.results)
-    return out
+        feeds.add(v)
+        owner = v.owner
+        if isinstance(owner, ir.Block):
+            continue
+        stack.extend(owner.operands)
+    return {i for i, a in enumerate(block.arguments) if a in feeds and mw.BATCH_DIM not in attrs[i]}

@@ -1,0 +1,66 @@
+"""Rewrites that spell a planned collective out explicitly, where XLA's partitioner would not
+pick it by itself: an op whose plan sums over mesh axes *and* scatters the sum (ZeRO's gradient
+reduce-scatter) becomes an `sdy.manual_computation` holding the local op and a
+`stablehlo.reduce_scatter`. Without it, XLA's CPU pipeline emits all-reduce + slice instead.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import sdy
+from jaxlib.mlir.dialects import stablehlo as hlo
+
+from meshweave.dialects.sharding import MeshSpec, TensorSharding
+
+_channels = itertools.count(1000)
+
+
+def replica_groups(mesh: MeshSpec, axes) -> np.ndarray:
+    """Device-id groups that vary over `axes` (in mesh order), one group per other-axes index."""
+    ids = np.arange(mesh.num_devices).reshape(mesh.shape)
+    idx = [mesh.axis_names.index(a) for a in axes]
+    rest = [i for i in range(len(mesh.shape)) if i not in idx]
+    return ids.transpose(rest + idx).reshape(-1, int(np.prod([mesh.shape[i] for i in idx])))
+
+
+def _local_type(t: ir.Type, sharding: TensorSharding, mesh: MeshSpec) -> ir.Type:
+    rt = ir.RankedTensorType(t)
+    shape = [d // n for d, n in zip(rt.shape, sharding.shards_per_dim(mesh))]
+    return ir.RankedTensorType.get(shape, rt.element_type)
+
+
+def _per_value(shardings) -> ir.Attribute:
+    return ir.Attribute.parse("#sdy.sharding_per_value<[" + ", ".join(
+        s.to_text()[len("#sdy.sharding"):] for s in shardings) + "]>")
+
+
+def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: TensorSharding,
+                        reduced_axes, scatter_dim: int, mesh: MeshSpec) -> ir.Value:
+    """Replace single-result `op` by a manual computation: local op, then reduce-scatter over
+    `reduced_axes` along `scatter_dim`. `partial` is the op's result layout before scattering."""
+    manual = ir.Attribute.parse("#sdy<manual_axes{" + ", ".join(f'"{a}"' for a in mesh.axis_names) + "}>")
+    with ir.InsertionPoint(op):
+        mc = sdy.ManualComputationOp([op.result.type], list(op.operands), _per_value(operand_shardings),
+                                     _per_value([result]), manual)
+    block = mc.regions[0].blocks.append(*[_local_type(v.type, s, mesh) for v, s in zip(op.operands, operand_shardings)])
+    keep = {k: op.attributes[k] for k in [op.attributes[i].name for i in range(len(op.attributes))]
+            if not k.startswith("sdy.") and not k.startswith("mw.")}
+    with ir.InsertionPoint(block):
+        local = ir.Operation.create(op.operation.name, results=[_local_type(op.result.type, partial, mesh)],
+                                    operands=list(block.arguments), attributes=keep)
+        groups = replica_groups(mesh, reduced_axes)
+        rs = hlo.ReduceScatterOp(
+            _local_type(op.result.type, result, mesh), local.result, scatter_dim,
+            ir.DenseElementsAttr.get(groups.astype(np.int64)),
+            channel_handle=ir.Attribute.parse(f"#stablehlo.channel_handle<handle = {next(_channels)}, type = 1>"),
+            use_global_device_ids=True)
+        scalar = ir.RankedTensorType.get([], ir.RankedTensorType(op.result.type).element_type)
+        body = rs.regions[0].blocks.append(scalar, scalar)
+        with ir.InsertionPoint(body):
+            hlo.ReturnOp([hlo.add(body.arguments[0], body.arguments[1])])
+        sdy.ReturnOp([rs.result])
+    op.result.replace_all_uses_with(mc.result)
+    op.operation.erase()
+    return mc.result
