@@ -171,7 +171,9 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
 
 
 def _explain(graph: CostGraph, choice, colls, info) -> str:
-    lines = [f"logical mesh {graph.mesh}  alpha={graph.lmesh.alpha} beta={graph.lmesh.beta}",
+    lm = graph.lmesh
+    lines = [f"logical mesh {graph.mesh}  alpha={lm.user_alpha} beta={lm.user_beta}  (costs below in units of "
+             f"{lm.unit:g}: one byte over the fastest link)",
              f"ILP: {info['nodes']} nodes, {info['edges']} edges, {info['variables_hint']} strategy choices; "
              f"solved by {info['method']} in {info['solve_time']:.3f} s ({info['status']}); objective {info['objective']:.6g}"]
     heavy = sorted((r for r in graph.ops if r.heavy), key=lambda r: -r.flops)
@@ -248,8 +250,8 @@ class AutoSharding(Pass):
             state.warn(f"auto-sharding: solver stopped at its {self.time_limit:.0f} s limit; using the best plan "
                        f"found (status {sol.status})")
         choice = [int(x) for x in sol.assignment[: len(graph.groups)]]
-        objective = sol.cost / COST_SCALE
-        if objective >= 1e13:
+        objective = lmesh.to_user_units(sol.cost / COST_SCALE)
+        if sol.cost / COST_SCALE >= 1e13:
             state.warn("auto-sharding: the plan needs a forbidden (infinite-cost) resharding; check the warnings "
                        "above for ops that run replicated")
         n_constraints = _annotate(module, func, graph, choice)
@@ -278,6 +280,6 @@ class AutoSharding(Pass):
 def _cost_by_kind(lmesh, colls) -> dict:
     out = defaultdict(float)
     for kind, axes, nbytes, _ in colls:
-        out[kind] += lmesh.plan_cost([(kind, axes, nbytes)])
+        out[kind] += lmesh.to_user_units(lmesh.plan_cost([(kind, axes, nbytes)]))
     out["total"] = sum(out.values())
     return dict(out)

@@ -30,6 +30,7 @@ HEAVY = {"stablehlo.dot_general", "stablehlo.convolution"}
 ANCHORS = HEAVY | {"stablehlo.gather", "stablehlo.scatter"}
 PASS_THROUGH = {"stablehlo.optimization_barrier", "stablehlo.while"}
 RULE_ATTR = "sdy.sharding_rule"
+MEMORY_TIE = 1e-4          # cost per byte held per device by an argument (a tie-breaker, << any collective)
 _DTYPE_BYTES = {"f64": 8, "i64": 8, "ui64": 8, "c64": 8, "c128": 16, "f32": 4, "i32": 4, "ui32": 4,
                 "bf16": 2, "f16": 2, "i16": 2, "ui16": 2, "i8": 1, "ui8": 1, "i1": 1}
 
@@ -180,6 +181,9 @@ class CostGraph:
         g = self._new_group(path, "arg", [s.short() for s in shardings], arg_index=i,
                             op_strategies=[OpStrategy(a) for a in assigns])
         tid = self._new_tensor(arg, path, g.id, shardings, 0)
+        # Tie-breaker: among equally cheap layouts prefer the one holding fewer bytes per device.
+        nbytes = self.tensors[tid].nbytes
+        g.node_cost += np.array([MEMORY_TIE * nbytes / self.mesh.axes_size(sh.used_axes()) for sh in shardings])
         self.tensors[tid].batch_dim = batch_dim
 
     def _operand_tensor(self, v) -> int | None:
@@ -402,10 +406,12 @@ class CostGraph:
         """Cost matrix (src strategies x dst strategies), computed on distinct shardings only."""
         src_u = {s: i for i, s in enumerate(dict.fromkeys(e.src))}
         dst_u = {s: i for i, s in enumerate(dict.fromkeys(e.dst))}
-        small = np.zeros((len(src_u), len(dst_u)))
+        c0 = np.empty((len(src_u), len(dst_u)))
+        c1 = np.empty_like(c0)
         for s, i in src_u.items():
             for d, j in dst_u.items():
-                small[i, j] = self.lmesh.reshard(e.nbytes, s, d)
+                c0[i, j], c1[i, j] = self.lmesh.reshard_affine(s, d)
+        small = c0 + c1 * e.nbytes
         si = np.array([src_u[s] for s in e.src])
         di = np.array([dst_u[d] for d in e.dst])
         return small[np.ix_(si, di)]

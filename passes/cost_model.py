@@ -21,11 +21,27 @@ TIE_ALL_TO_ALL = 0.001
 
 @dataclass(frozen=True)
 class LogicalMesh:
+    """Costs are computed in normalized units: `alpha`/`beta` here are the given values divided by
+    `unit` (the smallest positive beta), so one byte over the fastest link costs 1 and the
+    tie-breakers stay small whatever units the caller used; `to_user_units` converts back."""
+
     mesh: MeshSpec
     alpha: tuple[float, ...]
     beta: tuple[float, ...]
     allow_all_gather: bool = True
     allow_all_to_all: bool = True
+    unit: float = 1.0
+
+    @property
+    def user_alpha(self) -> tuple[float, ...]:
+        return tuple(a * self.unit for a in self.alpha)
+
+    @property
+    def user_beta(self) -> tuple[float, ...]:
+        return tuple(b * self.unit for b in self.beta)
+
+    def to_user_units(self, cost: float) -> float:
+        return cost * self.unit
 
     @classmethod
     def create(cls, mesh: MeshSpec, alpha=None, beta=None, **kw) -> "LogicalMesh":
@@ -37,13 +53,19 @@ class LogicalMesh:
             raise ValueError(f"alpha {alpha} / beta {beta} need one value per mesh axis ({n} axes: {mesh})")
         if any(a < 0 for a in alpha) or any(b < 0 for b in beta):
             raise ValueError("alpha and beta must be non-negative")
-        return cls(mesh, alpha, beta, **kw)
+        unit = min((b for b in beta if b > 0), default=1.0)
+        return cls(mesh, tuple(a / unit for a in alpha), tuple(b / unit for b in beta), unit=unit, **kw)
 
     # ------------------------------------------------------------------ axes
     def _ab(self, axes) -> tuple[float, float, int]:
-        idx = [self.mesh.axis_names.index(a) for a in axes]
-        n = math.prod(self.mesh.shape[i] for i in idx)
-        return max(self.alpha[i] for i in idx), max(self.beta[i] for i in idx), n
+        cache = self.__dict__.setdefault("_ab_cache", {})
+        key = tuple(axes)
+        hit = cache.get(key)
+        if hit is None:
+            idx = [self.mesh.axis_names.index(a) for a in axes]
+            n = math.prod(self.mesh.shape[i] for i in idx)
+            hit = cache[key] = (max(self.alpha[i] for i in idx), max(self.beta[i] for i in idx), n)
+        return hit
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, nbytes: float, axes) -> float:
@@ -119,7 +141,19 @@ class LogicalMesh:
 
     def reshard(self, nbytes: float, src: TensorSharding, dst: TensorSharding) -> float:
         """Cost of `reshard_plan` (0 when dst only slices src further)."""
-        return self.plan_cost(self.reshard_plan(nbytes, src, dst))
+        const, coef = self.reshard_affine(src, dst)
+        return const + coef * nbytes
+
+    def reshard_affine(self, src: TensorSharding, dst: TensorSharding) -> tuple[float, float]:
+        """(c0, c1) with reshard cost = c0 + c1 * nbytes; memoized (the graph asks for few distinct pairs)."""
+        cache = self.__dict__.setdefault("_affine", {})
+        key = (src, dst)
+        hit = cache.get(key)
+        if hit is None:
+            c0 = self.plan_cost(self.reshard_plan(0.0, src, dst))
+            c1 = self.plan_cost(self.reshard_plan(1.0, src, dst)) - c0
+            hit = cache[key] = (c0, c1)
+        return hit
 
     def shard_bytes(self, nbytes: float, sharding: TensorSharding) -> float:
         return nbytes / self.mesh.axes_size(sharding.used_axes())

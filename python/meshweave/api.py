@@ -166,7 +166,7 @@ def build_plan(method, pipeline, spec, mesh, step, module, compiled, state) -> P
                       hlo_stats.summarize(hlo_stats.collectives(text)), memory)
     lm = state.logical_mesh
     logical = {"shape": list(spec.shape), "axis_names": list(spec.axis_names),
-               "alpha": list(getattr(lm, "alpha", ())) or None, "beta": list(getattr(lm, "beta", ())) or None}
+               "alpha": list(getattr(lm, "user_alpha", ())) or None, "beta": list(getattr(lm, "user_beta", ())) or None}
     auto = state.reports.get("auto-sharding", {})
     if "predicted_collectives" in auto:
         rows = fidelity.compare(auto["predicted_collectives"], stage.collectives)

@@ -1,0 +1,109 @@
+"""`plan`: plan a step for a cluster that is not here (no devices, no execution).
+
+The step is traced with abstract arguments (`jax.ShapeDtypeStruct`s or arrays) and run through
+the method's pass pipeline on a logical mesh of the cluster's shape; the cost model's α-β terms
+come from the cluster's link latency and bandwidth, so the objective is a communication time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from meshweave.dialects.sharding import MeshSpec
+from meshweave.passes.pipeline import Pipeline, PipelineState
+from meshweave.plugin.lowering import trace
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A cluster of `num_hosts` x `devices_per_host` devices.
+
+    Bandwidths in bytes/s per device link; latency in seconds; `device_flops` (FLOP/s) turns the
+    step's FLOPs into a compute-time estimate. The logical mesh defaults to (hosts, devices/host):
+    axis 0 crosses hosts, axis 1 stays inside one.
+    """
+
+    num_hosts: int = 1
+    devices_per_host: int = 8
+    inter_host_bandwidth: float = 25e9 / 8
+    intra_host_bandwidth: float = 150e9
+    latency: float = 5e-6
+    device_flops: float = 300e12
+    mesh_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.num_hosts < 1 or self.devices_per_host < 1:
+            raise ValueError("ClusterSpec needs at least one host and one device per host")
+        if self.mesh_shape is not None and math.prod(self.mesh_shape) != self.num_devices:
+            raise ValueError(f"ClusterSpec.mesh_shape {self.mesh_shape} does not have {self.num_devices} devices")
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_hosts * self.devices_per_host
+
+    def logical_mesh(self) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+        """(shape, alpha, beta): an axis that spans hosts uses the inter-host link."""
+        shape = tuple(self.mesh_shape) if self.mesh_shape else (self.num_hosts, self.devices_per_host)
+        alpha, beta, inner = [], [], 1
+        for size in reversed(shape):
+            inner *= size
+            crosses = inner > self.devices_per_host and size > 1
+            alpha.append(self.latency)
+            beta.append(1.0 / (self.inter_host_bandwidth if crosses else self.intra_host_bandwidth))
+        return shape, tuple(reversed(alpha)), tuple(reversed(beta))
+
+
+@dataclass
+class PlanResult:
+    mesh: MeshSpec
+    pipeline: str
+    objective: float                 # the solver's objective (communication time, s)
+    predicted_step_time: float       # communication + compute estimate (s)
+    compute_time: float
+    report: dict = field(default_factory=dict)     # the auto-sharding pass report (solver, graph, explain)
+    arg_shardings: list = field(default_factory=list)
+    ir_text: str = ""
+
+    def explain(self) -> str:
+        return (f"mesh {self.mesh}\npipeline {self.pipeline}\npredicted step time {self.predicted_step_time:.6g} s "
+                f"(communication {self.objective:.6g} s, compute {self.compute_time:.6g} s)\n"
+                + self.report.get("explain", ""))
+
+
+def plan(fun, *args, method=None, cluster: ClusterSpec | None = None, static_argnums=(), donate_argnums=(),
+         batch_argnums=(1,), **kwargs) -> PlanResult:
+    """Plan `fun(*args, **kwargs)` for `cluster` with `method` (ShardParallel by default); runs nothing."""
+    from meshweave.methods import AutoShardingOption, ShardParallel
+    from meshweave.passes.install_mesh import read_mesh
+    from meshweave.plugin.compile import arg_shardings
+
+    import dataclasses
+
+    cluster = cluster or ClusterSpec()
+    method = method or ShardParallel()
+    shape, alpha, beta = cluster.logical_mesh()
+    if method.mesh_shape is not None:
+        shape = tuple(method.mesh_shape)
+        if math.prod(shape) != cluster.num_devices:
+            raise ValueError(f"method mesh_shape {shape} does not have the cluster's {cluster.num_devices} devices")
+        _, alpha, beta = ClusterSpec(cluster.num_hosts, cluster.devices_per_host, cluster.inter_host_bandwidth,
+                                     cluster.intra_host_bandwidth, cluster.latency, cluster.device_flops,
+                                     shape).logical_mesh()
+    opt = getattr(method, "auto_sharding", None)
+    if opt is not None and opt.alpha is None and opt.beta is None:
+        method = dataclasses.replace(method, auto_sharding=dataclasses.replace(opt, alpha=alpha, beta=beta))
+    spec = MeshSpec.from_shape(shape, method.axis_names)
+    step = trace(fun, args, kwargs, static_argnums=static_argnums, donate_argnums=donate_argnums,
+                 batch_argnums=batch_argnums, mesh=None)
+    module = step.module()
+    state = PipelineState(mesh=spec, options={"method": method})
+    pipeline = Pipeline(method.pipeline_for(spec))
+    pipeline.run(module, state, record_ir=False)
+    report = state.reports.get("auto-sharding", {})
+    flops = sum(r.flops for r in state.options["auto_sharding_graph"].ops) if "auto_sharding_graph" in state.options else 0.0
+    compute = flops / cluster.num_devices / cluster.device_flops
+    objective = float(report.get("objective", 0.0))
+    from meshweave.passes.pipeline import module_text
+
+    return PlanResult(spec, pipeline.spec(), objective, objective + compute, compute, report,
+                      [s.short() if s else None for s in arg_shardings(module)], module_text(module))
