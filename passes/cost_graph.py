@@ -402,18 +402,36 @@ class CostGraph:
         self.ops.append(OpRecord(op, g.id, res, operand_tids, reqs))
 
     # ----------------------------------------------------------------- costs
-    def edge_matrix(self, e: EdgeTerm) -> tuple[np.ndarray, list]:
+    def _ids(self, shardings) -> np.ndarray:
+        """Intern shardings as small ints (keyed by object identity first: lists share objects)."""
+        out = np.empty(len(shardings), dtype=np.int64)
+        for k, s in enumerate(shardings):
+            i = self._by_object.get(id(s))
+            if i is None:
+                i = self._intern.get(s)
+                if i is None:
+                    i = self._intern[s] = len(self._by_id)
+                    self._by_id.append(s)
+                self._by_object[id(s)] = i
+                self._alive.append(s)      # keeps id(s) from being reused while cached
+            out[k] = i
+        return out
+
+    def edge_matrix(self, e: EdgeTerm) -> np.ndarray:
         """Cost matrix (src strategies x dst strategies), computed on distinct shardings only."""
-        src_u = {s: i for i, s in enumerate(dict.fromkeys(e.src))}
-        dst_u = {s: i for i, s in enumerate(dict.fromkeys(e.dst))}
-        c0 = np.empty((len(src_u), len(dst_u)))
+        if not hasattr(self, "_intern"):
+            self._intern, self._by_object, self._alive, self._by_id, self._affine = {}, {}, [], [], {}
+        su, si = np.unique(self._ids(e.src), return_inverse=True)
+        du, di = np.unique(self._ids(e.dst), return_inverse=True)
+        c0 = np.empty((len(su), len(du)))
         c1 = np.empty_like(c0)
-        for s, i in src_u.items():
-            for d, j in dst_u.items():
-                c0[i, j], c1[i, j] = self.lmesh.reshard_affine(s, d)
+        for i, a in enumerate(su.tolist()):
+            for j, b in enumerate(du.tolist()):
+                hit = self._affine.get((a, b))
+                if hit is None:
+                    hit = self._affine[(a, b)] = self.lmesh.reshard_affine(self._by_id[a], self._by_id[b])
+                c0[i, j], c1[i, j] = hit
         small = c0 + c1 * e.nbytes
-        si = np.array([src_u[s] for s in e.src])
-        di = np.array([dst_u[d] for d in e.dst])
         return small[np.ix_(si, di)]
 
     def memory_terms(self):

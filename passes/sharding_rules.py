@@ -53,8 +53,20 @@ class Rule:
         return f not in self.need_replication and f not in self.permutation and self.factor_sizes[f] > 1
 
 
+_SHARDINGS: dict = {}
+
+
 def tensor_sharding(dims: tuple[tuple[int, ...], ...], a: Assignment, mesh: MeshSpec) -> TensorSharding:
-    return TensorSharding(tuple(tuple(ax for f in factors for ax in a[f]) for factors in dims), mesh.name)
+    """The layout of a tensor whose dims map to `dims` factors under assignment `a` (memoized:
+    the same few layouts recur across thousands of ops)."""
+    key = (dims, a, mesh.name)
+    ts = _SHARDINGS.get(key)
+    if ts is None:
+        if len(_SHARDINGS) > 1_000_000:
+            _SHARDINGS.clear()
+        ts = _SHARDINGS[key] = TensorSharding(tuple(tuple(ax for f in factors for ax in a[f]) for factors in dims),
+                                              mesh.name)
+    return ts
 
 
 def _prefix_ok(dims, a: Assignment, mesh: MeshSpec, sizes) -> bool:
@@ -106,12 +118,25 @@ def enumerate_assignments(rule: Rule, mesh: MeshSpec, *, use_all_axes: bool = Fa
     return out
 
 
+_INDUCED: dict = {}
+
+
 def induced_assignment(rule: Rule, operand: int, sharding: TensorSharding, mesh: MeshSpec) -> Assignment:
     """The assignment implied by one operand's sharding (what a follower op does).
 
     Axes that cannot carry over (a factor that must be replicated, a split the rule cannot
     express) are dropped: the operand is then gathered on them first.
     """
+    key = (rule, operand, sharding, mesh)
+    hit = _INDUCED.get(key)
+    if hit is None:
+        if len(_INDUCED) > 1_000_000:
+            _INDUCED.clear()
+        hit = _INDUCED[key] = _induced(rule, operand, sharding, mesh)
+    return hit
+
+
+def _induced(rule: Rule, operand: int, sharding: TensorSharding, mesh: MeshSpec) -> Assignment:
     a = [()] * rule.num_factors
     for factors, axes in zip(rule.operands[operand], sharding.dims):
         fi, remaining = 0, None
