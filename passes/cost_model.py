@@ -151,7 +151,7 @@ class LogicalMesh:
         hit = cache.get(key)
         if hit is None:
             c0 = self.plan_cost(self.reshard_plan(0.0, src, dst))
-            c1 = self.plan_cost(self.reshard_plan(1.0, src, dst)) - c0
+            c1 = 0.0 if math.isinf(c0) else self.plan_cost(self.reshard_plan(1.0, src, dst)) - c0
             hit = cache[key] = (c0, c1)
         return hit
 

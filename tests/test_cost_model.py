@@ -1,0 +1,72 @@
+"""The α-β cost model and the strategy algebra on Shardy sharding rules (no compilation)."""
+import pytest
+
+from meshweave.dialects.sharding import MeshSpec, TensorSharding as T
+from meshweave.passes import sharding_rules as sr
+from meshweave.passes.cost_model import LogicalMesh
+
+MESH = MeshSpec.from_shape((2, 4))          # axes x=2, y=4
+
+
+@pytest.fixture
+def lm():
+    return LogicalMesh.create(MESH, alpha=(1, 1), beta=(1, 0.1))
+
+
+def test_collective_formulas(lm):
+    # Units: the fastest link's byte (beta 0.1) costs 1, so beta becomes (10, 1), alpha (10, 10).
+    assert lm.beta == (10.0, 1.0) and lm.alpha == (10.0, 10.0)
+    n = 4000.0
+    assert lm.all_reduce(n, ("y",)) == pytest.approx(10 + 1 * 2 * 3 / 4 * n + 0.01)
+    assert lm.all_gather(n, ("x",)) == pytest.approx(10 + 10 * 1 / 2 * n + 0.1)
+    assert lm.reduce_scatter(n, ("y",)) == pytest.approx(10 + 3 / 4 * n + 0.001)
+    # a group over both axes pays the slowest link
+    assert lm.all_reduce(n, ("x", "y")) == pytest.approx(10 + 10 * 2 * 7 / 8 * n + 0.01)
+    assert lm.to_user_units(lm.all_reduce(n, ("y",))) == pytest.approx(0.1 * lm.all_reduce(n, ("y",)))
+
+
+def test_resharding(lm):
+    n = 8000.0
+    rep, row, col = T(((), ())), T((("y",), ())), T(((), ("y",)))
+    assert lm.reshard(n, rep, row) == 0                     # slicing is free
+    assert lm.reshard(n, T((("x",), ())), T((("x", "y"), ()))) == 0
+    assert lm.reshard_plan(n, row, rep) == [("all-gather", ("y",), n)]
+    assert lm.reshard_plan(n, row, col)[0][0] == "all-to-all"  # moving an axis between dims
+    assert lm.reshard(n, row, col) < lm.reshard(n, row, rep)
+    nogather = LogicalMesh.create(MESH, allow_all_gather=False)
+    assert nogather.reshard(n, row, rep) == float("inf")
+
+
+def test_dot_strategies_from_rule():
+    # [i, k] x [k, j] -> [i, j], k summed
+    rule = sr.Rule((32, 256, 64), (((0,), (2,)), ((2,), (1,))), (((0,), (1,)),), reduction=frozenset({2}))
+    strategies = sr.enumerate_assignments(rule, MESH, use_all_axes=True)
+    assert all(sum(len(a) for a in s) == 2 for s in strategies)   # heavy op: no replicated compute
+    names = {sr.describe(rule, a, MESH) for a in strategies}
+    assert "[x,y] x [y,-] -> [x,-] (sum @ y)" in names          # Megatron row-parallel, batch on x
+    assert "[x,-] x [-,y] -> [x,y]" in names                    # column-parallel
+    assert "[xy,-] x [-,-] -> [xy,-]" in names                  # data parallel on both axes
+    # a factor of 6 cannot take y (4) or x,y (8)
+    small = sr.Rule((6, 8, 8), rule.operands, rule.results, reduction=rule.reduction)
+    for a in sr.enumerate_assignments(small, MESH):
+        assert "y" not in a[0]
+
+
+def test_need_replication_and_compound_dims():
+    # reshape [i, (k l)] -> [i, k, l] with k=4, l=16: l may only be split if k is fully split
+    rule = sr.Rule((8, 4, 16), (((0,), (1, 2)),), (((0,), (1,), (2,)),))
+    for a in sr.enumerate_assignments(rule, MESH):
+        if a[2]:
+            assert MESH.axes_size(a[1]) == 4, a
+    blocked = sr.Rule((8, 16), (((0,), (1,)),), (((0,), (1,)),), need_replication=frozenset({1}))
+    assert all(not a[1] for a in sr.enumerate_assignments(blocked, MESH))
+
+
+def test_induced_assignment_follows_operand():
+    rule = sr.Rule((8, 4, 16), (((0,), (1, 2)),), (((0,), (1,), (2,)),))
+    a = sr.induced_assignment(rule, 0, T((("x",), ("y",))), MESH)
+    assert sr.tensor_sharding(rule.results[0], a, MESH) == T((("x",), ("y",), ()))
+    # a split the rule cannot carry (minor factor only) is dropped, i.e. gathered
+    rule2 = sr.Rule((8, 1, 16), (((0,), (1, 2)),), (((0,), (1,), (2,)),))
+    a2 = sr.induced_assignment(rule2, 0, T(((), ("y",))), MESH)
+    assert sr.tensor_sharding(rule2.results[0], a2, MESH) == T(((), (), ("y",)))
