@@ -64,3 +64,40 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
     op.result.replace_all_uses_with(mc.result)
     op.operation.erase()
     return mc.result
+
+
+def shardy_collectives(module_text: str, mesh: MeshSpec) -> dict:
+    """{kind: {count, bytes}}: the collectives Shardy's own partitioner inserts for a planned
+    module (propagation + explicit collectives on a private copy). The auto-sharding ILP prices
+    exactly these; comparing them with the compiled HLO separates model error from XLA's choices."""
+    import math
+
+    from jaxlib.mlir.passmanager import PassManager
+
+    from meshweave.dialects.context import parse_module
+
+    m = parse_module(module_text)
+    PassManager.parse("builtin.module(sdy-propagation-pipeline)", context=m.context).run(m.operation)
+    PassManager.parse("builtin.module(sdy-export-pipeline{enable-insert-explicit-collectives=true})",
+                      context=m.context).run(m.operation)
+    kinds = {"sdy.all_reduce": "all-reduce", "sdy.all_gather": "all-gather", "sdy.all_to_all": "all-to-all",
+             "sdy.reduce_scatter": "reduce-scatter", "sdy.collective_permute": "collective-permute"}
+    from meshweave.passes.cost_graph import tensor_bytes
+
+    out: dict = {}
+
+    def visit(op):
+        kind = kinds.get(op.name)
+        if kind is not None:
+            ts = TensorSharding.from_attr(op.attributes["out_sharding"])
+            s = out.setdefault(kind, {"count": 0, "bytes": 0})
+            s["count"] += 1
+            s["bytes"] += int(round(tensor_bytes(op.results[0].type) / mesh.axes_size(ts.used_axes())))
+        elif op.name == "stablehlo.reduce_scatter":
+            s = out.setdefault("reduce-scatter", {"count": 0, "bytes": 0})
+            s["count"] += 1
+            s["bytes"] += tensor_bytes(op.results[0].type)   # inside a manual computation: local type
+        return ir.WalkResult.ADVANCE
+
+    m.operation.walk(visit)
+    return dict(sorted(out.items()))

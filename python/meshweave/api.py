@@ -169,7 +169,15 @@ def build_plan(method, pipeline, spec, mesh, step, module, compiled, state) -> P
                "alpha": list(getattr(lm, "user_alpha", ())) or None, "beta": list(getattr(lm, "user_beta", ())) or None}
     auto = state.reports.get("auto-sharding", {})
     if "predicted_collectives" in auto:
-        rows = fidelity.compare(auto["predicted_collectives"], stage.collectives)
+        from meshweave.passes.explicit_collectives import shardy_collectives
+
+        try:
+            shardy = shardy_collectives(next(r.ir_text for r in reversed(state.records)
+                                             if r.name == "auto-sharding"), spec)
+        except Exception as e:  # the Shardy view is a diagnostic; never fail a compile over it
+            state.warn(f"plan fidelity: Shardy's explicit-collective view failed: {e}")
+            shardy = {}
+        rows = fidelity.compare(auto["predicted_collectives"], stage.collectives, shardy)
         auto["fidelity"] = rows
         auto["explain"] = auto.get("explain", "") + "\nplan fidelity (predicted vs compiled collectives):\n" + \
             fidelity.report(rows)

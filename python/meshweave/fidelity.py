@@ -9,11 +9,15 @@ from __future__ import annotations
 BYTES_TOLERANCE = 0.01
 
 
-def compare(predicted: dict, compiled: dict) -> list[dict]:
+def compare(predicted: dict, compiled: dict, shardy: dict | None = None) -> list[dict]:
+    """Per kind: predicted (the ILP), shardy (Shardy's own partitioning of the plan, optional) and
+    compiled (XLA); `status` compares predicted with compiled."""
     rows = []
-    for kind in sorted(set(predicted) | set(compiled)):
+    shardy = shardy or {}
+    for kind in sorted(set(predicted) | set(compiled) | set(shardy)):
         p = predicted.get(kind, {"count": 0, "bytes": 0})
         c = compiled.get(kind, {"count": 0, "bytes": 0})
+        sh = shardy.get(kind, {"count": 0, "bytes": 0})
         same_bytes = abs(p["bytes"] - c["bytes"]) <= BYTES_TOLERANCE * max(p["bytes"], c["bytes"], 1)
         if same_bytes and p["count"] == c["count"]:
             status = "match"
@@ -22,6 +26,7 @@ def compare(predicted: dict, compiled: dict) -> list[dict]:
         else:
             status = "mismatch"
         rows.append({"kind": kind, "predicted_count": p["count"], "predicted_bytes": p["bytes"],
+                     "shardy_count": sh["count"], "shardy_bytes": sh["bytes"],
                      "compiled_count": c["count"], "compiled_bytes": c["bytes"], "status": status})
     return rows
 
@@ -29,10 +34,13 @@ def compare(predicted: dict, compiled: dict) -> list[dict]:
 def report(rows: list[dict]) -> str:
     if not rows:
         return "no collectives predicted or compiled"
-    lines = [f"  {'kind':15s} {'predicted':>22s} {'compiled (XLA)':>22s}  status"]
+    lines = [f"  {'kind':15s} {'predicted (ILP)':>22s} {'Shardy partitioner':>22s} {'compiled (XLA)':>22s}  status"]
     for r in rows:
         lines.append(f"  {r['kind']:15s} {r['predicted_count']:5d} x {r['predicted_bytes']:12d} B "
+                     f"{r['shardy_count']:5d} x {r['shardy_bytes']:12d} B "
                      f"{r['compiled_count']:5d} x {r['compiled_bytes']:12d} B  {r['status']}")
     bad = [r["kind"] for r in rows if r["status"] == "mismatch"]
-    lines.append("  mismatches: " + (", ".join(bad) if bad else "none"))
+    lines.append("  mismatches (ILP vs XLA): " + (", ".join(bad) if bad else "none"))
+    model = [r["kind"] for r in rows if (r["predicted_count"], r["predicted_bytes"]) != (r["shardy_count"], r["shardy_bytes"])]
+    lines.append("  ILP vs Shardy's explicit collectives: " + ("identical" if not model else "differ in " + ", ".join(model)))
     return "\n".join(lines)
