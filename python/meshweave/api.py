@@ -121,8 +121,14 @@ class ParallelizedFunc:
         static = check_call(self.fun, args, kwargs, self.static_argnums, self.donate_argnums, self.batch_argnums)[0]
         runner = LocalStageRunner([compiled], static)
         plan = build_plan(self.method, pipeline, spec, mesh, step, module, compiled, state)
+        extra = {}
+        if "auto_sharding_problem" in state.options:
+            from meshweave.passes.solver.iopddl import write_iopddl
+
+            problem = state.options["auto_sharding_problem"]
+            extra["sharding_problem.json"] = lambda path: write_iopddl(problem, path)
         exe = Executable(plan=plan, runner=runner, records=state.records, state=state, traced=step,
-                         extra_dumps=state.options.get("extra_dumps"))
+                         extra_dumps=extra)
         if os.environ.get("MESHWEAVE_DUMP_DIR"):
             exe.dump(os.environ["MESHWEAVE_DUMP_DIR"])
         return exe

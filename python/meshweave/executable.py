@@ -39,7 +39,8 @@ class Executable:
         raise KeyError(f"no recorded IR after pass '{pass_name}'; passes: {[r.name for r in self.pass_records]}")
 
     def dump(self, path: str) -> list[str]:
-        """Write NN_<pass>.mlir, stage_<k>.hlo and plan.json (DESIGN.md's dump format) into `path`."""
+        """Write NN_<pass>.mlir, stage_<k>.hlo and plan.json (DESIGN.md's dump format) into `path`,
+        and `sharding_problem.json` (the auto-sharding ILP in IOPDDL form, for meshweave-solve)."""
         os.makedirs(path, exist_ok=True)
         write_records(self.pass_records, path)
         for k in range(len(self.plan.stages)):
