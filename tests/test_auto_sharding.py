@@ -222,3 +222,14 @@ def test_explain_reports_strategies_costs_and_fidelity():
     for needle in ("heavy ops", "dot_general", "predicted collectives", "plan fidelity", "ILP:", "objective"):
         assert needle in text, needle
     assert exe.plan.objective is not None and exe.plan.solver["nodes"] > 0
+
+
+@pytest.mark.parametrize("mesh_shape", [(4,), (2, 2)])
+def test_cnn_with_depthwise_convolution_matches_jit(mesh_shape):
+    from meshweave.models import cnn
+
+    opt = optax.sgd(0.1)
+    state = cnn.init_state(jax.random.PRNGKey(0), opt)
+    batch = cnn.synthetic_batch(jax.random.PRNGKey(1), 16)
+    exe = run(cnn.make_train_step(opt), state, batch, mw.ShardParallel(mesh_shape=mesh_shape, devices=devices(4)))
+    assert sum(r.heavy for r in exe.state.options["auto_sharding_graph"].ops) >= 8   # convs fwd + bwd, dots
