@@ -28,7 +28,7 @@ from meshweave.passes import sharding_rules as sr
 
 HEAVY = {"stablehlo.dot_general", "stablehlo.convolution"}
 ANCHORS = HEAVY | {"stablehlo.gather", "stablehlo.scatter"}
-PASS_THROUGH = {"stablehlo.optimization_barrier", "stablehlo.while"}
+PASS_THROUGH = {"stablehlo.optimization_barrier"}
 RULE_ATTR = "sdy.sharding_rule"
 MEMORY_TIE = 1e-4          # cost per byte held per device by an argument (a tie-breaker, << any collective)
 _DTYPE_BYTES = {"f64": 8, "i64": 8, "ui64": 8, "c64": 8, "c128": 16, "f32": 4, "i32": 4, "ui32": 4,
@@ -85,6 +85,7 @@ class OpRecord:
     heavy: bool = False
     flops: float = 0.0
     descriptions: list[str] | None = None
+    loop: bool = False                      # a while op: results annotated per carried value
 
 
 @dataclass
@@ -95,6 +96,7 @@ class EdgeTerm:
     dst: list[TensorSharding]               # required sharding per dst-group strategy
     nbytes: int
     why: str
+    scale: float = 1.0                      # loop trip count when inside a while body
 
 
 class CostGraphError(ValueError):
@@ -118,6 +120,8 @@ class CostGraph:
         self.value_ids: dict = {}
         self.outputs: list[tuple[int, int | None, int | None]] = []   # (result idx, tensor id, aliased arg)
         self.num_steps = 0
+        self.scale = 1.0                      # cost multiplier (a loop body runs trip-count times)
+        self.loops: list[tuple[str, int]] = []
         self.unhandled: dict[str, int] = {}
 
     # ----------------------------------------------------------------- building
@@ -138,7 +142,7 @@ class CostGraph:
         return tid
 
     def _charge(self, group: Group, s: int, plan, why: str):
-        cost = self.lmesh.plan_cost(plan)
+        cost = self.lmesh.plan_cost(plan) * self.scale
         group.node_cost[s] += cost
         group.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
 
@@ -230,9 +234,10 @@ class CostGraph:
                 if plan:
                     self._charge(g, s, plan, why)
         else:
-            self.edges.append(EdgeTerm(src.group, dst_group, src.shardings, dst_shardings, src.nbytes, why))
+            self.edges.append(EdgeTerm(src.group, dst_group, src.shardings, dst_shardings, src.nbytes, why,
+                                       self.scale))
 
-    def _add_op(self, op, step):
+    def _add_op(self, op, step, sub: int | None = None):
         name = op.operation.name
         operand_tids = [self._operand_tensor(v) for v in op.operands]
         for tid in operand_tids:
@@ -245,7 +250,10 @@ class CostGraph:
             for k, r in enumerate(results):       # constant-derived: free
                 self._new_tensor(r, f"{name}#{step}", -1, None, step)
             return
-        label = f"{name.split('.')[-1]}#{step}"
+        label = f"{name.split('.')[-1]}#{step}" + (f".{sub}" if sub is not None else "")
+        if name == "stablehlo.while":
+            self._add_while(op, step, operand_tids, label)
+            return
         if RULE_ATTR not in op.attributes:
             if name in PASS_THROUGH and len(op.operands) == len(results):
                 self._add_pass_through(op, step, operand_tids, label)
@@ -367,11 +375,51 @@ class CostGraph:
                 self._edge_or_node(tid, g.id, req, f"operand {k} of {label}")
         self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs))
 
+    def _add_while(self, op, step, operand_tids, label):
+        """Plan a loop body once: carried values keep one layout through every iteration (the body's
+        block arguments and the while's results share the init values' groups); what the body pays
+        is paid trip-count times; the body must hand back each carry in its layout."""
+        body = op.regions[1].blocks[0]
+        carried = []
+        for arg, v, tid in zip(body.arguments, op.operands, operand_tids):
+            if tid is None or self.tensors[tid].group < 0:
+                carried.append(self._new_tensor(arg, f"{label}.carry", -1, None, step))
+            else:
+                t = self.tensors[tid]
+                carried.append(self._new_tensor(arg, f"{label}.carry", t.group, list(t.shardings), step))
+                self.tensors[carried[-1]].batch_dim = t.batch_dim
+        trip = trip_count(op)
+        outer_scale, self.scale = self.scale, self.scale * trip
+        try:
+            for k, inner in enumerate(body.operations):
+                if inner.operation.name == "stablehlo.return":
+                    for i, v in enumerate(inner.operands):
+                        tid = self._operand_tensor(v)
+                        ct = carried[i]
+                        c = self.tensors[ct]
+                        if tid is not None and c.group < 0 and self.tensors[tid].group >= 0:
+                            # A carry initialized from constants (a scan's output buffer) takes the
+                            # layout of what the body writes into it.
+                            t = self.tensors[tid]
+                            c.group, c.shardings, c.batch_dim = t.group, list(t.shardings), t.batch_dim
+                            self.groups[t.group].members.append(ct)
+                            continue
+                        if tid is not None and c.group >= 0:
+                            self._edge_or_node(tid, self.tensors[ct].group, self.tensors[ct].shardings,
+                                               f"{label} carries value {i} around the loop")
+                    continue
+                self._add_op(inner, step, sub=k)
+        finally:
+            self.scale = outer_scale
+        res = []
+        for r, (v, ct) in enumerate(zip(op.results, carried)):
+            c = self.tensors[ct]
+            res.append(self._new_tensor(v, f"{label}.{r}", c.group, list(c.shardings) if c.shardings else None, step))
+            self.tensors[res[-1]].batch_dim = c.batch_dim
+        self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids), loop=True))
+        self.loops.append((label, trip))
+
     def _add_pass_through(self, op, step, operand_tids, label):
-        if op.operation.name == "stablehlo.while" and "while" not in self.unhandled:
-            self.unhandled["while"] = 1
-            self.warn(f"auto-sharding: the body of stablehlo.while ({label}) is not planned; loop values keep "
-                      "their input layout and Shardy propagates it into the body")
         res = []
         for r, (v, tid) in enumerate(zip(op.results, operand_tids)):
             if tid is None or self.tensors[tid].group < 0:
@@ -431,7 +479,7 @@ class CostGraph:
                 if hit is None:
                     hit = self._affine[(a, b)] = self.lmesh.reshard_affine(self._by_id[a], self._by_id[b])
                 c0[i, j], c1[i, j] = hit
-        small = c0 + c1 * e.nbytes
+        small = (c0 + c1 * e.nbytes) * e.scale
         return small[np.ix_(si, di)]
 
     def memory_terms(self):
@@ -451,6 +499,34 @@ class CostGraph:
                 "strategies": int(sum(len(g.strategies) for g in self.groups)),
                 "heavy_ops": sum(1 for o in self.ops if o.heavy), "steps": self.num_steps,
                 "unhandled_ops": dict(self.unhandled)}
+
+
+def _constant_int(v) -> int | None:
+    owner = v.owner
+    if isinstance(owner, ir.Block):
+        return None
+    op = owner.operation if hasattr(owner, "operation") else owner
+    if op.name != "stablehlo.constant":
+        return None
+    try:
+        return int(ir.DenseIntElementsAttr(op.attributes["value"])[0])
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def trip_count(while_op, default: int = 1) -> int:
+    """Iterations of a counted loop (`i < N` against a constant, i starting from a constant);
+    `default` when the condition is not of that form."""
+    for op in while_op.regions[0].blocks[0].operations:
+        if op.operation.name != "stablehlo.compare" or len(op.operands) != 2:
+            continue
+        lhs, rhs = op.operands
+        bound = _constant_int(rhs)
+        if bound is None or not isinstance(lhs.owner, ir.Block):
+            continue
+        start = _constant_int(while_op.operands[lhs.arg_number])
+        return max(bound - (start or 0), 1)
+    return default
 
 
 def parameter_args(func) -> set[int]:

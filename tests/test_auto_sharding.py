@@ -233,3 +233,34 @@ def test_cnn_with_depthwise_convolution_matches_jit(mesh_shape):
     batch = cnn.synthetic_batch(jax.random.PRNGKey(1), 16)
     exe = run(cnn.make_train_step(opt), state, batch, mw.ShardParallel(mesh_shape=mesh_shape, devices=devices(4)))
     assert sum(r.heavy for r in exe.state.options["auto_sharding_graph"].ops) >= 8   # convs fwd + bwd, dots
+
+
+def test_scan_over_layers_is_planned_inside_the_loop():
+    layers, hidden = 4, 256
+
+    def apply(params, x):
+        def layer(h, w):
+            return h + jnp.tanh(h @ w[0]) @ w[1], None
+
+        return jax.lax.scan(layer, x, (params["w1"], params["w2"]))[0]
+
+    def loss(params, batch):
+        return jnp.mean((apply(params, batch["x"]) - batch["y"]) ** 2)
+
+    opt = optax.sgd(0.1)
+
+    def step(state, batch):
+        value, grads = jax.value_and_grad(loss)(state["params"], batch)
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, value
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {"w1": jax.random.normal(k[0], (layers, hidden, hidden)) / 16,
+              "w2": jax.random.normal(k[1], (layers, hidden, hidden)) / 16}
+    state = {"params": params, "opt_state": opt.init(params)}
+    batch = {"x": jax.random.normal(k[2], (32, hidden)), "y": jax.random.normal(k[3], (32, hidden))}
+    exe = run(step, state, batch, mw.ShardParallel(mesh_shape=(4,), devices=devices(4)))
+    graph = exe.state.options["auto_sharding_graph"]
+    assert [trip for _, trip in graph.loops] == [layers, layers]        # forward and backward scans
+    assert sum(r.heavy for r in graph.ops) == 6                          # dots inside the loop bodies
+    assert all(r["status"] == "match" for r in exe.plan.stages[0].fidelity), exe.plan.stages[0].fidelity
