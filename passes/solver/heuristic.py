@@ -1,0 +1,126 @@
+"""The anytime search for large cores, and running several of them on the cores we have.
+
+One search = a feasible start (least memory + greedy moves, well under a
+second), then the Lagrangian search (message passing + tree moves + repair)
+until the deadline, with the last part of the time spent on exact ILP
+re-solves of neighbourhoods (``lns.py``). Several searches with different
+seeds run in forked worker processes (one per core); the best result wins.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .core import CoreModel
+from .incumbent import Incumbent
+from .lagrangian import LagrangianSearch
+from .local_search import greedy_sweeps, least_memory
+
+
+@dataclass
+class SearchResult:
+    x: np.ndarray | None
+    cost: float
+    first_feasible: float | None      # seconds after t_start
+    stats: dict = field(default_factory=dict)
+
+
+def run_search(cm: CoreModel, t_start: float, deadline: float, seed: int = 0, progress=None,
+               start: np.ndarray | None = None, lns_fraction: float = 0.25) -> SearchResult:
+    """One complete anytime search on the core; returns the best feasible assignment."""
+    rng = np.random.default_rng(seed)
+    inc = Incumbent(cm, t_start, progress)
+    if start is not None:
+        inc.offer(start, None, None, "start")
+    x = least_memory(cm)
+    load = cm.load_of(x)
+    inc.offer(x, None, load, "least-memory")
+    if not (load <= cm.cap).all():
+        return SearchResult(inc.x, inc.cost, inc.first_feasible, {"note": "least-memory overloads"})
+    greedy_sweeps(cm, x, load, min(deadline, time.monotonic() + 0.25 * (deadline - time.monotonic())),
+                  rng)
+    inc.offer(x, None, load, "greedy")
+    stats: dict = {}
+    lns_start = deadline - lns_fraction * max(0.0, deadline - time.monotonic())
+    if time.monotonic() < lns_start and cm.E:
+        lag = LagrangianSearch(cm, inc, rng)
+        lag.run(lns_start)
+        stats.update(lagrangian_iterations=lag.iters, repairs=lag.repairs)
+    if time.monotonic() < deadline - 0.2 and inc.x is not None:
+        from .lns import LNS
+        lns = LNS(cm, inc, seed=seed)
+        lns.run(deadline)
+        stats.update(lns_iterations=lns.iters, lns_improvements=lns.accepted)
+    stats["incumbent_updates"] = inc.updates
+    return SearchResult(inc.x, inc.cost, inc.first_feasible, stats)
+
+
+def _worker(conn, cm, t_start, deadline, seed, progress, start):
+    try:
+        res = run_search(cm, t_start, deadline, seed, progress, start)
+        conn.send(("ok", res))
+    except BaseException as e:  # report, never hang the parent
+        conn.send(("error", repr(e)))
+    finally:
+        conn.close()
+
+
+def run_portfolio(cm: CoreModel, t_start: float, deadline: float, seeds: list[int],
+                  progress=None, start: np.ndarray | None = None) -> SearchResult:
+    """Run one search per seed in parallel (forked processes); keep the best."""
+    if len(seeds) <= 1 or not fork_is_safe():
+        return run_search(cm, t_start, deadline, seeds[0] if seeds else 0, progress, start)
+    ctx = mp.get_context("fork")
+    procs = []
+    for s in seeds[1:]:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker, args=(child, cm, t_start, deadline, s, progress, start),
+                        daemon=True)
+        p.start()
+        child.close()
+        procs.append((p, parent))
+    results = [run_search(cm, t_start, deadline, seeds[0], progress, start)]
+    for p, conn in procs:
+        left = max(0.5, deadline - time.monotonic() + 2.0)
+        if conn.poll(left):
+            try:
+                kind, payload = conn.recv()
+                if kind == "ok":
+                    results.append(payload)
+            except EOFError:
+                pass
+        p.join(timeout=0.5)
+        if p.is_alive():
+            p.kill()
+    best = min(results, key=lambda r: r.cost)
+    ff = [r.first_feasible for r in results if r.first_feasible is not None]
+    best.first_feasible = min(ff) if ff else None
+    best.stats = dict(best.stats, workers=len(seeds), worker_costs=[float(r.cost) for r in results])
+    return best
+
+
+def fork_is_safe() -> bool:
+    """Forking is only safe while the process runs no foreign threads (e.g. an initialised
+    XLA backend); numpy's BLAS pool (up to one thread per core) is fine."""
+    if "fork" not in mp.get_all_start_methods():
+        return False
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1]) <= (os.cpu_count() or 1) + 1
+    except OSError:
+        pass
+    return False
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)

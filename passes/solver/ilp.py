@@ -1,0 +1,148 @@
+"""Exact ILP of the (reduced) problem through PuLP, with HiGHS or CBC.
+
+This is the path for problems whose core is small -- most of what the
+compiler builds -- and the reference the heuristics are tested against. The
+formulation is the same local-polytope model as ``subilp.py`` (binary x per
+node strategy, continuous y per allowed edge pair tied to x by marginal
+constraints); memory rows are added lazily, one per stretch of violated rows,
+until the solution meets every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .core import CoreModel
+
+BACKENDS = ("highs", "cbc")
+
+
+@dataclass
+class ILPResult:
+    x: np.ndarray | None
+    optimal: bool
+    status: str
+    rounds: int
+    num_variables: int
+    num_constraints: int
+    bound: float | None = None
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Silence fd 1 (HiGHS prints a banner there; the CLI's stdout carries the answer)."""
+    import sys
+    sys.stdout.flush()
+    fd = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(fd, 1)
+        os.close(fd)
+
+
+def ilp_size(cm: CoreModel) -> int:
+    """Columns of the full-core ILP (x plus allowed edge pairs)."""
+    return int(cm.nS + cm.nnz.sum())
+
+
+def _pick_rows(excess: np.ndarray) -> np.ndarray:
+    """The most violated row of every run of consecutive violated rows."""
+    idx = np.nonzero(excess > 0)[0]
+    if idx.size == 0:
+        return idx
+    runs = np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1)
+    return np.array([r[np.argmax(excess[r])] for r in runs], dtype=np.int64)
+
+
+def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed: int = 0,
+              threads: int = 1) -> ILPResult:
+    import pulp
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    t_end = time.monotonic() + time_limit
+    prob = pulp.LpProblem("sharding", pulp.LpMinimize)
+    xs = []
+    obj = []
+    for v in range(cm.m):
+        c = cm.cost[v]
+        row = []
+        for s in range(int(cm.k[v])):
+            var = pulp.LpVariable(f"x_{v}_{s}", cat=pulp.LpBinary,
+                                  upBound=1 if np.isfinite(c[s]) else 0)
+            row.append(var)
+            if np.isfinite(c[s]) and c[s] != 0:
+                obj.append((var, float(c[s])))
+        xs.append(row)
+        prob += pulp.LpAffineExpression([(var, 1) for var in row]) == 1, f"one_{v}"
+    for e in range(cm.E):
+        a, b = int(cm.ea[e]), int(cm.eb[e])
+        mat = cm.mats[e]
+        sa, sb = np.nonzero(np.isfinite(mat))
+        ys = [pulp.LpVariable(f"y_{e}_{i}", lowBound=0) for i in range(len(sa))]
+        for var, i, j in zip(ys, sa, sb):
+            if mat[i, j] != 0:
+                obj.append((var, float(mat[i, j])))
+        rows_a: list[list] = [[] for _ in range(mat.shape[0])]
+        rows_b: list[list] = [[] for _ in range(mat.shape[1])]
+        for var, i, j in zip(ys, sa, sb):
+            rows_a[i].append((var, 1))
+            rows_b[j].append((var, 1))
+        for i in range(mat.shape[0]):
+            prob += pulp.LpAffineExpression(rows_a[i] + [(xs[a][i], -1)]) == 0, f"ma_{e}_{i}"
+        for j in range(mat.shape[1]):
+            prob += pulp.LpAffineExpression(rows_b[j] + [(xs[b][j], -1)]) == 0, f"mb_{e}_{j}"
+    prob += pulp.LpAffineExpression(obj)
+    nvars = len(prob.variables())
+    rounds = 0
+    added: set[int] = set()
+    result = ILPResult(None, False, "timeout", 0, nvars, len(prob.constraints))
+    while True:
+        left = t_end - time.monotonic()
+        if left <= 0.05:
+            break
+        rounds += 1
+        if backend == "highs":
+            solver = pulp.HiGHS(msg=False, timeLimit=left, gapRel=0.0, gapAbs=0.5,
+                                threads=threads, random_seed=int(seed))
+        else:
+            solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(left)), gapRel=0.0,
+                                       gapAbs=0.5, threads=threads,
+                                       options=[f"randomSeed {int(seed) + 1}"])
+        with quiet_stdout():
+            prob.solve(solver)
+        if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            if prob.status == pulp.LpStatusInfeasible:
+                result.status = "infeasible"
+            break
+        x = np.array([int(np.argmax([var.varValue or 0.0 for var in row])) for row in xs],
+                     dtype=np.int64)
+        optimal = prob.sol_status == pulp.LpSolutionOptimal
+        load = cm.load_of(x)
+        excess = load - cm.cap
+        new_rows = [r for r in _pick_rows(excess) if int(r) not in added]
+        if not new_rows:
+            if not (excess > 0).any():
+                result.x, result.optimal = x, optimal
+                result.status = "optimal" if optimal else "feasible"
+            break
+        for r in new_rows:
+            added.add(int(r))
+            terms = []
+            for v in np.nonzero(cm.has_mem & (cm.span[:, 0] <= r) & (r < cm.span[:, 1]))[0]:
+                bp, P = cm.prof_bp[v], cm.prof[v]
+                j = int(np.searchsorted(bp, r, side="right")) - 1
+                terms += [(xs[v][s], int(P[s, j])) for s in np.nonzero(P[:, j])[0]]
+            prob += pulp.LpAffineExpression(terms) <= int(cm.cap[r]), f"mem_{r}"
+    result.rounds = rounds
+    result.num_constraints = len(prob.constraints)
+    return result
