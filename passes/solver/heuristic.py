@@ -17,9 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .core import CoreModel
+from .ilp import ilp_size
+from .subilp import SubILP
 from .incumbent import Incumbent
 from .lagrangian import LagrangianSearch
 from .local_search import greedy_sweeps, least_memory
+
+
+EXACT_CORE_MAX_COLUMNS = 20_000
+"""A core this small is solved whole by one exact sub-ILP before any heuristic runs."""
 
 
 @dataclass
@@ -28,6 +34,7 @@ class SearchResult:
     cost: float
     first_feasible: float | None      # seconds after t_start
     stats: dict = field(default_factory=dict)
+    optimal: bool = False
 
 
 def run_search(cm: CoreModel, t_start: float, deadline: float, seed: int = 0, progress=None,
@@ -46,6 +53,14 @@ def run_search(cm: CoreModel, t_start: float, deadline: float, seed: int = 0, pr
                   rng)
     inc.offer(x, None, load, "greedy")
     stats: dict = {}
+    if ilp_size(cm) <= EXACT_CORE_MAX_COLUMNS and time.monotonic() < deadline - 0.05:
+        sub = SubILP(cm, np.arange(cm.m), x, None)
+        res = sub.solve(deadline - time.monotonic(), start=inc.x, seed=seed)
+        if res.x is not None:
+            inc.offer(res.x, None, None, "exact")
+        if res.optimal:    # solved, or proven that nothing feasible exists
+            stats["incumbent_updates"] = inc.updates
+            return SearchResult(inc.x, inc.cost, inc.first_feasible, dict(stats, exact=True), True)
     lns_start = deadline - lns_fraction * max(0.0, deadline - time.monotonic())
     if time.monotonic() < lns_start and cm.E:
         lag = LagrangianSearch(cm, inc, rng)
@@ -86,18 +101,17 @@ def run_portfolio(cm: CoreModel, t_start: float, deadline: float, seeds: list[in
         procs.append((p, parent))
     results = [run_search(cm, t_start, deadline, seeds[0], progress, start)]
     for p, conn in procs:
-        left = max(0.5, deadline - time.monotonic() + 2.0)
-        if conn.poll(left):
+        if conn.poll(max(0.05, deadline - time.monotonic() + 0.25)):
             try:
                 kind, payload = conn.recv()
                 if kind == "ok":
                     results.append(payload)
             except EOFError:
                 pass
-        p.join(timeout=0.5)
+        p.join(timeout=0.05)
         if p.is_alive():
             p.kill()
-    best = min(results, key=lambda r: r.cost)
+    best = min(results, key=lambda r: (r.cost, not r.optimal))
     ff = [r.first_feasible for r in results if r.first_feasible is not None]
     best.first_feasible = min(ff) if ff else None
     best.stats = dict(best.stats, workers=len(seeds), worker_costs=[float(r.cost) for r in results])

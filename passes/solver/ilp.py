@@ -103,11 +103,15 @@ def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed:
             prob += pulp.LpAffineExpression(rows_b[j] + [(xs[b][j], -1)]) == 0, f"mb_{e}_{j}"
     prob += pulp.LpAffineExpression(obj)
     nvars = len(prob.variables())
+    # PuLP hands the model to the solver variable by variable; that copy is not
+    # covered by the solver's own time limit, so keep back about as long as the
+    # model took to build here
+    overhead = 1.2 * (time.monotonic() - (t_end - time_limit)) + 0.02
     rounds = 0
     added: set[int] = set()
     result = ILPResult(None, False, "timeout", 0, nvars, len(prob.constraints))
     while True:
-        left = t_end - time.monotonic()
+        left = t_end - time.monotonic() - overhead
         if left <= 0.05:
             break
         rounds += 1

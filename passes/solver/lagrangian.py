@@ -41,12 +41,16 @@ class LagrangianSearch:
         self.iters = 0
         self.repairs = 0
 
-    def _relaxed(self, theta: np.ndarray, pen: np.ndarray) -> tuple[float, np.ndarray]:
+    def _relaxed(self, theta: np.ndarray, pen: np.ndarray, deadline: float):
+        """Approximate minimiser of the priced problem: TRW-S labels, then tree moves
+        (also from the previous relaxed solution); None if the deadline passed."""
         cm = self.cm
-        xt, _ = self.trws.run(theta, self.trws_iters)
+        xt, _ = self.trws.run(theta, self.trws_iters, deadline)
         best = None
         for x in ([xt] if self.xrel is None else [xt, self.xrel]):
             for _ in range(self.tree_passes):
+                if time.monotonic() > deadline:
+                    return None
                 x = tree_move(cm, x, induced_forest(cm, self.rng), pen)
             e = self.trws.energy(theta, x)
             if best is None or e < best[0]:
@@ -57,7 +61,10 @@ class LagrangianSearch:
         cm = self.cm
         pen = cm.penalty(self.mu)
         theta = cm.cost_flat + pen
-        energy, x = self._relaxed(theta, pen)
+        relaxed = self._relaxed(theta, pen, deadline)
+        if relaxed is None:
+            return
+        energy, x = relaxed
         self.xrel = x
         load = cm.load_of(x)
         g = (load - cm.cap).astype(np.float64)

@@ -31,6 +31,20 @@ _DOMINANCE_MAX_ELEMS = 4_000_000
 _DEG2_MAX_ELEMS = 2_000_000
 
 
+def _soft_big(fp: FlatProblem) -> float:
+    """A stand-in for forbidden entries above any sum of finite costs.
+
+    Minimising with it minimises the number of forbidden entries first, then the
+    cost, while keeping float64 sums exact far better than 10^18 itself would.
+    """
+    def max_finite(vals, off):
+        v = np.where(vals >= INF_COST, 0, vals).astype(np.float64)
+        if v.size == 0:
+            return 0.0
+        return float(np.maximum.reduceat(v, off[:-1]).sum())
+    return max_finite(fp.cost, fp.node_off) + max_finite(fp.edge_cost, fp.edge_off) + 1.0
+
+
 class Infeasible(Exception):
     """No assignment avoids the forbidden entries."""
 
@@ -66,7 +80,7 @@ class Reducer:
         self.hard = hard
         n = fp.num_nodes
         self.n0 = n
-        big = np.inf if hard else float(INF_COST)
+        big = np.inf if hard else _soft_big(fp)
         cost = fp.cost.astype(np.float64)
         cost[fp.cost >= INF_COST] = big
         self.cost = [cost[fp.node_off[i]:fp.node_off[i + 1]].copy() for i in range(n)]
@@ -101,7 +115,7 @@ class Reducer:
         self.tab = [np.arange(int(k)) for k in self.k]
         self.members = [[i] for i in range(n)]
         self.records: list[list] = []        # [v, p, q, T] degree-2 eliminations
-        self.dependents = [[] for _ in range(n)]
+        self.dependents: list[set[int]] = [set() for _ in range(n)]
         self.node_work: list[int] = list(range(n))
         self.relevant: np.ndarray | None = None    # per node: has a memory-relevant term
         self.counts = dict(fixed=0, merged=0, leaf=0, deg2=0, dominated=0, isolated=0)
@@ -157,8 +171,8 @@ class Reducer:
                 rec[1], rec[3] = into, rec[3][f, :]
             if rec[2] == v:
                 rec[2], rec[3] = into, rec[3][:, f]
-            self.dependents[into].append(r)
-        self.dependents[v] = []
+            self.dependents[into].add(r)
+        self.dependents[v] = set()
         self.alive[v] = False
 
     def _fix(self, v: int) -> None:
@@ -373,8 +387,8 @@ class Reducer:
             self._add_edge(p, q, newm)
             r = len(self.records)
             self.records.append([v, p, q, best])
-            self.dependents[p].append(r)
-            self.dependents[q].append(r)
+            self.dependents[p].add(r)
+            self.dependents[q].add(r)
             self.alive[v] = False
             self.counts["deg2"] += 1
             return True
