@@ -76,7 +76,7 @@ class LagrangianSearch:
             self._repair_and_offer(x, load, deadline)
         # dual bookkeeping and Polyak step
         bound = energy - float(self.mu @ self.capf)
-        if bound > self.best_bound + 1e-9 * abs(self.best_bound):
+        if not np.isfinite(self.best_bound) or bound > self.best_bound + 1e-9 * abs(self.best_bound):
             self.best_bound = bound
             self.no_improve = 0
         else:

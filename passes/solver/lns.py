@@ -23,42 +23,68 @@ from .subilp import SubILP
 
 class LNS:
     def __init__(self, cm: CoreModel, inc: Incumbent, *, seed: int = 0, budget: int = 8000,
-                 sub_time: float = 2.0):
+                 sub_time: float = 2.0, max_cands: int = 12):
         self.cm = cm
         self.inc = inc
         self.rng = np.random.default_rng(seed + 7919)
         self.budget = budget
         self.sub_time = sub_time
+        self.max_cands = max_cands
         self.iters = 0
         self.accepted = 0
         self.optimal_subs = 0
 
-    def neighbourhood(self, seed: int) -> np.ndarray:
-        """Breadth-first region around ``seed`` whose ILP has about ``budget`` columns."""
+    def candidates(self, v: int, x: np.ndarray) -> np.ndarray:
+        """Strategies of v worth offering the sub-ILP: all when few, else the current one,
+        the cheapest given the neighbours, the cheapest if the neighbours could adapt, and
+        the least-memory one."""
+        cm = self.cm
+        k = int(cm.k[v])
+        if k <= self.max_cands:
+            return np.arange(k)
+        lc = cm.local_cost(v, x)
+        opt = cm.cost[v].copy()
+        for mat in cm.nbr_mats[v]:
+            opt += mat.min(axis=1)
+        m = self.max_cands // 2
+        pick = {int(x[v])}
+        pick.update(np.argsort(lc, kind="stable")[:m].tolist())
+        pick.update(np.argsort(opt, kind="stable")[:m].tolist())
+        if cm.prof[v] is not None:
+            P = cm.prof[v]
+            pick.add(int(np.lexsort((cm.cost[v], P.sum(axis=1), P.max(axis=1)))[0]))
+        return np.array(sorted(pick), dtype=np.int64)
+
+    def neighbourhood(self, seed: int, x: np.ndarray):
+        """Breadth-first region around ``seed`` whose ILP has about ``budget`` columns;
+        returns the nodes and their candidate strategies."""
         cm = self.cm
         seen = np.zeros(cm.m, dtype=bool)
-        inn = np.zeros(cm.m, dtype=bool)
-        chosen = []
+        kc = np.zeros(cm.m, dtype=np.int64)        # candidate count of chosen nodes
+        chosen, cands = [], {}
         size = 0
         q = deque([seed])
         seen[seed] = True
         while q:
             v = q.popleft()
-            add = int(cm.k[v])
-            for e, u, _ in cm.nbr[v]:
-                if inn[u]:
-                    add += int(cm.nnz[e])
+            cv = self.candidates(v, x)
+            add = len(cv)
+            for u in cm.nbr_nodes[v]:
+                if kc[u]:
+                    add += len(cv) * int(kc[u])
             if size + add > self.budget and chosen:
                 continue
             chosen.append(v)
-            inn[v] = True
+            cands[v] = cv
+            kc[v] = len(cv)
             size += add
             nb = [int(u) for u in cm.nbr_nodes[v] if not seen[u]]
             self.rng.shuffle(nb)
             for u in nb:
                 seen[u] = True
                 q.append(u)
-        return np.array(sorted(chosen), dtype=np.int64)
+        free = np.array(sorted(chosen), dtype=np.int64)
+        return free, [cands[int(v)] for v in free]
 
     def _seed(self, load: np.ndarray) -> int:
         cm = self.cm
@@ -79,8 +105,8 @@ class LNS:
             left = deadline - time.monotonic()
             if left < 0.3:
                 return
-            free = self.neighbourhood(self._seed(load))
-            sub = SubILP(cm, free, x, load)
+            free, cands = self.neighbourhood(self._seed(load), x)
+            sub = SubILP(cm, free, x, load, cands)
             cur = x[free]
             cur_obj = sub.objective_of(cur)
             tl = min(self.sub_time, left - 0.1)

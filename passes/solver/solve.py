@@ -109,7 +109,9 @@ class _Run:
                                                res.optimal)]
         if not cands:
             return None
-        cost, xc, first, used, optimal = min(cands, key=lambda c: (c[0], not c[4]))
+        cost, xc, _, used, optimal = min(cands, key=lambda c: (c[0], not c[4]))
+        firsts = [c[2] for c in cands if c[2] is not None and np.isfinite(c[0])]
+        first = min(firsts) if firsts else None
         if not np.isfinite(cost) and hard:
             return None
         x = reducer.expand(xc)
