@@ -264,3 +264,16 @@ def test_scan_over_layers_is_planned_inside_the_loop():
     assert [trip for _, trip in graph.loops] == [layers, layers]        # forward and backward scans
     assert sum(r.heavy for r in graph.ops) == 6                          # dots inside the loop bodies
     assert all(r["status"] == "match" for r in exe.plan.stages[0].fidelity), exe.plan.stages[0].fidelity
+
+
+def test_solver_time_limit_returns_best_plan_with_warning():
+    cfg = gpt.GPTConfig(vocab=1024, seq_len=128, d_model=512, heads=8, layers=6)
+    opt = optax.adam(1e-4)
+    state = jax.eval_shape(lambda: gpt.init_state(jax.random.PRNGKey(0), cfg, opt))
+    batch = jax.eval_shape(lambda: gpt.synthetic_batch(jax.random.PRNGKey(1), cfg, 16))
+    method = mw.ShardParallel(auto_sharding=mw.AutoShardingOption(time_limit=1.0))
+    with pytest.warns(UserWarning, match="solver stopped at its 1 s limit"):
+        result = mw.plan(gpt.make_train_step(opt), state, batch, method=method,
+                         cluster=mw.ClusterSpec(num_hosts=4, devices_per_host=8))
+    assert result.report["solver"]["status"] in ("feasible", "timeout")
+    assert result.objective > 0 and result.report["solver"]["solve_time"] < 3.0
