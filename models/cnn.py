@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from meshweave.models import training
+
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -31,17 +33,12 @@ def loss_fn(params, batch):
 
 
 def make_train_step(optimizer: optax.GradientTransformation, grad_fn=jax.value_and_grad):
-    def train_step(state, batch):
-        loss, grads = grad_fn(loss_fn)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
-
-    return train_step
+    """train_step(state, batch) -> (state, loss); see models/training.py."""
+    return training.make_train_step(loss_fn, optimizer, grad_fn)
 
 
 def init_state(key, optimizer, **kw):
-    params = init(key, **kw)
-    return {"params": params, "opt_state": optimizer.init(params)}
+    return training.init_state(init(key, **kw), optimizer)
 
 
 def synthetic_batch(key, batch_size, size=8, in_channels=8, classes=10):

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from meshweave.models import training
+
 
 def init(key, sizes, dtype=jnp.float32):
     """Parameters of an MLP with layer widths `sizes` (input first): a list of {kernel, bias}."""
@@ -30,22 +32,12 @@ def mse_loss(params, batch):
 
 
 def make_train_step(optimizer: optax.GradientTransformation, grad_fn=jax.value_and_grad):
-    """train_step(state, batch) -> (state, loss); state = {"params", "opt_state"}.
-
-    grad_fn: jax.value_and_grad, or meshweave.value_and_grad to mark the gradient boundary.
-    """
-
-    def train_step(state, batch):
-        loss, grads = grad_fn(mse_loss)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
-
-    return train_step
+    """train_step(state, batch) -> (state, loss); see models/training.py."""
+    return training.make_train_step(mse_loss, optimizer, grad_fn)
 
 
 def init_state(key, sizes, optimizer, dtype=jnp.float32):
-    params = init(key, sizes, dtype)
-    return {"params": params, "opt_state": optimizer.init(params)}
+    return training.init_state(init(key, sizes, dtype), optimizer)
 
 
 def synthetic_batch(key, batch_size, in_dim, out_dim, dtype=jnp.float32):

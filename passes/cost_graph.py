@@ -312,27 +312,34 @@ class CostGraph:
         names = [sr.describe(rule, st.a, self.mesh) + (" scatter" if st.scatter is not None else "")
                  for st in strategies]
         g = self._new_group(label, "anchor", names, op=op, op_strategies=strategies)
-        res_bytes = [tensor_bytes(r.type) for r in op.results]
         res_tids = []
         for r, v in enumerate(op.results):
             shs = self._result_shardings(rule, strategies, r)
             res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
+        reqs = self._charge_op(op, g, rule, strategies, operand_tids, label)
+        self._set_result_batch_dims(rule, res_tids, bf)
+        flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
+        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names))
+
+    def _charge_op(self, op, g, rule, strategies, operand_tids, label):
+        """Charge an op's partial-sum reductions and its operands' resharding, per strategy of its
+        group; returns each operand's required sharding per strategy."""
         for s, st in enumerate(strategies):
             red = sr.reduced_axes(rule, st.a)
-            if red:
-                for r in range(len(op.results)):
-                    before = res_bytes[r] / self.mesh.axes_size(sr.tensor_sharding(rule.results[r], st.a, self.mesh).used_axes())
-                    kind = "reduce-scatter" if st.scatter is not None else "all-reduce"
-                    self._charge(g, s, [(kind, red, before)], f"{label} sums over {','.join(red)}")
+            if not red:
+                continue
+            kind = "reduce-scatter" if st.scatter is not None else "all-reduce"
+            for r, v in enumerate(op.results):   # bytes per device before the reduction
+                before = tensor_bytes(v.type) / self.mesh.axes_size(
+                    sr.tensor_sharding(rule.results[r], st.a, self.mesh).used_axes())
+                self._charge(g, s, [(kind, red, before)], f"{label} sums over {','.join(red)}")
         reqs = []
         for k, tid in enumerate(operand_tids):
             req = [sr.tensor_sharding(rule.operands[k], st.a, self.mesh) for st in strategies]
             reqs.append(req)
             if tid is not None:
                 self._edge_or_node(tid, g.id, req, f"operand {k} of {label}")
-        self._set_result_batch_dims(rule, res_tids, bf)
-        flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
-        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names))
+        return reqs
 
     def _scatter_variants(self, rule, assigns):
         """Reduce-scatter variants: the summed axes also split the result's leading dimension."""
@@ -361,18 +368,7 @@ class CostGraph:
             shs = self._result_shardings(rule, induced, r)
             res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
         self._set_result_batch_dims(rule, res_tids, self._batch_factor(rule, operand_tids))
-        for s, st in enumerate(induced):
-            red = sr.reduced_axes(rule, st.a)
-            if red:
-                for r, v in enumerate(op.results):
-                    before = self.lmesh.shard_bytes(tensor_bytes(v.type), self.tensors[res_tids[r]].shardings[s])
-                    self._charge(g, s, [("all-reduce", red, before)], f"{label} sums over {','.join(red)}")
-        reqs = []
-        for k, tid in enumerate(operand_tids):
-            req = [sr.tensor_sharding(rule.operands[k], st.a, self.mesh) for st in induced]
-            reqs.append(req)
-            if tid is not None:
-                self._edge_or_node(tid, g.id, req, f"operand {k} of {label}")
+        reqs = self._charge_op(op, g, rule, induced, operand_tids, label)
         self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs))
 
     def _add_while(self, op, step, operand_tids, label):
