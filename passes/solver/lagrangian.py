@@ -48,14 +48,16 @@ class LagrangianSearch:
         xt, _ = self.trws.run(theta, self.trws_iters, deadline)
         best = None
         for x in ([xt] if self.xrel is None else [xt, self.xrel]):
-            for _ in range(self.tree_passes):
-                if time.monotonic() > deadline:
-                    return None
-                x = tree_move(cm, x, induced_forest(cm, self.rng), pen)
+            x = tree_move(cm, x, induced_forest(cm, self.rng), pen)
             e = self.trws.energy(theta, x)
             if best is None or e < best[0]:
                 best = (e, x)
-        return best
+        e, x = best
+        for _ in range(self.tree_passes - 1):
+            if time.monotonic() > deadline:
+                return None
+            x = tree_move(cm, x, induced_forest(cm, self.rng), pen)
+        return self.trws.energy(theta, x), x
 
     def step(self, deadline: float) -> None:
         cm = self.cm
@@ -73,7 +75,13 @@ class LagrangianSearch:
         if not over.any():
             self.inc.offer(x, cost, load, "lagrangian")
         elif over.sum() <= max(50, cm.T // 20):
-            self._repair_and_offer(x, load, deadline)
+            self._repair_and_offer(x, load, deadline, pen)
+        if self.inc.x is not None and time.monotonic() < deadline:
+            # move the incumbent towards the relaxed solution where that pays and fits
+            xi = self.inc.x.copy()
+            li = cm.load_of(xi)
+            if apply_components(cm, xi, li, x) < 0:
+                self.inc.offer(xi, None, li, "lagrangian+merge")
         # dual bookkeeping and Polyak step
         bound = energy - float(self.mu @ self.capf)
         if not np.isfinite(self.best_bound) or bound > self.best_bound + 1e-9 * abs(self.best_bound):
@@ -94,7 +102,8 @@ class LagrangianSearch:
             self.mu = np.maximum(0.0, self.mu + step * gg)
         self.iters += 1
 
-    def _repair_and_offer(self, x: np.ndarray, load: np.ndarray, deadline: float) -> None:
+    def _repair_and_offer(self, x: np.ndarray, load: np.ndarray, deadline: float,
+                          pen: np.ndarray) -> None:
         cm = self.cm
         x = x.copy()
         load = load.copy()
@@ -102,6 +111,10 @@ class LagrangianSearch:
             return
         self.repairs += 1
         greedy_sweeps(cm, x, load, deadline, self.rng, max_sweeps=2)
+        for _ in range(2):      # feasible tree moves: keep the parts that pay and fit
+            if time.monotonic() > deadline:
+                break
+            apply_components(cm, x, load, tree_move(cm, x, induced_forest(cm, self.rng), pen))
         self.inc.offer(x, None, load, "lagrangian+repair")
 
     def run(self, deadline: float) -> None:

@@ -209,11 +209,14 @@ def apply_components(cm: CoreModel, x: np.ndarray, load: np.ndarray, xn: np.ndar
 def repair(cm: CoreModel, x: np.ndarray, load: np.ndarray, deadline: float) -> bool:
     """Remove memory overloads in place, cheapest cost per freed byte first.
 
-    Returns True when every row is within capacity.
+    Works on the most overloaded row: every node live there offers its best move
+    (least cost increase per byte freed at that row, creating no overload
+    elsewhere); moves are taken in that order until the row fits. Returns True
+    when every row is within capacity.
     """
     over = load - cm.cap
     lc_cache: dict[int, np.ndarray] = {}
-    stuck = set()
+    stuck: set[int] = set()
     while True:
         bad = over > 0
         if not bad.any():
@@ -221,46 +224,54 @@ def repair(cm: CoreModel, x: np.ndarray, load: np.ndarray, deadline: float) -> b
         if time.monotonic() > deadline:
             return False
         masked = np.where(bad, over, -1)
-        for r in stuck:
-            masked[r] = -1
+        if stuck:
+            masked[list(stuck)] = -1
         r = int(np.argmax(masked))
         if masked[r] <= 0:
             return False
-        cand = np.nonzero(cm.has_mem & (cm.span[:, 0] <= r) & (r < cm.span[:, 1]))[0]
-        best = None
-        for v in cand:
-            bp, P = cm.prof_bp[v], cm.prof[v]
-            j = int(np.searchsorted(bp, r, side="right")) - 1
+        offers = []
+        for v in np.nonzero(cm.has_mem & (cm.span[:, 0] <= r) & (r < cm.span[:, 1]))[0]:
+            P = cm.prof[v]
+            j = int(np.searchsorted(cm.prof_bp[v], r, side="right")) - 1
             cur = int(x[v])
             red = P[cur, j] - P[:, j]
             if red.max() <= 0:
-                continue
-            sl = cm.seg_slack(v, load)
-            ok = (P <= (np.maximum(sl, 0) + P[cur])[None, :]).all(axis=1) & (red > 0)
-            if not ok.any():
                 continue
             lc = lc_cache.get(v)
             if lc is None:
                 lc = lc_cache[v] = cm.local_cost(v, x)
             fin = np.isfinite(lc)
-            ok &= fin
+            ok = (red > 0) & fin
             if not ok.any():
                 continue
             base = lc[cur] if fin[cur] else lc[fin].max()
             ratio = np.where(ok, (np.where(fin, lc, 0.0) - base) / np.maximum(red, 1), np.inf)
             s = int(np.argmin(ratio))
-            if best is None or ratio[s] < best[0]:
-                best = (ratio[s], int(v), s)
-        if best is None:
+            offers.append((float(ratio[s]), int(v), s))
+        offers.sort()
+        moved: set[int] = set()
+        touched: set[int] = set()
+        for _, v, s in offers:
+            if over[r] <= 0 or time.monotonic() > deadline:
+                break
+            if v in touched:          # a neighbour moved: its offer is stale
+                continue
+            P = cm.prof[v]
+            cur = int(x[v])
+            room = np.maximum(cm.seg_slack(v, load), 0) + P[cur]
+            if not (P[s] <= room).all():
+                continue
+            lo, hi = cm.span[v]
+            cm.add_node_load(load, v, cur, s)
+            over[lo:hi] = load[lo:hi] - cm.cap[lo:hi]
+            x[v] = s
+            moved.add(v)
+            touched.add(v)
+            lc_cache.pop(v, None)
+            for u in cm.nbr_nodes[v]:
+                touched.add(int(u))
+                lc_cache.pop(int(u), None)
+        if moved:
+            stuck.clear()
+        else:
             stuck.add(r)
-            continue
-        _, v, s = best
-        cur = int(x[v])
-        lo, hi = cm.span[v]
-        cm.add_node_load(load, v, cur, s)
-        over[lo:hi] = load[lo:hi] - cm.cap[lo:hi]
-        x[v] = s
-        lc_cache.pop(v, None)
-        for u in cm.nbr_nodes[v]:
-            lc_cache.pop(int(u), None)
-        stuck.clear()
