@@ -131,6 +131,9 @@ def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed:
         x = np.array([int(np.argmax([var.varValue or 0.0 for var in row])) for row in xs],
                      dtype=np.int64)
         optimal = prob.sol_status == pulp.LpSolutionOptimal
+        if backend == "highs" and getattr(prob, "solverModel", None) is not None:
+            # a relaxation (memory rows not yet added) bounds the full problem from below
+            result.bound = float(prob.solverModel.getInfo().mip_dual_bound)
         load = cm.load_of(x)
         excess = load - cm.cap
         new_rows = [r for r in _pick_rows(excess) if int(r) not in added]

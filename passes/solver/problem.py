@@ -8,7 +8,7 @@ compiler.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -71,7 +71,6 @@ class ShardingProblem:
     usage_limit: int | None = None
     node_names: list[str] | None = None
     strategy_names: list[list[str]] | None = None
-    _ks: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_nodes(self) -> int:
@@ -84,9 +83,7 @@ class ShardingProblem:
     @property
     def num_strategies(self) -> np.ndarray:
         """k_i for every node (int64 array)."""
-        if self._ks is None or len(self._ks) != self.num_nodes:
-            self._ks = np.array([len(c) for c in self.node_costs], dtype=np.int64)
-        return self._ks
+        return np.fromiter(map(len, self.node_costs), dtype=np.int64, count=self.num_nodes)
 
     def validate(self) -> None:
         """Check shapes, types and ranges; raise ValueError naming the bad field.
@@ -94,7 +91,6 @@ class ShardingProblem:
         Entries are normalised in place to int64 numpy arrays (edge matrices to
         2-d); already-normalised problems are checked with whole-array operations.
         """
-        self._ks = None
         if not isinstance(self.name, str):
             raise ValueError("name: expected a string")
         n = len(self.node_costs)
@@ -169,7 +165,6 @@ class ShardingProblem:
                 if len(names) != ks[i]:
                     raise ValueError(
                         f"strategy_names[{i}]: {len(names)} names for {int(ks[i])} strategies")
-        self._ks = ks
 
     def min_usage_assignment(self) -> np.ndarray:
         """Per node, the strategy of least usage (lowest index on ties).

@@ -119,6 +119,7 @@ class Reducer:
         self.node_work: list[int] = list(range(n))
         self.relevant: np.ndarray | None = None    # per node: has a memory-relevant term
         self.counts = dict(fixed=0, merged=0, leaf=0, deg2=0, dominated=0, isolated=0)
+        self.deadline: float | None = None
 
     # ----- primitive edits -------------------------------------------------
     def _add_edge(self, a: int, b: int, m: np.ndarray) -> None:
@@ -256,6 +257,7 @@ class Reducer:
             self._del_edge(a, b)
 
     def _run_local(self) -> None:
+        steps = 0
         while self.node_work or self.edge_work:
             while self.node_work:
                 self._check_node(self.node_work.pop())
@@ -263,6 +265,13 @@ class Reducer:
                 a, b = self.edge_work.pop()
                 if self.alive[a] and self.alive[b]:
                     self._check_edge(a, b)
+            steps += 1
+            if steps % 2048 == 0:
+                self._check_deadline()
+
+    def _check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise ReductionTimeout("reduction ran out of time")
 
     def _binding(self) -> None:
         """Mark memory-relevant terms; drop the others into the base load."""
@@ -399,10 +408,8 @@ class Reducer:
 
         Raises ReductionTimeout past ``deadline`` (time.monotonic()).
         """
-        def check():
-            if deadline is not None and time.monotonic() > deadline:
-                raise ReductionTimeout("reduction ran out of time")
-
+        self.deadline = deadline
+        check = self._check_deadline
         self._run_local()
         for _ in range(max_rounds):
             check()
@@ -467,8 +474,6 @@ class Reducer:
         np.minimum.at(seg_slack, seg_of_t[bind], slack[bind])
         active = seg_slack < np.iinfo(np.int64).max
         segs = np.nonzero(active)[0]
-        row = -np.ones(nseg + 1, dtype=np.int64)
-        row[segs] = np.arange(len(segs))
         # term -> covered segment range [seg(lo), seg(hi)); map to rows
         first_row = np.cumsum(active) - active.astype(np.int64)  # rows before seg i
         first_row = np.concatenate([first_row, [first_row[-1] + active[-1]]])

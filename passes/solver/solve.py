@@ -73,6 +73,7 @@ class _Run:
         self.method, self.backend, self.seed, self.workers = method, backend, seed, workers
         self.progress = progress
         self.stats: dict = {}
+        self.core_bound: float | None = None
 
     def emit(self, cost, peak, message):
         if self.progress is not None:
@@ -118,6 +119,11 @@ class _Run:
         ev = evaluate(fp, x)
         if not ev.feasible:
             return None
+        if optimal:
+            self.stats["lower_bound"] = ev.cost
+        elif self.core_bound is not None and hard and np.isfinite(cost):
+            # core costs differ from full costs by the constant the reductions folded away
+            self.stats["lower_bound"] = int(np.ceil(self.core_bound - 0.5)) + ev.cost - int(round(cost))
         return _Found(x, ev, optimal, used, first)
 
     def _exact(self, cm: CoreModel, report, key: str) -> list:
@@ -152,6 +158,8 @@ class _Run:
             c = cm.cost_of(res.x)
             report(name, c, res.x)
             cands.append((c, res.x, time.monotonic() - self.t0, name, res.optimal))
+        if res.bound is not None and np.isfinite(res.bound):
+            self.core_bound = res.bound
         if side is not None:
             proc, conn = side
             if res.optimal:
