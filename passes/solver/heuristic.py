@@ -18,11 +18,11 @@ import numpy as np
 
 from .core import CoreModel
 from .ilp import ilp_size
-from .subilp import SubILP
 from .incumbent import Incumbent
 from .lagrangian import LagrangianSearch
-from .local_search import greedy_sweeps, least_memory
-
+from .lns import LNS
+from .local_search import greedy_sweeps, least_memory, repair
+from .subilp import SubILP
 
 EXACT_CORE_MAX_COLUMNS = 20_000
 """A core this small is solved whole by one exact sub-ILP before any heuristic runs."""
@@ -38,17 +38,16 @@ class SearchResult:
 
 
 def run_search(cm: CoreModel, t_start: float, deadline: float, seed: int = 0, progress=None,
-               start: np.ndarray | None = None, lns_fraction: float = 0.25) -> SearchResult:
+               lns_fraction: float = 0.25) -> SearchResult:
     """One complete anytime search on the core; returns the best feasible assignment."""
     rng = np.random.default_rng(seed)
     inc = Incumbent(cm, t_start, progress)
-    if start is not None:
-        inc.offer(start, None, None, "start")
     x = least_memory(cm)
     load = cm.load_of(x)
+    # merged nodes may have no strategy that is smallest on every row at once
+    if not (load <= cm.cap).all() and not repair(cm, x, load, deadline):
+        return SearchResult(None, np.inf, None, {"note": "no memory-feasible start found"})
     inc.offer(x, None, load, "least-memory")
-    if not (load <= cm.cap).all():
-        return SearchResult(inc.x, inc.cost, inc.first_feasible, {"note": "least-memory overloads"})
     greedy_sweeps(cm, x, load, min(deadline, time.monotonic() + 0.25 * (deadline - time.monotonic())),
                   rng)
     inc.offer(x, None, load, "greedy")
@@ -67,7 +66,6 @@ def run_search(cm: CoreModel, t_start: float, deadline: float, seed: int = 0, pr
         lag.run(lns_start)
         stats.update(lagrangian_iterations=lag.iters, repairs=lag.repairs)
     if time.monotonic() < deadline - 0.2 and inc.x is not None:
-        from .lns import LNS
         lns = LNS(cm, inc, seed=seed)
         lns.run(deadline)
         stats.update(lns_iterations=lns.iters, lns_improvements=lns.accepted)
@@ -75,9 +73,9 @@ def run_search(cm: CoreModel, t_start: float, deadline: float, seed: int = 0, pr
     return SearchResult(inc.x, inc.cost, inc.first_feasible, stats)
 
 
-def _worker(conn, cm, t_start, deadline, seed, progress, start):
+def _worker(conn, cm, t_start, deadline, seed, progress):
     try:
-        res = run_search(cm, t_start, deadline, seed, progress, start)
+        res = run_search(cm, t_start, deadline, seed, progress)
         conn.send(("ok", res))
     except BaseException as e:  # report, never hang the parent
         conn.send(("error", repr(e)))
@@ -86,20 +84,19 @@ def _worker(conn, cm, t_start, deadline, seed, progress, start):
 
 
 def run_portfolio(cm: CoreModel, t_start: float, deadline: float, seeds: list[int],
-                  progress=None, start: np.ndarray | None = None) -> SearchResult:
+                  progress=None) -> SearchResult:
     """Run one search per seed in parallel (forked processes); keep the best."""
     if len(seeds) <= 1 or not fork_is_safe():
-        return run_search(cm, t_start, deadline, seeds[0] if seeds else 0, progress, start)
+        return run_search(cm, t_start, deadline, seeds[0] if seeds else 0, progress)
     ctx = mp.get_context("fork")
     procs = []
     for s in seeds[1:]:
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(child, cm, t_start, deadline, s, progress, start),
-                        daemon=True)
+        p = ctx.Process(target=_worker, args=(child, cm, t_start, deadline, s, progress), daemon=True)
         p.start()
         child.close()
         procs.append((p, parent))
-    results = [run_search(cm, t_start, deadline, seeds[0], progress, start)]
+    results = [run_search(cm, t_start, deadline, seeds[0], progress)]
     for p, conn in procs:
         if conn.poll(max(0.05, deadline - time.monotonic() + 0.25)):
             try:

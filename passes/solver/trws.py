@@ -27,6 +27,14 @@ def _pad(k: np.ndarray) -> np.ndarray:
     return np.where(k > _PADS[-1], k, out)
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """concat(arange(s, s + n) for s, n in zip(starts, lengths))."""
+    if len(lengths) == 0:
+        return np.zeros(0, dtype=np.int64)
+    out = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return out + np.arange(int(lengths.sum()))
+
+
 def greedy_colouring(cm: CoreModel) -> np.ndarray:
     """Welsh-Powell colouring (highest degree first)."""
     deg = np.array([len(n) for n in cm.nbr_nodes])
@@ -47,6 +55,13 @@ class _Group:
 
 
 class TRWS:
+    """Message passing on the core's pairwise problem; ``run`` returns decoded labels.
+
+    Edge e is oriented from its earlier-coloured end ``lo`` to ``hi``; the forward
+    sweep updates messages lo -> hi colour by colour, the backward sweep hi -> lo.
+    Forbidden entries stand in as ``big`` (finite, so no inf - inf arises).
+    """
+
     def __init__(self, cm: CoreModel):
         self.cm = cm
         m, E = cm.m, cm.E
@@ -82,15 +97,18 @@ class TRWS:
         np.cumsum(klo, out=self.ml_off[1:])
         self.mh = np.zeros(int(self.mh_off[-1]))
         self.ml = np.zeros(int(self.ml_off[-1]))
-        self.tgt_mh = np.concatenate([cm.off[hi[e]] + np.arange(khi[e]) for e in range(E)]) if E else np.zeros(0, np.int64)
-        self.tgt_ml = np.concatenate([cm.off[lo[e]] + np.arange(klo[e]) for e in range(E)]) if E else np.zeros(0, np.int64)
+        self.tgt_mh = _ranges(cm.off[hi], khi)      # flat strategy index each entry lands on
+        self.tgt_ml = _ranges(cm.off[lo], klo)
         # edge matrices, flat, oriented rows = lo (for energies)
         mats_lo = [cm.mats[e].T if swap[e] else cm.mats[e] for e in range(E)]
         self.e_off = np.zeros(E + 1, dtype=np.int64)
         np.cumsum(klo * khi, out=self.e_off[1:])
-        self.emat = np.concatenate([np.where(np.isfinite(mt), mt, self.big).ravel() for mt in mats_lo]) if E else np.zeros(0)
-        self.fwd = [self._groups(np.nonzero(colour[lo] == c)[0], mats_lo, forward=True) for c in range(self.C)]
-        self.bwd = [self._groups(np.nonzero(colour[hi] == c)[0], mats_lo, forward=False) for c in range(self.C)]
+        self.emat = (np.concatenate([np.where(np.isfinite(mt), mt, self.big).ravel() for mt in mats_lo])
+                     if E else np.zeros(0))
+        self.fwd = [self._groups(np.nonzero(colour[lo] == c)[0], mats_lo, forward=True)
+                    for c in range(self.C)]
+        self.bwd = [self._groups(np.nonzero(colour[hi] == c)[0], mats_lo, forward=False)
+                    for c in range(self.C)]
         # per colour: nodes and a padded gather of their strategies (for decoding)
         self.nodes_c = [np.nonzero(colour == c)[0] for c in range(self.C)]
         self.dec_idx = []
@@ -130,7 +148,7 @@ class TRWS:
             n = len(sel)
             es = edges[sel]
             src_idx = np.full((n, KA), self.nS, dtype=np.int64)     # into S (sentinel: +inf)
-            in_idx = np.full((n, KA), -1, dtype=np.int64)          # message into src from dst
+            in_idx = np.full((n, KA), -1, dtype=np.int64)   # message into src; -1: the 0 sentinel
             out_idx = np.zeros((n, KB), dtype=np.int64)            # message src -> dst
             valid = np.zeros((n, KB), dtype=bool)
             mat = np.full((n, KA, KB), np.inf)

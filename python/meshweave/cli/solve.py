@@ -95,9 +95,10 @@ def _main(argv: list[str] | None) -> int:
             f"reachable is {mp}")
         print("[]", flush=True)
         return 1
+    first = sol.time_to_first_feasible
+    first_s = "none" if first is None else f"{loaded + first:.2f}s"
     say(f"# done: cost={sol.cost} peak={sol.peak_usage} limit={problem.usage_limit} "
-        f"status={sol.status} method={sol.method} "
-        f"first_feasible={sol.time_to_first_feasible if sol.time_to_first_feasible is None else round(loaded + sol.time_to_first_feasible, 2)}s "
+        f"status={sol.status} method={sol.method} first_feasible={first_s} "
         f"total={time.monotonic() - t_start:.2f}s")
     print("[" + ", ".join(map(str, sol.assignment.tolist())) + "]", flush=True)
     return 0
