@@ -83,6 +83,8 @@ def run_instance(name: str, data: Path, limit: float, extra: list[str]) -> dict:
                points=round(BEST_KNOWN_COST[name] / ev.cost, 6) if ev.feasible and ev.cost else 0.0)
     if rec["xla_cost"] is not None and ev.feasible:
         rec["beats_xla"] = ev.cost < rec["xla_cost"]
+        rec["vs_xla"] = ("lower" if ev.cost < rec["xla_cost"] else
+                         "equal" if ev.cost == rec["xla_cost"] else "higher")
         rec["xla_over_ours"] = round(rec["xla_cost"] / ev.cost, 4)
     return rec
 
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         total += rec["points"]
         print(f"{name}: cost={rec.get('cost')} points={rec['points']:.4f} "
               f"first_feasible={rec['time_to_first_feasible_s']}s used={rec['time_used_s']}s/"
-              f"{limit:g}s status={rec.get('status')} beats_xla={rec.get('beats_xla')}", flush=True)
+              f"{limit:g}s status={rec.get('status')} vs_xla={rec.get('vs_xla')}", flush=True)
     result["load_average_after"] = os.getloadavg()
     result["total_points"] = round(total, 4)
     result["max_points"] = len(args.instances)
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
     result["all_within_time_limit"] = all(r["within_time_limit"] for r in result["instances"])
     xla = [r for r in result["instances"] if r["xla_cost"] is not None]
     result["beats_xla_on"] = {r["instance"]: r.get("beats_xla", False) for r in xla}
+    result["vs_xla"] = {r["instance"]: r.get("vs_xla") for r in xla}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"total points {total:.4f} of {len(args.instances)}; written to {args.out}")
