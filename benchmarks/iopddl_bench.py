@@ -41,11 +41,10 @@ def machine_info() -> dict:
         mem = int(open("/proc/meminfo").read().split()[1]) // 1024
     except (OSError, ValueError, IndexError):
         mem = None
-    import highspy  # noqa: F401
-    import pulp
+    from importlib.metadata import version
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "memory_mib": mem, "python": platform.python_version(), "numpy": np.__version__,
-            "pulp": pulp.__version__, "platform": platform.platform()}
+            "pulp": version("pulp"), "highspy": version("highspy"), "platform": platform.platform()}
 
 
 def run_instance(name: str, data: Path, limit: float, extra: list[str]) -> dict:
