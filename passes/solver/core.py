@@ -156,3 +156,16 @@ class CoreModel:
         slack = self.seg_slack(v, load)
         room = np.maximum(slack, 0) + P[x[v]]
         return (P <= room[None, :]).all(axis=1)
+
+
+def pick_violated_rows(excess: np.ndarray) -> np.ndarray:
+    """Index of the most violated row of every run of consecutive violated rows.
+
+    Load varies gradually over time, so neighbouring rows are nearly the same
+    constraint; adding one per violated stretch keeps lazily grown ILPs small.
+    """
+    idx = np.nonzero(excess > 0)[0]
+    if idx.size == 0:
+        return idx
+    runs = np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1)
+    return np.sort(np.array([r[np.argmax(excess[r])] for r in runs], dtype=np.int64))

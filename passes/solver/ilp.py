@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core import CoreModel
+from .core import CoreModel, pick_violated_rows
 
 BACKENDS = ("highs", "cbc")
 
@@ -52,15 +52,6 @@ def quiet_stdout():
 def ilp_size(cm: CoreModel) -> int:
     """Columns of the full-core ILP (x plus allowed edge pairs)."""
     return int(cm.nS + cm.nnz.sum())
-
-
-def _pick_rows(excess: np.ndarray) -> np.ndarray:
-    """The most violated row of every run of consecutive violated rows."""
-    idx = np.nonzero(excess > 0)[0]
-    if idx.size == 0:
-        return idx
-    runs = np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1)
-    return np.array([r[np.argmax(excess[r])] for r in runs], dtype=np.int64)
 
 
 def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed: int = 0,
@@ -136,7 +127,7 @@ def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed:
             result.bound = float(prob.solverModel.getInfo().mip_dual_bound)
         load = cm.load_of(x)
         excess = load - cm.cap
-        new_rows = [r for r in _pick_rows(excess) if int(r) not in added]
+        new_rows = [r for r in pick_violated_rows(excess) if int(r) not in added]
         if not new_rows:
             if not (excess > 0).any():
                 result.x, result.optimal = x, optimal

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .core import CoreModel
+from .core import CoreModel, pick_violated_rows
 
 _hs = None
 
@@ -203,19 +203,6 @@ class SubILP:
                     c += float(mat[xs[i], full[u]])
         return c
 
-    @staticmethod
-    def _pick_rows(cand: np.ndarray, excess: np.ndarray) -> np.ndarray:
-        """The most violated row of every run of consecutive violated candidate rows.
-
-        Load varies gradually over time, so neighbouring rows are nearly the same
-        constraint; one per violated stretch keeps the model small.
-        """
-        idx = np.nonzero(excess > 0)[0]
-        if idx.size == 0:
-            return cand[:0]
-        runs = np.split(idx, np.nonzero(np.diff(idx) > 1)[0] + 1)
-        return cand[np.sort(np.array([r[np.argmax(excess[r])] for r in runs]))]
-
     def solve(self, time_limit: float, start: np.ndarray | None = None, *, gap: float = 0.0,
               seed: int = 0, threads: int = 1, max_rounds: int = 50) -> SubResult:
         """Solve (lazy memory rows); ``start``: global strategies of the free nodes."""
@@ -271,7 +258,7 @@ class SubILP:
             bound = float(info.mip_dual_bound)
             if cand.size:
                 excess = self.free_load(xs, cand) - self.resid[cand]
-                viol = self._pick_rows(cand, excess)
+                viol = cand[pick_violated_rows(excess)]
             else:
                 viol = cand[:0]
             if viol.size == 0:
