@@ -26,7 +26,8 @@ import meshweave as mw  # noqa: E402
 from meshweave.models import gpt  # noqa: E402
 
 
-def one(layers: int, hidden: int, mesh: tuple[int, int], batch: int, seq: int, time_limit: float) -> dict:
+def one(layers: int, hidden: int, mesh: tuple[int, int], batch: int, seq: int, time_limit: float,
+        reference_limit: float) -> dict:
     cfg = gpt.GPTConfig(vocab=8192, seq_len=seq, d_model=hidden, heads=hidden // 64, layers=layers)
     opt = optax.adam(1e-4)
     state = jax.eval_shape(lambda: gpt.init_state(jax.random.PRNGKey(0), cfg, opt))
@@ -38,7 +39,17 @@ def one(layers: int, hidden: int, mesh: tuple[int, int], batch: int, seq: int, t
     total = time.perf_counter() - t0
     rep = result.report
     solver = rep["solver"]
-    return {
+    reference = {}
+    if reference_limit > 0 and solver["status"] != "optimal":
+        # How good is the time-limited plan? Re-solve the same problem with a longer limit.
+        from meshweave.passes.solver import solve
+
+        ref = solve(result.problem, time_limit=reference_limit)
+        reference = {"reference_time_limit_s": reference_limit, "reference_status": ref.status,
+                     "reference_cost": int(ref.cost), "cost": solver["problem_cost"],
+                     "cost_ratio_vs_reference": round(solver["problem_cost"] / max(int(ref.cost), 1), 6),
+                     "reference_lower_bound": ref.stats.get("lower_bound")}
+    return {**reference,
         "layers": layers, "hidden": hidden, "mesh": list(mesh), "batch": batch, "seq_len": seq,
         "params_millions": round(sum(x.size for x in jax.tree.leaves(state["params"])) / 1e6, 1),
         "graph": rep["graph"], "ilp_nodes": solver["nodes"], "ilp_edges": solver["edges"],
@@ -56,18 +67,21 @@ def main(argv=None) -> int:
     p.add_argument("--meshes", default="2x4,4x8")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--time-limit", type=float, default=60.0)
+    p.add_argument("--time-limit", type=float, default=10.0, help="solver limit per plan (the target: 10 s)")
+    p.add_argument("--reference-time-limit", type=float, default=60.0,
+                   help="re-solve non-optimal plans this long to measure their quality (0: skip)")
     p.add_argument("--out", default="benchmarks/results/ilp_scaling.json")
     args = p.parse_args(argv)
     rows = []
     for mesh in [tuple(int(x) for x in m.split("x")) for m in args.meshes.split(",")]:
         for hidden in [int(h) for h in args.hidden.split(",")]:
             for layers in [int(n) for n in args.layers.split(",")]:
-                row = one(layers, hidden, mesh, args.batch, args.seq, args.time_limit)
+                row = one(layers, hidden, mesh, args.batch, args.seq, args.time_limit, args.reference_time_limit)
                 rows.append(row)
-                print(json.dumps({k: row[k] for k in ("layers", "hidden", "mesh", "ilp_nodes", "ilp_edges",
-                                                      "strategy_choices", "build_time_s", "solve_time_s",
-                                                      "status", "plan_total_time_s")}), flush=True)
+                print(json.dumps({k: row.get(k) for k in ("layers", "hidden", "mesh", "ilp_nodes", "ilp_edges",
+                                                          "strategy_choices", "build_time_s", "solve_time_s",
+                                                          "status", "cost_ratio_vs_reference", "plan_total_time_s")}),
+                      flush=True)
     target = [r for r in rows if r["layers"] == 24]
     out = {
         "command": " ".join([sys.executable.split("/")[-1], "benchmarks/ilp_scaling.py"] + (argv or sys.argv[1:])),

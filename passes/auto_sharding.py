@@ -261,7 +261,7 @@ class AutoSharding(Pass):
         info = {"nodes": problem.num_nodes, "edges": problem.num_edges,
                 "variables_hint": int(sum(len(c) for c in problem.node_costs)),
                 "method": sol.method, "status": sol.status, "solve_time": sol.solve_time,
-                "build_time": t_build, "objective": objective}
+                "build_time": t_build, "objective": objective, "problem_cost": int(sol.cost)}
         report = {
             "objective": objective,
             "predicted_collectives": summarize_predicted(colls, mesh),

@@ -5,21 +5,39 @@ Public API (DESIGN.md, "Public API contract"):
     ShardParallel, DataParallel, Zero2Parallel, Zero3Parallel, AutoShardingOption
     plan, ClusterSpec (plan for a cluster that is not here)
     grad, value_and_grad, mark_pipeline_boundary
+
+Names load on first use (PEP 562), so tools that need no jax — `meshweave-solve`, the solver
+library — start without importing it.
 """
-from meshweave.api import ParallelizedFunc, ParallelizeError, parallelize
-from meshweave.executable import Executable
-from meshweave.markers import grad, mark_pipeline_boundary, value_and_grad
-from meshweave.methods import (AutoShardingOption, DataParallel, MethodError, ParallelMethod, ShardParallel,
-                               Zero2Parallel, Zero3Parallel)
-from meshweave.planning import ClusterSpec, PlanResult, plan
-from meshweave.plan import Plan
-from meshweave.plugin.lowering import ArgumentError
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "parallelize", "ParallelizedFunc", "ParallelizeError", "Executable", "Plan",
-    "ShardParallel", "DataParallel", "Zero2Parallel", "Zero3Parallel", "AutoShardingOption", "ParallelMethod",
-    "MethodError", "ArgumentError", "plan", "ClusterSpec", "PlanResult",
-    "grad", "value_and_grad", "mark_pipeline_boundary",
-]
+_EXPORTS = {
+    "parallelize": "meshweave.api", "ParallelizedFunc": "meshweave.api", "ParallelizeError": "meshweave.api",
+    "Executable": "meshweave.executable", "Plan": "meshweave.plan",
+    "grad": "meshweave.markers", "value_and_grad": "meshweave.markers",
+    "mark_pipeline_boundary": "meshweave.markers",
+    "AutoShardingOption": "meshweave.methods", "DataParallel": "meshweave.methods",
+    "MethodError": "meshweave.methods", "ParallelMethod": "meshweave.methods",
+    "ShardParallel": "meshweave.methods", "Zero2Parallel": "meshweave.methods", "Zero3Parallel": "meshweave.methods",
+    "ClusterSpec": "meshweave.planning", "PlanResult": "meshweave.planning", "plan": "meshweave.planning",
+    "ArgumentError": "meshweave.plugin.lowering",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'meshweave' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

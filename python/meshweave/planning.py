@@ -63,6 +63,7 @@ class PlanResult:
     report: dict = field(default_factory=dict)     # the auto-sharding pass report (solver, graph, explain)
     arg_shardings: list = field(default_factory=list)
     ir_text: str = ""
+    problem: object = None           # the auto-sharding ShardingProblem (re-solve it, or write it as IOPDDL)
 
     def explain(self) -> str:
         return (f"mesh {self.mesh}\npipeline {self.pipeline}\npredicted step time {self.predicted_step_time:.6g} s "
@@ -106,4 +107,5 @@ def plan(fun, *args, method=None, cluster: ClusterSpec | None = None, static_arg
     from meshweave.passes.pipeline import module_text
 
     return PlanResult(spec, pipeline.spec(), objective, objective + compute, compute, report,
-                      [s.short() if s else None for s in arg_shardings(module)], module_text(module))
+                      [s.short() if s else None for s in arg_shardings(module)], module_text(module),
+                      state.options.get("auto_sharding_problem"))
