@@ -145,3 +145,13 @@ def test_smaller_mesh_uses_first_devices(mlp_case):
     f = mw.parallelize(step, method=mw.DataParallel(mesh_shape=(4,)))
     assert_trees_close(f(state, batch), ref, rtol=2e-5, atol=2e-6)
     assert f.last_executable.plan.stages[0].device_ids == [0, 1, 2, 3]
+
+
+def test_init_local_and_ray_not_available():
+    mw.init()
+    mw.init(cluster="local")
+    with pytest.raises(mw.ClusterError, match="not implemented yet"):
+        mw.init(cluster="ray")
+    with pytest.raises(ValueError, match="expected 'local' or 'ray'"):
+        mw.init(cluster="slurm")
+    mw.shutdown()

@@ -5,6 +5,7 @@ Public API (DESIGN.md, "Public API contract"):
     ShardParallel, DataParallel, Zero2Parallel, Zero3Parallel, AutoShardingOption
     plan, ClusterSpec (plan for a cluster that is not here)
     grad, value_and_grad, mark_pipeline_boundary
+    init, shutdown (cluster="local"; "ray" is not available yet)
 
 Names load on first use (PEP 562), so tools that need no jax — `meshweave-solve`, the solver
 library — start without importing it.
@@ -25,6 +26,7 @@ _EXPORTS = {
     "ShardParallel": "meshweave.methods", "Zero2Parallel": "meshweave.methods", "Zero3Parallel": "meshweave.methods",
     "ClusterSpec": "meshweave.planning", "PlanResult": "meshweave.planning", "plan": "meshweave.planning",
     "ArgumentError": "meshweave.plugin.lowering",
+    "init": "meshweave.cluster", "shutdown": "meshweave.cluster", "ClusterError": "meshweave.cluster",
 }
 
 __all__ = sorted(_EXPORTS)
