@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "parallelize": "meshweave.api", "ParallelizedFunc": "meshweave.api", "ParallelizeError": "meshweave.api",
-    "Executable": "meshweave.executable", "Plan": "meshweave.plan",
+    "Executable": "meshweave.executable", "Plan": "meshweave.parallel_plan",
     "grad": "meshweave.markers", "value_and_grad": "meshweave.markers",
     "mark_pipeline_boundary": "meshweave.markers",
     "AutoShardingOption": "meshweave.methods", "DataParallel": "meshweave.methods",

@@ -10,7 +10,7 @@ import jax
 from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.pipeline import Pipeline, PipelineState
 from meshweave.passes.registry import PassError
-from meshweave.plan import Plan, StagePlan, TensorPlacement
+from meshweave.parallel_plan import Plan, StagePlan, TensorPlacement
 from meshweave import fidelity
 from meshweave.plugin import hlo_stats
 from meshweave.plugin.compile import arg_shardings, compile_single_mesh, result_shardings
