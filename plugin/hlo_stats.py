@@ -25,6 +25,7 @@ class Collective:
     name: str
     bytes: int          # per device, of the result
     group_size: int | None
+    source: str | None = None   # XLA metadata op_name: the jax op (name stack) it came from
 
 
 def _array_bytes(shape: str) -> list[int]:
@@ -52,7 +53,9 @@ def collectives(hlo_text: str) -> list[Collective]:
         sizes = _array_bytes(m.group("shape"))
         if m.group("start") and m.group("shape").startswith("(") and m.group("op") != "all-reduce":
             sizes = sizes[len(sizes) // 2:]   # async start returns (operands, results)
-        out.append(Collective(m.group("op"), m.group("name"), sum(sizes), _group_size(m.group("rest"))))
+        src = re.search(r'op_name="([^"]*)"', m.group("rest"))
+        out.append(Collective(m.group("op"), m.group("name"), sum(sizes), _group_size(m.group("rest")),
+                              src.group(1) if src else None))
     return out
 
 

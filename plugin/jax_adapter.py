@@ -50,4 +50,4 @@ def replace_lowered_module(lowered: jax.stages.Lowered, module: ir.Module, in_sh
 
 def lowered_module_text(lowered: jax.stages.Lowered) -> str:
     """StableHLO text of a lowering without touching jit's cached module object."""
-    return lowered.as_text()
+    return lowered.as_text(debug_info=True)   # keep locations: XLA metadata then names the source op

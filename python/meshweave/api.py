@@ -186,7 +186,7 @@ def build_plan(method, pipeline, spec, mesh, step, module, compiled, state) -> P
         rows = fidelity.compare(auto["predicted_collectives"], stage.collectives, shardy)
         auto["fidelity"] = rows
         auto["explain"] = auto.get("explain", "") + "\nplan fidelity (predicted vs compiled collectives):\n" + \
-            fidelity.report(rows)
+            fidelity.report(rows, hlo_stats.collectives(text))
         stage.fidelity = rows
     return Plan(method=method.describe(), pass_pipeline=pipeline.spec(), logical_mesh=logical, stages=[stage],
                 num_micro_batches=getattr(method, "num_micro_batches", None) or 1,

@@ -31,7 +31,7 @@ def compare(predicted: dict, compiled: dict, shardy: dict | None = None) -> list
     return rows
 
 
-def report(rows: list[dict]) -> str:
+def report(rows: list[dict], compiled=None, top: int = 6) -> str:
     if not rows:
         return "no collectives predicted or compiled"
     lines = [f"  {'kind':15s} {'predicted (ILP)':>22s} {'Shardy partitioner':>22s} {'compiled (XLA)':>22s}  status"]
@@ -43,4 +43,13 @@ def report(rows: list[dict]) -> str:
     lines.append("  mismatches (ILP vs XLA): " + (", ".join(bad) if bad else "none"))
     model = [r["kind"] for r in rows if (r["predicted_count"], r["predicted_bytes"]) != (r["shardy_count"], r["shardy_bytes"])]
     lines.append("  ILP vs Shardy's explicit collectives: " + ("identical" if not model else "differ in " + ", ".join(model)))
+    for kind in bad:
+        biggest = sorted((c for c in compiled or () if c.kind == kind), key=lambda c: -c.bytes)[:top]
+        if biggest:
+            lines.append(f"  largest compiled {kind}s (bytes, source op):")
+            lines += [f"    {c.bytes:12d} B  {_short(c.source or c.name)}" for c in biggest]
     return "\n".join(lines)
+
+
+def _short(text: str, width: int = 110) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
