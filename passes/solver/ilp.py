@@ -1,11 +1,17 @@
-"""Exact ILP of the (reduced) problem through PuLP, with HiGHS or CBC.
+"""Exact ILP of the (reduced) problem, with HiGHS (highspy) or CBC (through PuLP).
 
 This is the path for problems whose core is small -- most of what the
 compiler builds -- and the reference the heuristics are tested against. The
-formulation is the same local-polytope model as ``subilp.py`` (binary x per
-node strategy, continuous y per allowed edge pair tied to x by marginal
-constraints); memory rows are added lazily, one per stretch of violated rows,
-until the solution meets every row.
+formulation is the local-polytope model (binary x per node strategy,
+continuous y per allowed edge pair tied to x by marginal constraints); memory
+rows are added lazily, one per stretch of violated rows, until the solution
+meets every row.
+
+HiGHS gets the model of ``subilp.py`` for the whole core, built with numpy and
+passed in one call: compact edges (40% fewer columns on compiler problems),
+a scaled objective, a start solution, and better solutions from a concurrent
+search fed in while it runs. That made the 2-layer GPT problem 3-4x faster
+than the same model through PuLP. CBC keeps the PuLP model.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from .core import CoreModel, pick_violated_rows
+from .subilp import SubILP, split_edge
 
 BACKENDS = ("highs", "cbc")
 
@@ -54,12 +62,40 @@ def ilp_size(cm: CoreModel) -> int:
     return int(cm.nS + cm.nnz.sum())
 
 
-def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed: int = 0,
-              threads: int = 1) -> ILPResult:
-    import pulp
+def compact_ilp_size(cm: CoreModel) -> int:
+    """Columns of the full-core ILP with compact edges (what HiGHS is given)."""
+    return int(cm.nS + sum(len(split_edge(mat)[2]) for mat in cm.mats))
 
+
+def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed: int = 0,
+              threads: int = 1, start: np.ndarray | None = None, feed=None, h=None) -> ILPResult:
+    """Solve the core's ILP within ``time_limit`` s. HiGHS only: ``start`` (a feasible
+    assignment), ``feed`` and ``h`` as in ``SubILP.solve``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "highs":
+        return _solve_highs(cm, time_limit, seed, threads, start, feed, h)
+    with warnings.catch_warnings():     # PuLP 3.x deprecation notices, once per variable
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return _solve_pulp(cm, time_limit, backend, seed, threads)
+
+
+def _solve_highs(cm: CoreModel, time_limit: float, seed: int, threads: int, start, feed, h) -> ILPResult:
+    sub = SubILP(cm, np.arange(cm.m), np.zeros(cm.m, dtype=np.int64), None)
+    res = sub.solve(time_limit, start=start, seed=seed, threads=threads, max_rounds=1 << 30,
+                    h=h, feed=feed)
+    if res.x is not None:
+        status = "optimal" if res.optimal else "feasible"
+    else:
+        status = "infeasible" if res.optimal else "timeout"
+    return ILPResult(res.x, res.optimal and res.x is not None, status, res.rounds, res.cols, res.rows,
+                     res.bound)
+
+
+def _solve_pulp(cm: CoreModel, time_limit: float, backend: str, seed: int, threads: int) -> ILPResult:
+    import pulp
+
     t_end = time.monotonic() + time_limit
     prob = pulp.LpProblem("sharding", pulp.LpMinimize)
     xs = []
@@ -113,7 +149,7 @@ def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed:
             solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(left)), gapRel=0.0,
                                        gapAbs=0.5, threads=threads,
                                        options=[f"randomSeed {int(seed) + 1}"])
-        with quiet_stdout():
+        with quiet_stdout() if backend == "highs" else contextlib.nullcontext():
             prob.solve(solver)
         if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             if prob.status == pulp.LpStatusInfeasible:

@@ -149,8 +149,9 @@ class _Run:
             if np.isfinite(cg):
                 report("greedy", cg, xg)
                 cands.append((cg, xg, time.monotonic() - self.t0, "greedy", False))
+        start = cands[-1][1] if cands and self.backend == "highs" else None
         res = solve_ilp(cm, max(0.0, self.deadline - self.margin() - time.monotonic()), self.backend,
-                        seed=self.seed)
+                        seed=self.seed, start=start)
         name = f"ilp-{self.backend}"
         self.stats[key + "ilp"] = dict(status=res.status, rounds=res.rounds,
                                        variables=res.num_variables, constraints=res.num_constraints)
