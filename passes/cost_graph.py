@@ -376,15 +376,13 @@ class CostGraph:
         block arguments and the while's results share the init values' groups); what the body pays
         is paid trip-count times; the body must hand back each carry in its layout."""
         body = op.regions[1].blocks[0]
-        carried = []
-        for arg, v, tid in zip(body.arguments, op.operands, operand_tids):
-            if tid is None or self.tensors[tid].group < 0:
-                carried.append(self._new_tensor(arg, f"{label}.carry", -1, None, step))
-            else:
-                t = self.tensors[tid]
-                carried.append(self._new_tensor(arg, f"{label}.carry", t.group, list(t.shardings), step))
-                self.tensors[carried[-1]].batch_dim = t.batch_dim
+        carried = [self._alias_tensor(arg, f"{label}.carry", tid, step)
+                   for arg, tid in zip(body.arguments, operand_tids)]
         trip = trip_count(op)
+        if trip is None:
+            trip = 1
+            self.warn(f"auto-sharding: the trip count of stablehlo.while ({label}) is not a constant; "
+                      "its body is costed as running once")
         outer_scale, self.scale = self.scale, self.scale * trip
         try:
             for k, inner in enumerate(body.operations):
@@ -407,23 +405,24 @@ class CostGraph:
                 self._add_op(inner, step, sub=k)
         finally:
             self.scale = outer_scale
-        res = []
-        for r, (v, ct) in enumerate(zip(op.results, carried)):
-            c = self.tensors[ct]
-            res.append(self._new_tensor(v, f"{label}.{r}", c.group, list(c.shardings) if c.shardings else None, step))
-            self.tensors[res[-1]].batch_dim = c.batch_dim
+        res = [self._alias_tensor(v, f"{label}.{r}", ct, step)
+               for r, (v, ct) in enumerate(zip(op.results, carried))]
         self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids), loop=True))
         self.loops.append((label, trip))
 
+    def _alias_tensor(self, value, name, src_tid, step) -> int:
+        """A tensor for ``value`` that keeps the layout (group, shardings, batch dim) of tensor
+        ``src_tid``; a free one when that has no group."""
+        if src_tid is None or self.tensors[src_tid].group < 0:
+            return self._new_tensor(value, name, -1, None, step)
+        t = self.tensors[src_tid]
+        tid = self._new_tensor(value, name, t.group, list(t.shardings), step)
+        self.tensors[tid].batch_dim = t.batch_dim
+        return tid
+
     def _add_pass_through(self, op, step, operand_tids, label):
-        res = []
-        for r, (v, tid) in enumerate(zip(op.results, operand_tids)):
-            if tid is None or self.tensors[tid].group < 0:
-                res.append(self._new_tensor(v, f"{label}.{r}", -1, None, step))
-            else:
-                t = self.tensors[tid]
-                res.append(self._new_tensor(v, f"{label}.{r}", t.group, list(t.shardings), step))
-                self.tensors[res[-1]].batch_dim = t.batch_dim
+        res = [self._alias_tensor(v, f"{label}.{r}", tid, step)
+               for r, (v, tid) in enumerate(zip(op.results, operand_tids))]
         self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids)))
 
     def _add_replicated(self, op, step, operand_tids, label):
@@ -510,9 +509,24 @@ def _constant_int(v) -> int | None:
         return None
 
 
-def trip_count(while_op, default: int = 1) -> int:
-    """Iterations of a counted loop (`i < N` against a constant, i starting from a constant);
-    `default` when the condition is not of that form."""
+def _loop_step(while_op, index: int) -> int | None:
+    """The constant the body adds to carried value ``index`` each iteration, if it does."""
+    body = while_op.regions[1].blocks[0]
+    ret = list(body.operations)[-1]
+    owner = ret.operands[index].owner
+    if isinstance(owner, ir.Block) or owner.name != "stablehlo.add":
+        return None
+    a, b = owner.operands
+    for arg, const in ((a, b), (b, a)):
+        if isinstance(arg.owner, ir.Block) and arg.arg_number == index:
+            return _constant_int(const)
+    return None
+
+
+def trip_count(while_op) -> int | None:
+    """Iterations of a counted loop -- ``i < N`` (or ``<=``, ``!=``) against a constant, ``i``
+    starting from a constant and growing by a constant step, as jax's scan and fori_loop
+    emit -- or None when the loop is not of that form."""
     for op in while_op.regions[0].blocks[0].operations:
         if op.operation.name != "stablehlo.compare" or len(op.operands) != 2:
             continue
@@ -520,9 +534,17 @@ def trip_count(while_op, default: int = 1) -> int:
         bound = _constant_int(rhs)
         if bound is None or not isinstance(lhs.owner, ir.Block):
             continue
+        direction = str(op.attributes["comparison_direction"])
+        kind = next((d for d in ("LT", "LE", "NE") if f" {d}>" in direction or direction.endswith(d)), None)
         start = _constant_int(while_op.operands[lhs.arg_number])
-        return max(bound - (start or 0), 1)
-    return default
+        step = _loop_step(while_op, lhs.arg_number)
+        if kind is None or start is None or step is None or step <= 0:
+            return None
+        span = bound - start + (1 if kind == "LE" else 0)
+        if kind == "NE" and span % step:
+            return None
+        return max(-(-span // step), 0)
+    return None
 
 
 def parameter_args(func) -> set[int]:

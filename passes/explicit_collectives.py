@@ -11,8 +11,11 @@ import numpy as np
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import sdy
 from jaxlib.mlir.dialects import stablehlo as hlo
+from jaxlib.mlir.passmanager import PassManager
 
+from meshweave.dialects.context import parse_module
 from meshweave.dialects.sharding import MeshSpec, TensorSharding
+from meshweave.passes.cost_graph import tensor_bytes
 
 _channels = itertools.count(1000)
 
@@ -70,20 +73,12 @@ def shardy_collectives(module_text: str, mesh: MeshSpec) -> dict:
     """{kind: {count, bytes}}: the collectives Shardy's own partitioner inserts for a planned
     module (propagation + explicit collectives on a private copy). The auto-sharding ILP prices
     exactly these; comparing them with the compiled HLO separates model error from XLA's choices."""
-    import math
-
-    from jaxlib.mlir.passmanager import PassManager
-
-    from meshweave.dialects.context import parse_module
-
     m = parse_module(module_text)
     PassManager.parse("builtin.module(sdy-propagation-pipeline)", context=m.context).run(m.operation)
     PassManager.parse("builtin.module(sdy-export-pipeline{enable-insert-explicit-collectives=true})",
                       context=m.context).run(m.operation)
     kinds = {"sdy.all_reduce": "all-reduce", "sdy.all_gather": "all-gather", "sdy.all_to_all": "all-to-all",
              "sdy.reduce_scatter": "reduce-scatter", "sdy.collective_permute": "collective-permute"}
-    from meshweave.passes.cost_graph import tensor_bytes
-
     out: dict = {}
 
     def visit(op):

@@ -70,3 +70,28 @@ def test_induced_assignment_follows_operand():
     rule2 = sr.Rule((8, 1, 16), (((0,), (1, 2)),), (((0,), (1,), (2,)),))
     a2 = sr.induced_assignment(rule2, 0, T(((), ("y",))), MESH)
     assert sr.tensor_sharding(rule2.results[0], a2, MESH) == T(((), (), ("y",)))
+
+
+def test_trip_count_of_counted_and_data_dependent_loops():
+    import jax
+    import jax.numpy as jnp
+    from jaxlib.mlir import ir
+
+    from meshweave.dialects.context import parse_module
+    from meshweave.passes.cost_graph import trip_count
+
+    def f(x):
+        y = jax.lax.scan(lambda h, w: (h * w, None), x, jnp.ones((5, 3)))[0]
+        z = jax.lax.fori_loop(2, 9, lambda i, h: h + i, y)
+        return jax.lax.while_loop(lambda h: h.sum() < 100, lambda h: h * 2, z)
+
+    module = parse_module(jax.jit(f).lower(jnp.ones(3)).as_text())
+    trips = []
+
+    def visit(op):
+        if op.name == "stablehlo.while":
+            trips.append(trip_count(op))
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(visit)
+    assert trips == [5, 7, None]        # scan, fori_loop(2, 9), data-dependent

@@ -12,14 +12,13 @@ meshweave's optional labels travel in extra keys (``nodes.names``,
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 from itertools import chain
 
 import numpy as np
 
-from .problem import INT64_MAX, ShardingProblem
+from .problem import INT64_MAX, ShardingProblem, check_int
 
 
 def _flat_ints(lists, field: str, lengths: np.ndarray) -> np.ndarray:
@@ -40,12 +39,7 @@ def _flat_ints(lists, field: str, lengths: np.ndarray) -> np.ndarray:
             return arr
     for i, row in enumerate(lists):  # slow path, only to name the bad entry
         for j, v in enumerate(row):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{field}[{i}][{j}]: expected an integer, got {v!r}")
-            if v < 0:
-                raise ValueError(f"{field}[{i}][{j}]: negative value {v}")
-            if v > INT64_MAX:
-                raise ValueError(f"{field}[{i}][{j}]: value {v} overflows int64")
+            check_int(v, f"{field}[{i}][{j}]")
     raise ValueError(f"{field}: could not read as integers")
 
 
@@ -134,12 +128,7 @@ def problem_from_json_dict(d: dict) -> ShardingProblem:
 
     limit = p.get("usage_limit")
     if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise ValueError(f"problem.usage_limit: expected an integer, got {limit!r}")
-        if limit < 0:
-            raise ValueError(f"problem.usage_limit: negative value {limit}")
-        if limit > INT64_MAX:
-            raise ValueError(f"problem.usage_limit: value {limit} overflows int64")
+        limit = check_int(limit, "problem.usage_limit")
 
     off = np.cumsum(ks)[:-1]
     node_costs = np.split(flat_c, off)
@@ -224,9 +213,3 @@ def write_iopddl(problem: ShardingProblem, path) -> None:
         json.dump(d, f, separators=(",", ":"))
         f.write("\n")
 
-
-def dumps_iopddl(problem: ShardingProblem) -> str:
-    """The contest JSON text of ``problem`` (for embedding in dumps)."""
-    buf = io.StringIO()
-    json.dump(problem_to_json_dict(problem), buf, separators=(",", ":"))
-    return buf.getvalue()

@@ -18,6 +18,17 @@ INF_COST = 10**18
 INT64_MAX = 2**63 - 1
 
 
+def check_int(value, field_name: str) -> int:
+    """``value`` as a non-negative int that fits int64, or ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{field_name}: expected an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{field_name}: negative value {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{field_name}: value {value} overflows int64")
+    return int(value)
+
+
 def _check_int_array(arr, field_name: str, *, ndim: int | None = None) -> np.ndarray:
     """Return ``arr`` as int64, or raise ValueError naming the field."""
     a = np.asarray(arr)
@@ -148,14 +159,7 @@ class ShardingProblem:
                     f"edge_costs[{e}]: shape {self.edge_costs[e].shape}, expected "
                     f"({want_a[e]}, {want_b[e]}) for nodes {a} (k={want_a[e]}) and {b} (k={want_b[e]})")
         if self.usage_limit is not None:
-            lim = self.usage_limit
-            if isinstance(lim, bool) or not isinstance(lim, (int, np.integer)):
-                raise ValueError(f"usage_limit: expected an integer, got {lim!r}")
-            if lim < 0:
-                raise ValueError(f"usage_limit: negative value {lim}")
-            if lim > INT64_MAX:
-                raise ValueError(f"usage_limit: value {lim} overflows int64")
-            self.usage_limit = int(lim)
+            self.usage_limit = check_int(self.usage_limit, "usage_limit")
         if self.node_names is not None and len(self.node_names) != n:
             raise ValueError(f"node_names: {len(self.node_names)} names for {n} nodes")
         if self.strategy_names is not None:
@@ -174,16 +178,6 @@ class ShardingProblem:
         assignment can reach.
         """
         return np.array([int(np.argmin(u)) for u in self.node_usages], dtype=np.int64)
-
-    # Serialization (the IOPDDL contest form); see iopddl.py for files.
-    def to_json_dict(self) -> dict:
-        from .iopddl import problem_to_json_dict
-        return problem_to_json_dict(self)
-
-    @classmethod
-    def from_json_dict(cls, d: dict) -> "ShardingProblem":
-        from .iopddl import problem_from_json_dict
-        return problem_from_json_dict(d)
 
 
 @dataclass

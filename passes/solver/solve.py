@@ -5,7 +5,7 @@
    (reported with that smallest peak). Otherwise it is also the fallback answer.
 2. Exact reductions (``reduce.py``) shrink the problem to its core, treating
    forbidden (INF_COST) entries as impossible.
-3. Small core: exact ILP (PuLP + HiGHS or CBC) -- deterministic, proven optimal
+3. Small core: exact ILP (HiGHS through highspy, or CBC through PuLP) -- proven optimal
    when it finishes; on a multi-core machine a heuristic search runs beside it
    as insurance and is stopped once the ILP proves optimality.
    Large core: the anytime heuristic search (``heuristic.py``), one per core.

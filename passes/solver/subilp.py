@@ -138,7 +138,6 @@ class SubILP:
                 elif row:
                     internal.append(e)
             cost[self.xoff[i]:self.xoff[i + 1]] = c[cands[i]]
-        self.x_cost = cost
         xub = np.where(np.isfinite(cost), 1.0, 0.0)        # forbidden strategies: fixed to 0
         cost = np.where(np.isfinite(cost), cost, 0.0)
         rows_i = [np.repeat(np.arange(len(F)), kk)]       # one-hot rows
@@ -148,9 +147,7 @@ class SubILP:
         nrow = len(F)
         ycost = []
         ncol = nx
-        self.internal = internal
         self.ycol = []
-        self.compact_edges = 0
         for e in internal:
             a, b = int(pos[core.ea[e]]), int(pos[core.eb[e]])
             mat = core.mats[e][np.ix_(cands[a], cands[b])]
@@ -160,7 +157,6 @@ class SubILP:
                 sa, sb = np.nonzero(np.isfinite(mat))
                 w, is_compact = mat[sa, sb], False
             if is_compact:
-                self.compact_edges += 1
                 cost[self.xoff[a]:self.xoff[a + 1]] += r
                 cost[self.xoff[b]:self.xoff[b + 1]] += c
                 ia, ib = np.unique(sa), np.unique(sb)      # rows without pairs would be 0 <= x
@@ -272,24 +268,15 @@ class SubILP:
         return c
 
     def solve(self, time_limit: float, start: np.ndarray | None = None, *, gap: float = 0.0,
-              seed: int = 0, threads: int = 1, max_rounds: int = 50, h=None, feed=None) -> SubResult:
-        """Solve (lazy memory rows); ``start``: global strategies of the free nodes.
-
-        ``h``: a fresh ``highs()`` made by the caller -- a solve run in a worker thread must
-        not create it there (creating one briefly points fd 1 at /dev/null). ``feed()``:
-        polled by HiGHS from time to time; returns better global strategies (feasible for
-        every memory row) found elsewhere meanwhile, or None.
-        """
+              seed: int = 0, threads: int = 1, max_rounds: int = 50) -> SubResult:
+        """Solve (lazy memory rows); ``start``: global strategies of the free nodes."""
         t_end = time.monotonic() + time_limit
-        if h is None:
-            h = highs()
+        h = highs()
         h.setOptionValue("mip_rel_gap", gap)
         h.setOptionValue("mip_abs_gap", 0.5 * self.scale)   # costs are integers
         h.setOptionValue("random_seed", int(seed))
         h.setOptionValue("threads", int(threads))
         local_start = self._local(start)
-        if feed is not None:
-            h.cbMipUserSolution += lambda event: self._inject(event, feed)
         cand = self.cand_rows
         if local_start is not None and cand.size > 50:
             slack = self.resid[cand] - self.free_load(start, cand)
@@ -370,9 +357,3 @@ class SubILP:
 
     def _set_start(self, h, xl: np.ndarray) -> None:
         h.setSolution(self.ncol, np.arange(self.ncol, dtype=np.int32), self._columns(xl))
-
-    def _inject(self, event, feed) -> None:
-        xl = self._local(feed())
-        if xl is not None:
-            event.data_in.user_has_solution = True
-            event.data_in.setSolution(self._columns(xl))

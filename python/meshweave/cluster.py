@@ -1,12 +1,11 @@
 """`init` / `shutdown`: choose where parallelized steps run.
 
-"local" (the default) runs every mesh in this process on its local devices. "ray" — meshes
-as Ray actors across hosts — is part of the pipeline runtime and not available yet: asking for
-it fails with a clear error instead of silently running locally.
+"local" (the default) runs every mesh in this process on its local devices; it needs no
+setup, so `init("local")` only checks the request and `shutdown()` has nothing to release.
+"ray" — meshes as Ray actors across hosts — is part of the pipeline runtime and not available
+yet: asking for it fails with a clear error instead of silently running locally.
 """
 from __future__ import annotations
-
-_STATE = {"cluster": None}
 
 
 class ClusterError(RuntimeError):
@@ -14,7 +13,7 @@ class ClusterError(RuntimeError):
 
 
 def init(cluster: str = "local", address: str | None = None) -> None:
-    """Select the execution backend; idempotent for the same cluster."""
+    """Select the execution backend; idempotent."""
     if cluster not in ("local", "ray"):
         raise ValueError(f"init(cluster={cluster!r}): expected 'local' or 'ray'")
     if cluster == "ray":
@@ -23,12 +22,7 @@ def init(cluster: str = "local", address: str | None = None) -> None:
                            "cluster=mw.ClusterSpec(...)) to plan for a cluster that is not here")
     if address is not None:
         raise ValueError("init(cluster='local') takes no address")
-    _STATE["cluster"] = cluster
 
 
 def shutdown() -> None:
-    _STATE["cluster"] = None
-
-
-def current() -> str:
-    return _STATE["cluster"] or "local"
+    """Release what `init` set up (nothing, for "local")."""

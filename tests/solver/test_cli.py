@@ -45,6 +45,9 @@ def test_infeasible_limit_prints_empty_list(tmp_path):
     lines = p.stdout.strip().splitlines()
     assert lines[-1] == "[]"
     assert "cannot be met" in p.stdout and "50" in lines[-2]
+    q, _ = run(f, 10, "--quiet")
+    assert q.returncode == 1 and q.stdout == "[]\n"
+    assert "cannot be met" in q.stderr and "50" in q.stderr
 
 
 def test_bad_files_get_clear_errors(tmp_path):

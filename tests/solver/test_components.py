@@ -155,11 +155,13 @@ def test_compact_edges_give_the_same_optimum_and_fewer_columns():
         _, cm = core_of(p)
         if cm.m == 0:
             continue
-        objs = []
+        objs, cols = [], []
         for compact_edges in (True, False):
             sub = SubILP(cm, np.arange(cm.m), np.zeros(cm.m, dtype=np.int64), None,
                          compact=compact_edges)
             res = sub.solve(20.0)
             assert res.optimal and res.x is not None
             objs.append(cm.cost_of(res.x))
+            cols.append(sub.ncol)
         assert abs(objs[0] - objs[1]) < 1e-6
+        assert cols[0] < cols[1]

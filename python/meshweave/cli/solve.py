@@ -90,9 +90,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"meshweave-solve: error: {args.problem}: {e}", file=sys.stderr, flush=True)
         return 2
     if sol.assignment is None:
-        mp = sol.stats.get("min_peak_usage")
-        say(f"# usage limit {problem.usage_limit} cannot be met: the smallest peak usage "
-            f"reachable is {mp}")
+        msg = (f"usage limit {problem.usage_limit} cannot be met: the smallest peak usage "
+               f"reachable is {sol.stats.get('min_peak_usage')}")
+        say("# " + msg)
+        if args.quiet:      # the reason still reaches the user, without touching stdout
+            print(f"meshweave-solve: {msg}", file=sys.stderr, flush=True)
         print("[]", flush=True)
         return 1
     first = sol.time_to_first_feasible
