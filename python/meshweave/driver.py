@@ -7,7 +7,7 @@ import contextlib
 from dataclasses import dataclass
 
 from meshweave.dumping import dump_dir_from_env, write_dump
-from meshweave.markers import accumulate_gradients
+from meshweave.markers import AccumulationError, accumulate_gradients
 from meshweave.passes.pipeline import Pipeline, PipelineState, module_text
 from meshweave.passes.registry import PassError
 from meshweave.plugin.arguments import BoundCall
@@ -33,8 +33,11 @@ class PlannedStep:
 def plan_step(fun, call: BoundCall, method, spec, mesh, *, record_ir: bool = True) -> PlannedStep:
     """Trace `fun` for `call` (accumulating gradients when the method asks) and run the passes."""
     check_batch_divides(method, call, spec)
-    with _accumulation(method, call, spec) as acc:
-        traced = trace(fun, call, mesh=mesh)
+    try:
+        with _accumulation(method, call, spec) as acc:
+            traced = trace(fun, call, mesh=mesh)
+    except AccumulationError as e:
+        raise ParallelizeError(f"gradient accumulation in {call.spec.fun_name}: {e}") from None
     if acc is not None and acc["used"] == 0:
         raise ParallelizeError(
             f"num_micro_batches={acc['k']} needs the step to compute gradients with meshweave.grad or "
