@@ -133,8 +133,5 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
 
 
 def _auto_report(state) -> dict:
-    results = getattr(state, "results", None)
-    if results and "auto-sharding" in results:
-        r = results["auto-sharding"]
-        return {"objective": getattr(r, "objective", 0.0)}
-    return state.reports.get("auto-sharding", {})
+    r = state.results.get("auto-sharding")
+    return {"objective": r.objective if r is not None else 0.0}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshweave.runtime.program import Program, TensorSig, key_for
+from meshweave.runtime.program import TensorSig, key_for
 
 
 class PipelineRuntimeError(RuntimeError):
@@ -33,9 +33,13 @@ def _add(a, b):
 class LocalProgramExecutor:
     """Runs a Program's compiled fragments (`compiled`: fragment name -> jax Compiled) in this process."""
 
-    def __init__(self, program: Program, compiled: dict, devices_by_id: dict):
+    def __init__(self, step):
+        program = step.program
+        devices_by_id = {d.id: d for d in jax.devices()}
         self.program = program
-        self.compiled = compiled
+        self.out_tree = step.out_tree
+        self.compiled = {f.name: c for f, c in zip(program.fragments, step.compiled)}
+        compiled = self.compiled
         self.meshes = {m.name: Mesh(np.array([devices_by_id[i] for i in m.device_ids]).reshape(m.shape), m.axis_names)
                        for m in program.meshes}
         self._input_shardings = [named_sharding(b.sig, self.meshes[b.mesh]) for b in program.inputs]
@@ -47,8 +51,16 @@ class LocalProgramExecutor:
     def num_stages(self) -> int:
         return len(self.compiled)
 
-    def compiled_text(self, stage: int) -> str:
+    def stage_text(self, stage: int) -> str:
         return self.compiled[self.program.fragments[stage].name].as_text()
+
+    def place(self, leaves) -> list:
+        return [x if _same(x, s) else jax.device_put(x, s) if b.micro_batches == 1 else x
+                for x, s, b in zip((leaves[b.index] for b in self.program.inputs), self._input_shardings,
+                                   self.program.inputs)]
+
+    def run(self, leaves):
+        return jax.tree.unflatten(self.out_tree, self.run_flat(list(leaves)))
 
     def run_flat(self, flat_args: list) -> list:
         prog = self.program

@@ -154,7 +154,7 @@ def test_each_crossing_value_is_sent_once_per_micro_batch(tmp_path):
                                                         stage_option=mw.UniformStageOption(num_stages=2)), steps=1)
     exe = par.last_executable
     program = exe.program
-    outlined = exe.state.reports["stage-outlining"]
+    outlined = exe.state.results["stage-outlining"]
     frags = {f.name: f for f in outlined.fragments}
     desc = {d.name: d for d in program.fragments}
     expected, seen = 0, set()
