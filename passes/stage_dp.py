@@ -343,7 +343,8 @@ def solve_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_mic
     (one per logical shape; none if it cannot run there); it is called once per triple.
     transfer_cost(boundary, before, after): seconds to move one micro-batch's values across the
     cut before layer `boundary` (forward and backward together) from a stage on sub-mesh `before`
-    to one on `after`; None means free. submeshes defaults to `submesh_choices(...)`.
+    to one on `after`; None means free. submeshes defaults to `submesh_choices(...)`; a custom
+    list may hold whole hosts and, when devices_per_host is a power of two, 1 x 2^k shapes.
     """
     t0 = time.perf_counter()
     _check_cluster(num_hosts, devices_per_host)
@@ -360,6 +361,11 @@ def solve_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_mic
         raise StageOptionError("no sub-mesh shapes to choose from")
     for s in subs:
         _check_submesh(s, num_hosts, devices_per_host)
+        if s.num_hosts == 1 and s.devices_per_host < devices_per_host and not (
+                _is_power_of_two(s.devices_per_host) and _is_power_of_two(devices_per_host)):
+            raise StageOptionError(
+                f"sub-mesh {s}: the DP counts devices, which is exact only when sub-host shapes are 1 x 2^k in hosts "
+                f"of 2^n devices (they always pack); use whole hosts, or such shapes")
     cost = stage_cost if isinstance(stage_cost, StageCostCache) else StageCostCache(stage_cost)
     calls_before = cost.calls
     tables, transfer_calls = _build_tables(num_layers, subs, cost, transfer_cost)

@@ -267,3 +267,10 @@ def test_bad_problems():
     only_one = lambda i, k, s: [StageCandidate((1, 1), 1.0, 0, 0)] if s.num_devices == 1 else []  # noqa: E731
     with pytest.raises(StageOptionError, match="no pipeline plan"):
         solve_stages(4, 1, 8, 4, only_one)
+
+
+def test_custom_submeshes_must_pack_by_device_count():
+    with pytest.raises(StageOptionError, match="1 x 2\\^k"):
+        solve_stages(4, 1, 8, 4, linear_cost([1.0] * 4), submeshes=[Submesh(1, 3), Submesh(1, 8)])
+    with pytest.raises(StageOptionError, match="does not fit a cluster"):
+        solve_stages(4, 1, 8, 4, linear_cost([1.0] * 4), submeshes=[Submesh(2, 8)])
