@@ -36,7 +36,7 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-Schedule = Literal["1f1b", "gpipe"]
+ScheduleName = Literal["1f1b", "gpipe"]
 _SCHEDULES = ("1f1b", "gpipe")
 _REL_TOL = 1e-9
 
@@ -335,7 +335,7 @@ class _Tables:
 
 def solve_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_micro_batches: int,
                  stage_cost: StageCostFn, *, transfer_cost: TransferCostFn | None = None,
-                 memory_capacity: float | None = None, schedule: Schedule = "1f1b",
+                 memory_capacity: float | None = None, schedule: ScheduleName = "1f1b",
                  submeshes: Sequence[Submesh] | None = None) -> StageSolution:
     """The plan with the least pipeline time (see the module docstring); exact.
 
@@ -635,7 +635,7 @@ def uniform_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_m
                    num_stages: int | None = None, submesh: Submesh | tuple[int, int] | None = None,
                    logical_shape: tuple[int, ...] | None = None, stage_cost: StageCostFn | None = None,
                    transfer_cost: TransferCostFn | None = None, memory_capacity: float | None = None,
-                   schedule: Schedule = "1f1b") -> StageSolution:
+                   schedule: ScheduleName = "1f1b") -> StageSolution:
     """Equal layer counts on equal sub-meshes (UniformStageOption).
 
     num_stages defaults to the cluster size over the sub-mesh size when a sub-mesh is given, else
@@ -688,7 +688,7 @@ def validate_manual_stages(num_layers: int, num_hosts: int, devices_per_host: in
                            submesh_physical_shapes: Sequence[tuple[int, int]],
                            submesh_logical_shapes: Sequence[tuple[int, ...]] | None = None,
                            submesh_autosharding_option_dicts: Sequence[Mapping[str, object]] | None = None, *,
-                           num_micro_batches: int = 1, schedule: Schedule = "1f1b",
+                           num_micro_batches: int = 1, schedule: ScheduleName = "1f1b",
                            stage_cost: StageCostFn | None = None, transfer_cost: TransferCostFn | None = None,
                            memory_capacity: float | None = None) -> StageSolution:
     """Check a ManualStageOption against the layers and the cluster; return it as a plan.
