@@ -105,7 +105,8 @@ def auto_layered(fun, args, kwargs, layer_num: int, eps: float):
                 if live:
                     marked = mark_boundary([env[v] for v in live], f"layer{cuts.index(i) + 1}")
                     env.update(zip(live, marked))
-            subfuns, params = eqn.primitive.get_bind_params(eqn.params)
+            params = eqn.primitive.get_bind_params(eqn.params)
+            subfuns, params = params if isinstance(params, tuple) else ((), params)   # older jax: (subfuns, params)
             outs = eqn.primitive.bind(*subfuns, *[read(v) for v in eqn.invars], **params)
             if not eqn.primitive.multiple_results:
                 outs = [outs]

@@ -136,3 +136,10 @@ def test_marker_inside_control_flow_is_an_error():
                                                            stage_option=mw.UniformStageOption(num_stages=1)))
     with pytest.raises(Exception, match="outside loops and conditionals"):
         par(state, batch)
+
+
+def test_auto_stages_match_jit_and_report_the_dp():
+    step, state, batch = _mlp()
+    par = _run(step, state, batch, mw.PipeshardParallel(num_micro_batches=2), steps=2)
+    text = par.last_executable.explain()
+    assert "(auto); DP objective" in text

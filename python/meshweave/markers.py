@@ -118,7 +118,12 @@ def _accumulated(vg, cfg, argnums, args, kw):
 
 
 def mark_pipeline_boundary(tree, name: str | None = None):
-    """Mark a layer boundary on `tree` (identity); its backward gets a matching marker."""
+    """Mark a layer boundary on `tree` (identity); its backward gets a matching marker.
+
+    Under PipeshardParallel with AutoLayerOption the automatic cut replaces hand-placed ones."""
+    cfg = _pipeline_config()
+    if cfg is not None and type(cfg["layer_option"]).__name__ == "AutoLayerOption":
+        return tree
     return mark_boundary(tree, name)
 
 

@@ -61,23 +61,6 @@ def _micro_batch_args(fun, args, kwargs, static_argnums, donate_argnums, batch_a
     return tuple(out), batch
 
 
-def _orders(kind, S, B):  # TEMPORARY until runtime/schedules.py lands
-    out = {}
-    for s in range(S):
-        if kind == "gpipe":
-            t = [("forward", m) for m in range(B)] + [("backward", m) for m in range(B)]
-        else:
-            w = min(S - s - 1, B)
-            t = [("forward", m) for m in range(w)]
-            f, b = w, 0
-            while b < B:
-                if f < B:
-                    t.append(("forward", f)); f += 1
-                t.append(("backward", b)); b += 1
-        out[s] = t + [("apply", None)]
-    return out
-
-
 _DTYPES = {"f32": "float32", "f64": "float64", "bf16": "bfloat16", "f16": "float16", "i32": "int32", "i64": "int64",
            "i8": "int8", "i16": "int16", "ui8": "uint8", "ui32": "uint32", "ui64": "uint64", "i1": "bool"}
 
@@ -225,8 +208,10 @@ def compile_pipeshard(pfunc, args, kwargs):
             key = key_for(value_name(src), 0)
         keep.add((f.mesh, key))
         outputs.append(OutputBinding(r, f.mesh, key, compiled[f.name].desc.outputs[src.index]))
-    schedule = None
-    orders = _orders(method.pipeline_schedule, len(stages.stages), k)
+    from meshweave.runtime.schedules import make_schedule
+
+    schedule = make_schedule(method.pipeline_schedule, len(stages.stages), k)
+    orders = {s: [(t.kind, t.micro_batch) for t in schedule.tasks[s]] for s in range(len(stages.stages))}
     ios = [FragmentIO(f.name, f.stage, f.phase, f.mesh, tuple(f.inputs), f.num_outputs) for f in outlined.fragments]
     instructions = emit(ios, orders, mesh_of_stage, {s for s in range(len(arg_paths)) if s in batch_flat}, k, keep)
     program = Program(tuple(meshes.values()), tuple(c.desc for c in compiled.values()),
