@@ -20,7 +20,9 @@ from jaxlib.mlir import ir
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
 from meshweave.dialects.sharding import MeshSpec
-from meshweave.passes.stage_construction import StageConstructionResult, StageSpec, place_submeshes
+from meshweave.dialects.sharding import default_axis_names
+from meshweave.passes.stage_construction import StageConstructionResult, StageSpec
+from meshweave.runtime.program import MeshDesc
 
 
 def _flops(module) -> float:
@@ -124,10 +126,12 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     memory = getattr(opt, "memory_budget_per_device", None)
     sol = solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost, transfer_cost=transfer_cost,
                        memory_capacity=memory, schedule=schedule if schedule in ("1f1b", "gpipe") else "1f1b")
-    placed = place_submeshes([s.submesh.shape for s in sol.stages], [s.logical_shape for s in sol.stages],
-                             num_hosts, devices_per_host, device_ids)
-    stages = [StageSpec(i, s.layers, phys, mesh, {}, s.latency)
-              for i, (s, (phys, mesh, _)) in enumerate(zip(sol.stages, placed))]
+    ids = list(device_ids) if device_ids is not None else list(range(num_hosts * devices_per_host))
+    stages = []
+    for i, s in enumerate(sol.stages):     # the DP packs sub-meshes into hosts (first fit), not in stage order
+        logical = tuple(s.logical_shape)
+        mesh = MeshDesc(f"mesh{i}", logical, default_axis_names(len(logical)), tuple(ids[d] for d in s.device_ids))
+        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, {}, s.latency))
     return StageConstructionResult("auto", num_layers, stages, objective=sol.objective,
                                    seconds=time.perf_counter() - t0, candidates=len(solves))
 

@@ -174,6 +174,11 @@ def compile_pipeshard(fun, call, method):
     dph = len(devices) // method.num_hosts
     k = method.num_micro_batches
     micro_call = _micro_batch_call(call, k)
+    import time
+
+    clock = time.perf_counter
+    timings = {"trace": 0.0, "passes": 0.0, "stage_construction": 0.0, "fragment_ilps": 0.0, "xla_compile": 0.0}
+    t = clock()
     with pipeline_tracing(method.layer_option) as cfg:
         step = trace(fun, micro_call, mesh=None)
     if k > 1 and cfg["used"] == 0:
@@ -186,7 +191,10 @@ def compile_pipeshard(fun, call, method):
                                    "micro_batches": k})
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},"
                         f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},stage-outlining")
+    timings["trace"] = clock() - t
+    t = clock()
     pipeline.run(module, state, record_ir=True)
+    timings["passes"] = clock() - t
     stages = state.results["stage-construction"]
     outlined = state.results["stage-outlining"]
     main = mw.main_func(module)
@@ -221,10 +229,14 @@ def compile_pipeshard(fun, call, method):
         spec = MeshSpec.from_shape(stage.mesh.shape, stage.mesh.axis_names)
         fmod = parse_module(text)
         fstate = PipelineState(mesh=spec)
+        t = clock()
         Pipeline(_auto_sharding_pipeline(opt, len(spec.shape))).run(fmod, fstate, record_ir=True)
+        timings["fragment_ilps"] += clock() - t
         in_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.inputs]
         out_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.results]
+        t = clock()
         exe = _compile(fmod, jmeshes[stage.mesh.name], in_avals, out_avals)
+        timings["xla_compile"] += clock() - t
         in_sigs = tuple(_sig(ts, a) for ts, a in zip(arg_shardings(fmod), in_avals))
         out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
         desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
@@ -269,6 +281,9 @@ def compile_pipeshard(fun, call, method):
     program = Program(tuple(meshes.values()), tuple(c.desc for c in compiled.values()),
                       {m: tuple(v) for m, v in instructions.items()}, tuple(inputs), tuple(outputs),
                       schedule=method.pipeline_schedule, num_micro_batches=k)
+    timings["stage_construction"] = next(r.seconds for r in state.records if r.name == "stage-construction")
+    timings["passes"] -= timings["stage_construction"]
+    program.notes["timings"] = timings
     return program, compiled, state, step, pipeline, schedule, stages
 
 
@@ -305,6 +320,7 @@ def compile_pipeline_step(fun, call, method):
                     "predicted_latency": s.latency} for s in stages.stages],
         "instructions": {m: [i.describe() for i in ins] for m, ins in program.instructions.items()},
         "bubble_fraction": getattr(schedule, "bubble_fraction", None),
+        "timings": program.notes.get("timings", {}),
     }
     plan = Plan(method=method.describe(), pass_pipeline=pipeline.spec(),
                 logical_mesh={"shape": [len(program.meshes)], "axis_names": ["stage"], "alpha": None, "beta": None},
