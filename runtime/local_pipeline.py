@@ -114,8 +114,12 @@ class LocalProgramExecutor:
             sent[(ins.inputs[0], mesh_name, ins.peer)] = store[ins.inputs[0]]
         elif ins.op == "recv":
             x = sent.pop((ins.outputs[0], ins.peer, mesh_name))
-            store[ins.outputs[0]] = jax.device_put(x, NamedSharding(self.meshes[mesh_name], PartitionSpec())) \
-                if ins.sig is None else jax.device_put(x, named_sharding(ins.sig, self.meshes[mesh_name]))
+            mesh = self.meshes[mesh_name]
+            dst = named_sharding(ins.sig, mesh) if ins.sig is not None else NamedSharding(mesh, PartitionSpec())
+            mid = _send_once_layout(x.shape, dst, mesh)
+            if mid is not None:      # each byte crosses meshes once, then the replicas are made inside the mesh
+                x = jax.device_put(x, mid)
+            store[ins.outputs[0]] = jax.device_put(x, dst)
         elif ins.op == "accumulate":
             src, dst = ins.inputs[0], ins.outputs[0]
             store[dst] = store[src] if dst not in store else _add(store[dst], store[src])
@@ -124,6 +128,23 @@ class LocalProgramExecutor:
                 store.pop(k, None)
         else:
             raise PipelineRuntimeError(f"mesh {mesh_name}: unknown instruction {ins.op!r}")
+
+
+def _send_once_layout(shape, dst: NamedSharding, mesh: Mesh) -> NamedSharding | None:
+    """Alpa's "send once, all-gather locally": when the destination layout replicates data, first
+    land the value split over every device of the destination mesh (the first dimension the mesh
+    size divides), so no byte crosses meshes twice; the reshard to `dst` then runs inside the mesh.
+    None when `dst` replicates nothing or no dimension divides."""
+    n = mesh.devices.size
+    used = {a for d in dst.spec if d is not None for a in ((d,) if isinstance(d, str) else d)}
+    if n == 1 or len(used) == len(mesh.axis_names):
+        return None
+    for i, size in enumerate(shape):
+        if size % n == 0:
+            spec = [None] * len(shape)
+            spec[i] = tuple(mesh.axis_names)
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return None
 
 
 def _same(x, sharding) -> bool:
