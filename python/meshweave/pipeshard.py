@@ -354,3 +354,31 @@ class ScheduleResult(PassResult):
         n = sum(1 for lst in self.program.instructions.values() for i in lst if i.op == "send")
         lines.append(f"  {n} send(s) per step")
         return "\n".join(lines)
+
+
+def plan_pipeline(fun, call, method, cluster):
+    """Plan (no devices, no compile) a pipelined step for `cluster`: layers, stages and sub-meshes,
+    and the predicted step time (the stage DP's objective when stage_option="auto")."""
+    import time
+
+    from meshweave.planning import PlanResult
+
+    k = method.num_micro_batches
+    t0 = time.perf_counter()
+    with pipeline_tracing(method.layer_option) as cfg:
+        step = trace(fun, _micro_batch_call(call, k), mesh=None)
+    if k > 1 and cfg["used"] == 0:
+        raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
+                             "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
+    module = step.module()
+    state = PipelineState(mesh=MeshSpec.from_shape((cluster.num_devices,)),
+                          options={"stage_option": method.stage_option, "method": method, "cluster": cluster,
+                                   "auto_layer_clustering": cfg["clustering"], "micro_batches": k})
+    pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
+                        f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}")
+    pipeline.run(module, state, record_ir=False)
+    stages = state.results["stage-construction"]
+    objective = float(stages.objective) if stages.objective is not None else float("nan")
+    shape = (len(stages.stages),)
+    return PlanResult(MeshSpec.from_shape(shape, ("stage",)), pipeline.spec(), objective, objective, 0.0,
+                      warnings=list(state.warnings), stages=stages, layers=state.results["layer-clustering"])
