@@ -28,6 +28,7 @@ class StageSpec:
     mesh: MeshDesc                          # logical shape, axis names, global device ids
     auto_sharding: dict = field(default_factory=dict)
     latency: float | None = None            # predicted seconds per micro-batch (auto mode)
+    memory: float | None = None             # predicted bytes per device, micro-batches in flight included (auto)
 
 
 @dataclass
@@ -38,6 +39,10 @@ class StageConstructionResult(PassResult):
     objective: float | None = None
     seconds: float = 0.0
     candidates: int = 0
+    solve_seconds: float = 0.0              # of `seconds`: the intra-op solves that price candidates (auto)
+    layer_param_bytes: list = field(default_factory=list)   # parameter bytes read by each layer (auto)
+    layer_activation_bytes: list = field(default_factory=list)   # forward->backward bytes per micro-batch (auto)
+    micro_batches: int = 1
 
     def stage_of_layer(self) -> list[int]:
         out = [0] * self.num_layers

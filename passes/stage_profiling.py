@@ -25,9 +25,29 @@ from meshweave.passes.stage_construction import StageConstructionResult, StageSp
 from meshweave.runtime.program import MeshDesc
 
 
+def _conv_flops(line: str) -> float:
+    """2 x output elements x (kernel elements per output feature), whatever the dimension order
+    (forward, input-gradient and weight-gradient convolutions alike), less the zeros an lhs
+    dilation inserts."""
+    spec = re.search(r"\]x\[([^\]]*)\]->", line)
+    types = re.findall(r"tensor<([\dx]+)x[a-z]+\d*>", line)
+    if not spec or len(types) < 3:
+        return 0.0
+    rhs = [int(x) for x in types[1].split("x")]
+    out = [int(x) for x in types[-1].split("x")]
+    o = [d.strip() for d in spec.group(1).split(",")].index("o")
+    dilate = re.search(r"lhs_dilate = \[([\d, ]*)\]", line)     # input gradients of strided convolutions:
+    zeros = math.prod(int(x) for x in dilate.group(1).split(",")) if dilate else 1   # skip the inserted zeros
+    return 2.0 * math.prod(out) * math.prod(rhs) / rhs[o] / zeros
+
+
 def _flops(module) -> float:
+    """Matmul and convolution FLOPs (the compute term; elementwise ops are not counted)."""
     total = 0.0
     for line in str(module).splitlines():
+        if "stablehlo.convolution" in line:
+            total += _conv_flops(line)
+            continue
         if "stablehlo.dot_general" not in line:
             continue
         m = re.search(r"contracting_dims = \[([\d, ]*)\] x", line)
@@ -67,6 +87,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     act_bytes = [0] * num_layers
     param_bytes = [0] * num_layers
     cross_bytes = [0] * (num_layers + 1)
+    seen_params: set[tuple[int, int]] = set()
     for f in per_layer.fragments:
         fn = funcs[f.name]
         text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
@@ -75,7 +96,11 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
         for src, t in zip(f.inputs, ftype.inputs):
             if src.arg is not None and not src.batch_dependent:
-                param_bytes[f.stage] += _tensor_bytes(t)
+                # Each parameter once per layer (the forward and backward both read it; the
+                # optimizer state read by apply-grad is the "4x" below).
+                if f.phase == "forward" and (f.stage, src.arg) not in seen_params:
+                    seen_params.add((f.stage, src.arg))
+                    param_bytes[f.stage] += _tensor_bytes(t)
             elif src.fragment is not None and f.phase == "backward" and src.fragment.endswith("forward"):
                 act_bytes[f.stage] += _tensor_bytes(t)
             elif src.fragment is not None and f.phase == "forward":
@@ -83,6 +108,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 for b in range(producer + 1, f.stage + 1):
                     cross_bytes[b] += _tensor_bytes(t)
     solves: dict[tuple[str, tuple], float] = {}
+    solve_seconds = [0.0]
 
     def layer_cost(layer: int, logical: tuple[int, ...]) -> float:
         import dataclasses
@@ -96,12 +122,14 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         for text in texts[layer]:
             key = (text, logical)
             if key not in solves:
+                t_solve = time.perf_counter()
                 o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
                 m = parse_module(text)
                 st = PipelineState(mesh=spec)
                 Pipeline(_auto_sharding_pipeline(o, len(logical))).run(m, st, record_ir=False)
                 report = _auto_report(st)
                 solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops
+                solve_seconds[0] += time.perf_counter() - t_solve
             total += solves[key]
         return total
 
@@ -121,7 +149,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             else cluster.intra_host_bandwidth
         return 2.0 * cross_bytes[boundary] / k / bw
 
-    memory = getattr(opt, "memory_budget_per_device", None)
+    memory = getattr(opt, "memory_budget_per_device", None) or cluster.device_memory
     sol = solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost, transfer_cost=transfer_cost,
                        memory_capacity=memory, schedule=schedule if schedule in ("1f1b", "gpipe") else "1f1b")
     ids = list(device_ids) if device_ids is not None else list(range(num_hosts * devices_per_host))
@@ -129,9 +157,11 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     for i, s in enumerate(sol.stages):     # the DP packs sub-meshes into hosts (first fit), not in stage order
         logical = tuple(s.logical_shape)
         mesh = MeshDesc(f"mesh{i}", logical, default_axis_names(len(logical)), tuple(ids[d] for d in s.device_ids))
-        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, {}, s.latency))
+        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, {}, s.latency, s.memory))
     return StageConstructionResult("auto", num_layers, stages, objective=sol.objective,
-                                   seconds=time.perf_counter() - t0, candidates=len(solves))
+                                   seconds=time.perf_counter() - t0, candidates=len(solves),
+                                   solve_seconds=solve_seconds[0], layer_param_bytes=list(param_bytes),
+                                   layer_activation_bytes=list(act_bytes), micro_batches=k)
 
 
 def _auto_report(state) -> dict:

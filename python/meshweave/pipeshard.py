@@ -367,6 +367,7 @@ def plan_pipeline(fun, call, method, cluster):
     t0 = time.perf_counter()
     with pipeline_tracing(method.layer_option) as cfg:
         step = trace(fun, _micro_batch_call(call, k), mesh=None)
+    t_trace = time.perf_counter() - t0
     if k > 1 and cfg["used"] == 0:
         raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
                              "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
@@ -376,9 +377,14 @@ def plan_pipeline(fun, call, method, cluster):
                                    "auto_layer_clustering": cfg["clustering"], "micro_batches": k})
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
                         f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}")
+    t1 = time.perf_counter()
     pipeline.run(module, state, record_ir=False)
+    t_passes = time.perf_counter() - t1
     stages = state.results["stage-construction"]
     objective = float(stages.objective) if stages.objective is not None else float("nan")
     shape = (len(stages.stages),)
+    timings = {"trace": t_trace, "passes": t_passes - stages.seconds,
+               "stage_ilps": stages.solve_seconds, "stage_dp": stages.seconds - stages.solve_seconds}
     return PlanResult(MeshSpec.from_shape(shape, ("stage",)), pipeline.spec(), objective, objective, 0.0,
-                      warnings=list(state.warnings), stages=stages, layers=state.results["layer-clustering"])
+                      warnings=list(state.warnings), stages=stages, layers=state.results["layer-clustering"],
+                      timings=timings)

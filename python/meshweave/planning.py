@@ -17,9 +17,12 @@ from meshweave.dialects.sharding import MeshSpec
 class ClusterSpec:
     """A cluster of `num_hosts` x `devices_per_host` devices.
 
-    Bandwidths in bytes/s per device link; latency in seconds; `device_flops` (FLOP/s) turns the
-    step's FLOPs into a compute-time estimate. The logical mesh defaults to (hosts, devices/host):
-    axis 0 crosses hosts, axis 1 stays inside one.
+    Bandwidths in bytes/s per device link; latency in seconds (`inter_host_latency`, when set, for
+    axes that cross hosts); `device_flops` (FLOP/s) turns the step's FLOPs into a compute-time
+    estimate (an achievable rate, not the datasheet peak: `peak_flops` is kept for reporting % of
+    peak); `device_memory` (bytes), when set, is the capacity the stage DP enforces. The logical
+    mesh defaults to (hosts, devices/host): axis 0 crosses hosts, axis 1 stays inside one.
+    `ClusterSpec.preset("h100" | "p3", num_gpus)` gives the benchmark clusters (meshweave.clusters).
     """
 
     num_hosts: int = 1
@@ -29,6 +32,16 @@ class ClusterSpec:
     latency: float = 5e-6
     device_flops: float = 300e12
     mesh_shape: tuple[int, ...] | None = None
+    device_memory: float | None = None
+    inter_host_latency: float | None = None
+    peak_flops: float | None = None
+    name: str = ""
+
+    @classmethod
+    def preset(cls, name: str, num_gpus: int) -> "ClusterSpec":
+        from meshweave.clusters import preset
+
+        return preset(name, num_gpus)
 
     def __post_init__(self):
         if self.num_hosts < 1 or self.devices_per_host < 1:
@@ -47,7 +60,8 @@ class ClusterSpec:
         for size in reversed(shape):
             inner *= size
             crosses = inner > self.devices_per_host and size > 1
-            alpha.append(self.latency)
+            alpha.append(self.inter_host_latency if crosses and self.inter_host_latency is not None
+                         else self.latency)
             beta.append(1.0 / (self.inter_host_bandwidth if crosses else self.intra_host_bandwidth))
         return shape, tuple(reversed(alpha)), tuple(reversed(beta))
 
@@ -65,6 +79,7 @@ class PlanResult:
     warnings: list = field(default_factory=list)
     stages: object = None            # PipeshardParallel: passes.stage_construction.StageConstructionResult
     layers: object = None            # PipeshardParallel: passes.layer_clustering.LayerClusteringResult
+    timings: dict = field(default_factory=dict)   # PipeshardParallel: seconds per planning phase
 
     @property
     def problem(self):

@@ -1,0 +1,131 @@
+"""The benchmark suite's pieces: cluster presets, the analytic baselines, and one tiny GPT row
+through the same code path `python -m benchmarks.suite` runs (plan-only, no devices)."""
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))   # the repo root: `benchmarks` package
+
+import meshweave as mw  # noqa: E402
+from benchmarks import baselines, suite  # noqa: E402
+
+
+def test_presets_tile_whole_hosts_and_carry_capacity():
+    c = mw.ClusterSpec.preset("h100", 16)
+    assert (c.num_hosts, c.devices_per_host, c.device_memory) == (2, 8, 80e9)
+    assert c.device_flops < c.peak_flops
+    shape, alpha, beta = c.logical_mesh()
+    assert shape == (2, 8)
+    assert alpha[0] == c.inter_host_latency and alpha[1] == c.latency
+    assert beta[0] == 1 / c.inter_host_bandwidth and beta[1] == 1 / c.intra_host_bandwidth
+    small = mw.ClusterSpec.preset("p3", 4)
+    assert (small.num_hosts, small.devices_per_host, small.device_memory) == (1, 4, 16e9)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        mw.ClusterSpec.preset("p3", 12)
+    with pytest.raises(ValueError, match="known: h100, p3"):
+        mw.ClusterSpec.preset("a100", 8)
+
+
+def _stats(param_bytes, layers=8, **kw):
+    base = dict(step_flops=1e15, param_bytes=param_bytes, layer_param_bytes=(param_bytes / layers,) * layers,
+                activation_bytes_per_sample=1e6, boundary_bytes_per_sample=1e5, tp_allreduce_bytes_per_sample=4e5,
+                num_layers=layers, global_batch=64)
+    base.update(kw)
+    return baselines.ModelStats(**base)
+
+
+def test_data_parallel_is_compute_plus_one_gradient_all_reduce():
+    c = mw.ClusterSpec.preset("h100", 8)
+    s = _stats(1e9)
+    plan = baselines.data_parallel(s, c)
+    ring = 2 * 7 / 8 * 1e9 / c.intra_host_bandwidth + c.latency
+    assert plan.fits and plan.config == "dp=8 mb=1"
+    assert plan.step_time == pytest.approx(1e15 / 8 / c.device_flops + ring, rel=1e-3)
+    # Across hosts the same all-reduce runs at the inter-host bandwidth.
+    c16 = mw.ClusterSpec.preset("h100", 16)
+    assert baselines.data_parallel(s, c16).communication_time == pytest.approx(
+        2 * 15 / 16 * 1e9 / c16.inter_host_bandwidth + c16.inter_host_latency, rel=1e-3)
+
+
+def test_memory_capacity_rules_out_replicated_state():
+    c = mw.ClusterSpec.preset("p3", 8)            # 16 GB per device
+    s = _stats(8e9)                               # 4 x 8 GB of replicated state does not fit
+    dp, z2, z3 = baselines.data_parallel(s, c), baselines.zero2(s, c), baselines.zero3(s, c)
+    assert not dp.fits and dp.step_time is None
+    assert z3.fits and z3.memory_per_device < c.device_memory
+    mega, tried = baselines.megatron(s, c)
+    assert mega.fits and tried > 10
+    dp_deg, tp, pp = (int(x.split("=")[1]) for x in mega.config.split()[:3])
+    assert dp_deg * tp * pp == 8 and tp * pp > 1     # the state must be split by tp or pp to fit
+
+
+def test_megatron_search_returns_the_fastest_fitting_configuration():
+    c = mw.ClusterSpec.preset("h100", 16)
+    s = _stats(4e9, layers=16)
+    best, tried = baselines.megatron(s, c)
+    configs = list(baselines.megatron_configs(s, c))
+    assert best.fits and tried == len(configs)
+    assert {(tp, pp) for _, tp, pp, _ in configs} >= {(1, 1), (8, 2), (2, 8), (1, 16)}
+    times = [baselines.megatron_config(s, c, *cfg).step_time for cfg in configs]
+    assert best.step_time == min(t for t in times if t is not None)
+    no_tp, _ = baselines.megatron(dataclasses.replace(s, tensor_parallel=False), c)
+    assert " tp=1 " in f" {no_tp.config} " and no_tp.step_time >= best.step_time
+
+
+def test_tiny_gpt_row_through_the_suite():
+    case = suite.gpt_case("tiny", global_batch=32, micro_batches=2)
+    cluster = mw.ClusterSpec.preset("h100", 4)
+    row = suite.run_row(case, cluster)
+    auto = row.auto_detail
+    assert sum(s["devices"] for s in auto.stages) == 4
+    assert [s["layers"] for s in auto.stages][0][0] == 0 and auto.stages[-1]["layers"][1] == 4
+    # Every method is at least as slow as its compute at the achievable rate.
+    floor = row.step_matmul_tflop * 1e12 / 4 / cluster.device_flops
+    for m in [row.auto] + row.baselines:
+        assert m.step_time is None or m.step_time >= floor * 0.999, m
+    assert set(auto.timings) == {"trace", "passes", "stage_ilps", "stage_dp"}
+    # Each parameter is counted once, in the layer that reads it.
+    assert sum(row.model_stats.layer_param_bytes) == pytest.approx(suite.tree_bytes(case.state["params"]))
+    json.dumps(dataclasses.asdict(row))
+    text = suite.table([row])
+    assert "meshweave auto" in text and "Megatron" in text and "planning" in text
+    assert math.isfinite(row.auto_vs_best_baseline)
+
+
+def test_compute_term_counts_convolutions_like_xla():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from meshweave.models import wresnet
+    from meshweave.passes.stage_profiling import _flops
+
+    cfg = wresnet.WResNetConfig()
+    opt = optax.sgd(1e-2)
+    state = jax.eval_shape(lambda k: wresnet.init_state(k, cfg, opt), jax.random.PRNGKey(0))
+    batch = {"images": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+             "labels": jax.ShapeDtypeStruct((8,), jnp.int32)}
+    lowered = jax.jit(wresnet.make_train_step(cfg, opt)).lower(state, batch)
+    ours, xla = _flops(lowered.as_text()), lowered.cost_analysis()["flops"]
+    assert 0.9 * xla < ours < 1.1 * xla        # XLA also counts elementwise ops; convolutions dominate
+    stem = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), "SAME",
+                                                             dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    text = stem.lower(jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+                      jax.ShapeDtypeStruct((7, 7, 3, 16), jnp.float32)).as_text()
+    assert _flops(text) == 2 * (8 * 16 * 16 * 16) * (7 * 7 * 3)
+
+
+def test_moe_and_wresnet_cases_match_alpa_sizes():
+    from meshweave.models import alpa_configs
+
+    for suite_name, size, billions in (("moe", "70B", 69.4), ("wresnet", "13B", 12.6), ("gpt", "39B", 39.1)):
+        table = {"moe": alpa_configs.MOE_WEAK_SCALING, "wresnet": alpa_configs.WRESNET_WEAK_SCALING,
+                 "gpt": alpa_configs.GPT_WEAK_SCALING}[suite_name]
+        case = suite.weak_scaling_case(suite_name, 64)
+        assert case.model == size == table[64].model
+        params = sum(math.prod(x.shape) for x in __import__("jax").tree.leaves(case.state["params"]))
+        assert params / 1e9 == pytest.approx(billions, rel=0.02)
