@@ -259,28 +259,33 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def figure(rows: list[Row], path: str) -> None:
-    """Aggregate predicted PFLOP/s per method and GPU count, as Alpa's weak-scaling bars."""
+def figure(rows: list[dict], path: str) -> None:
+    """Aggregate predicted PFLOP/s per method and GPU count, as Alpa's weak-scaling bars (rows as
+    in the JSON, so rows of several runs can be drawn together)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [rows[0].auto.method] + [b.method for b in rows[0].baselines]
+    rows = sorted(rows, key=lambda r: r["gpus"])
+    methods = list(dict.fromkeys(m["method"] for r in rows for m in [r["auto"]] + r["baselines"]))
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(rows), 3.4))
     width = 0.8 / len(methods)
     for j, name in enumerate(methods):
         for i, r in enumerate(rows):
-            m = next(x for x in [r.auto] + r.baselines if x.method == name)
+            m = next((x for x in [r["auto"]] + r["baselines"] if x["method"] == name), None)
+            if m is None:
+                continue
             x = i + (j - (len(methods) - 1) / 2) * width
-            if m.tflops_per_gpu is None:
+            if m["tflops_per_gpu"] is None:
                 ax.text(x, 0, "x", ha="center", va="bottom", color=f"C{j}", fontsize=9, fontweight="bold")
             else:
-                ax.bar(x, m.tflops_per_gpu * r.gpus / 1e3, width, color=f"C{j}", label=name if i == 0 else None)
-    ax.set_xticks(range(len(rows)), [f"{r.gpus} GPUs\n{r.model}" for r in rows])
+                ax.bar(x, m["tflops_per_gpu"] * r["gpus"] / 1e3, width, color=f"C{j}",
+                       label=name if name not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_xticks(range(len(rows)), [f"{r['gpus']} GPUs\n{r['model']}" for r in rows])
     ax.set_ylabel("predicted PFLOP/s")
-    ax.set_title(f"{rows[0].suite.upper()} weak scaling on {rows[0].cluster.split('x')[0]} (plan-only; x: out of memory)",
-                 fontsize=9)
+    ax.set_title(f"{rows[0]['suite'].upper()} weak scaling, {rows[0]['cluster'].split('x')[0]} preset "
+                 "(plan-only; x: out of memory)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -293,7 +298,15 @@ def main(argv=None):
     p.add_argument("--cluster", choices=("h100", "p3"), default="h100")
     p.add_argument("--gpus", default="8,16,32,64")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<suite>_<cluster>.json)")
+    p.add_argument("--plot", nargs="+", metavar="JSON", help="only draw the rows of these result files together "
+                   "(to --out's .png)")
     args = p.parse_args(argv)
+    if args.plot:
+        rows = [r for path in args.plot for r in json.load(open(path))["rows"]]
+        png = (args.out or os.path.join(RESULTS, f"{args.suite}_{args.cluster}.json"))[:-5] + ".png"
+        figure(rows, png)
+        print("wrote", png)
+        return
     from tqdm import tqdm
 
     gpus = [int(g) for g in args.gpus.split(",")]
@@ -312,7 +325,7 @@ def main(argv=None):
         with open(out, "w") as f:        # after every row: a long run that is stopped keeps what it planned
             json.dump(doc, f, indent=1)
     print(table(rows))
-    figure(rows, out[:-5] + ".png")
+    figure([dataclasses.asdict(r) for r in rows], out[:-5] + ".png")
     print("wrote", out, "and", out[:-5] + ".png")
 
 

@@ -5,6 +5,13 @@ estimate the comment says so. `device_flops` is an achievable matmul rate (a fra
 dense peak), because the planner's compute term counts matmul FLOPs only; `peak_flops` stays the
 datasheet peak so reports can give % of peak.
 
+Achievable rates: on an H200 (the H100's compute die), one GPT block's forward + backward through
+stock jax.jit in bf16 ran its matmul FLOPs at 0.27-0.34 of the 989 TFLOP/s peak (6.7B-39B blocks at
+micro-batch 8: 0.32-0.34; benchmarks/results/gpu_calibration_h200.json), while a bare 8192^3
+matmul ran at ~0.8-0.9: the block's non-matmul ops (softmax, layer norm, GELU) take the rest. The
+"h100" preset uses 0.33. No V100 was at hand: "p3" uses 0.4, an estimate from Alpa's reported
+37 TFLOP/s per V100 on GPT-2.6B with rematerialization (~0.4 of peak in hardware FLOPs).
+
 - "h100": hosts of 8 x H100 SXM 80 GB. NVLink 4 through NVSwitch: 450 GB/s per direction per
   GPU; InfiniBand NDR: one 400 Gb/s NIC per GPU (50 GB/s); bf16 dense peak 989 TFLOP/s.
 - "p3": AWS p3.16xlarge, 8 x V100 SXM2 16 GB (Alpa's paper). NVLink 2 hybrid cube-mesh
@@ -39,11 +46,11 @@ HOST_TYPES = {
     "h100": HostType("h100", "8x H100 SXM 80 GB, NVLink 4 / NVSwitch, InfiniBand NDR 400 Gb/s per GPU", 8,
                      intra_host_bandwidth=450e9, inter_host_bandwidth=50e9,
                      intra_host_latency=3e-6, inter_host_latency=8e-6,
-                     peak_flops=989e12, matmul_efficiency=0.6, device_memory=80e9),
+                     peak_flops=989e12, matmul_efficiency=0.33, device_memory=80e9),
     "p3": HostType("p3", "AWS p3.16xlarge: 8x V100 SXM2 16 GB, NVLink 2, 25 Gb/s Ethernet per host", 8,
                    intra_host_bandwidth=100e9, inter_host_bandwidth=25e9 / 8 / 8,
                    intra_host_latency=5e-6, inter_host_latency=30e-6,
-                   peak_flops=125e12, matmul_efficiency=0.6, device_memory=16e9),
+                   peak_flops=125e12, matmul_efficiency=0.4, device_memory=16e9),
 }
 
 
