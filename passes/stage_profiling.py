@@ -91,6 +91,9 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     for f in per_layer.fragments:
         fn = funcs[f.name]
         text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
+        # The fragment's own name and stage number must not keep identical blocks apart.
+        text = re.sub(r'mw\.mesh = "[^"]*"', 'mw.mesh = "layer"', text, count=1)
+        text = re.sub(r"mw\.stage = \d+ : i64", "mw.stage = 0 : i64", text, count=1)
         if f.phase != "apply":
             texts[f.stage].append("module {\n" + text + "\n}")
         ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
