@@ -88,6 +88,9 @@ def test_tiny_gpt_row_through_the_suite():
     for m in [row.auto] + row.baselines:
         assert m.step_time is None or m.step_time >= floor * 0.999, m
     assert set(auto.timings) == {"trace", "passes", "stage_ilps", "stage_dp"}
+    # Identical blocks share their solves: 3 distinct layers (embedding + block, block, block + head)
+    # x forward/backward x 4 logical shapes on 4 devices ((1,), (2,), (4,), (2, 2)), not 4 x 2 x 4.
+    assert auto.ilp_solves == 3 * 2 * 4
     # Each parameter is counted once, in the layer that reads it.
     assert sum(row.model_stats.layer_param_bytes) == pytest.approx(suite.tree_bytes(case.state["params"]))
     json.dumps(dataclasses.asdict(row))
