@@ -79,8 +79,10 @@ def test_megatron_search_returns_the_fastest_fitting_configuration():
 def test_tiny_gpt_row_through_the_suite():
     case = suite.gpt_case("tiny", global_batch=32, micro_batches=2)
     cluster = mw.ClusterSpec.preset("h100", 4)
-    row = suite.run_row(case, cluster)
+    row = suite.run_row(case, cluster, nb_factors=(1, 2))
     auto = row.auto_detail
+    tries = [n for n in row.notes if n.startswith("micro-batches")]
+    assert len(tries) == 2 and auto.micro_batches in (2, 4)
     assert sum(s["devices"] for s in auto.stages) == 4
     assert [s["layers"] for s in auto.stages][0][0] == 0 and auto.stages[-1]["layers"][1] == 4
     # Every method is at least as slow as its compute at the achievable rate.
