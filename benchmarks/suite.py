@@ -345,6 +345,7 @@ def main(argv=None):
                             tuple(float(x) for x in args.nb_factors.split(","))))
         doc = {"command": "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
+               "load_average_1_5_15min": os.getloadavg(),        # the machine is shared: planning times vary
                "cluster_preset": dataclasses.asdict(mw.ClusterSpec.preset(args.cluster, gpus[-1])),
                "rows": [dataclasses.asdict(r) for r in rows]}
         with open(out, "w") as f:        # after every row: a long run that is stopped keeps what it planned
