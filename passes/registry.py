@@ -173,6 +173,9 @@ PASS_MODULES: dict[str, str] = {
     "install-mesh": "meshweave.passes.install_mesh",
     "data-parallel": "meshweave.passes.data_parallel",
     "auto-sharding": "meshweave.passes.auto_sharding",
+    "layer-clustering": "meshweave.passes.layer_clustering",
+    "stage-construction": "meshweave.passes.stage_construction",
+    "stage-outlining": "meshweave.passes.stage_outlining",
     **{name: _UPSTREAM for name in (
         "canonicalize", "cse", "symbol-dce", "sdy-propagation-pipeline", "sdy-export-pipeline",
         "sdy-import-pipeline", "sdy-basic-propagate", "sdy-aggressive-propagate", "sdy-close-shardings",

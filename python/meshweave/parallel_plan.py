@@ -39,6 +39,7 @@ class Plan:
     predicted_costs: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)   # what the passes warned about (fallbacks, limits)
+    pipeline: dict = field(default_factory=dict)         # layers, stages, fragments, instruction lists
 
     def to_dict(self) -> dict:
         return asdict(self)
