@@ -176,6 +176,7 @@ PASS_MODULES: dict[str, str] = {
     "layer-clustering": "meshweave.passes.layer_clustering",
     "stage-construction": "meshweave.passes.stage_construction",
     "stage-outlining": "meshweave.passes.stage_outlining",
+    "insert-transfers": "meshweave.passes.insert_transfers",
     **{name: _UPSTREAM for name in (
         "canonicalize", "cse", "symbol-dce", "sdy-propagation-pipeline", "sdy-export-pipeline",
         "sdy-import-pipeline", "sdy-basic-propagate", "sdy-aggressive-propagate", "sdy-close-shardings",
