@@ -30,12 +30,20 @@ class Executable:
         return self.run(self.argument_spec.bind(args, kwargs))
 
     def run(self, call: BoundCall):
-        """Execute on an already-bound call (the fast path of ParallelizedFunc)."""
+        """Execute on an already-bound call."""
         if self._donated:
             check_donation(call, self._donated)
         if self.runner is not None:
             return self.runner(*call.args, **call.kwargs)
         return self.executor.run(call.leaves)
+
+    def run_leaves(self, leaves, bind):
+        """Execute on the flat leaves of a call (`bind()` makes the BoundCall, only if needed)."""
+        if self.runner is not None:
+            return self.run(bind())
+        if self._donated and len({id(x) for x in leaves}) < len(leaves):
+            check_donation(bind(), self._donated)
+        return self.executor.run(leaves)
 
     # ------------------------------------------------------------------ inspection
     def hlo_text(self, stage: int = 0) -> str:
