@@ -63,8 +63,12 @@ class LocalBackend:
         if address is not None:
             raise ValueError("init(cluster='local') takes no address")
 
-    def executor(self, step: StepArtifacts) -> LocalStageRunner:
-        return LocalStageRunner(step)
+    def executor(self, step: StepArtifacts):
+        if len(step.compiled) == 1 and len(step.program.meshes) == 1:
+            return LocalStageRunner(step)
+        from meshweave.runtime.local_pipeline import LocalProgramExecutor
+
+        return LocalProgramExecutor(step)
 
     def shutdown(self) -> None:
         """Nothing to release."""

@@ -62,6 +62,12 @@ def compile_step(fun, call: BoundCall, method):
     from meshweave.runtime.executor import StepArtifacts
     from meshweave.runtime.single_mesh import single_mesh_program
 
+    from meshweave.methods import PipeshardParallel
+
+    if isinstance(method, PipeshardParallel):
+        from meshweave.pipeshard import compile_pipeline_step
+
+        return compile_pipeline_step(fun, call, method)
     mesh, spec = method.resolve_mesh()
     planned = plan_step(fun, call, method, spec, mesh)
     try:

@@ -23,8 +23,8 @@ def write_dump(exe, path: str) -> list[str]:
             f.write(exe.hlo_text(k))
     with open(os.path.join(path, "plan.json"), "w") as f:
         f.write(exe.plan.to_json())
-    for name, writer in exe.extra_dumps.items():
-        writer(os.path.join(path, name))
+    for name, records in getattr(exe, "fragment_records", {}).items():   # pipelined steps: per fragment
+        write_records(records, os.path.join(path, "fragments", name))
     auto = exe.state.results.get("auto-sharding")
     if auto is not None:
         from meshweave.passes.solver.iopddl import write_iopddl

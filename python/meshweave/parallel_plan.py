@@ -38,8 +38,8 @@ class Plan:
     objective: float | None = None       # solver objective, when a solver ran
     predicted_costs: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
-    warnings: list = field(default_factory=list)   # what the passes warned about (fallbacks, limits)
     pipeline: dict = field(default_factory=dict)         # layers, stages, fragments, instruction lists
+    warnings: list = field(default_factory=list)   # what the passes warned about (fallbacks, limits)
 
     def to_dict(self) -> dict:
         return asdict(self)
