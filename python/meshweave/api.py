@@ -101,14 +101,7 @@ class ParallelizedFunc:
         key = call.key()
         exe = self._cache.get(key)
         if exe is None:
-            from meshweave.methods import PipeshardParallel
-
-            if isinstance(self.method, PipeshardParallel):
-                from meshweave.pipeshard import build_executable
-
-                exe = build_executable(self, call.args, call.kwargs)
-            else:
-                exe = compile_step(self.fun, call, self.method)
+            exe = compile_step(self.fun, call, self.method)
             self._cache[key] = exe
         self._fast[call.fast_key()] = exe
         self.last_executable = exe

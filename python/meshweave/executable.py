@@ -9,7 +9,7 @@ from meshweave.runtime.executor import Executor
 
 class Executable:
     def __init__(self, *, plan, records, state, traced, executor: Executor | None = None,
-                 argument_spec: ArgumentSpec | None = None, runner=None, extra_dumps=None):
+                 argument_spec: ArgumentSpec | None = None, runner=None):
         """`executor` (the runtime interface, with the `argument_spec` that flattens calls for it),
         or `runner`: a callable taking the step's own arguments (the pipeline's multi-mesh runner)."""
         if (executor is None) == (runner is None):
@@ -21,7 +21,6 @@ class Executable:
         self.state = state
         self.traced = traced
         self.argument_spec = argument_spec
-        self.extra_dumps = extra_dumps or {}      # file name -> writer(path), e.g. per-fragment IR
         self._donated = tuple(i for i, d in enumerate(traced.donated) if d)
 
     def __call__(self, *args, **kwargs):
