@@ -10,14 +10,18 @@ from .core import CoreModel
 
 
 class Incumbent:
-    def __init__(self, cm: CoreModel, t_start: float, progress=None):
+    def __init__(self, cm: CoreModel, t_start: float, progress=None, stop=None):
         self.cm = cm
+        self.stop = stop          # () -> bool: the caller already holds a proven optimum
         self.t_start = t_start
         self.x: np.ndarray | None = None
         self.cost = np.inf
         self.first_feasible: float | None = None
         self.progress = progress
         self.updates = 0
+
+    def stop_requested(self) -> bool:
+        return self.stop is not None and self.stop()
 
     def offer(self, x: np.ndarray, cost: float | None = None, load: np.ndarray | None = None,
               source: str = "") -> bool:

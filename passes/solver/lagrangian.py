@@ -118,5 +118,5 @@ class LagrangianSearch:
         self.inc.offer(x, None, load, "lagrangian+repair")
 
     def run(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.inc.stop_requested():
             self.step(deadline)
