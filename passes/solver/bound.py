@@ -75,6 +75,8 @@ def lp_bound(cm: CoreModel, time_limit: float, *, solver: str = "pdlp") -> LPBou
                 np.zeros(sub.ncol, dtype=np.int32))
     h.setOptionValue("solver", solver)
     h.setOptionValue("time_limit", float(left))
+    # HiGHS starts one thread pool per process, sized by the first run: every run here uses 1
+    h.setOptionValue("threads", 1)
     if solver == "pdlp":
         h.setOptionValue("pdlp_d_gap_tol", PDLP_TOLERANCE)
         h.setOptionValue("primal_feasibility_tolerance", PDLP_TOLERANCE)
