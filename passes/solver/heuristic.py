@@ -38,14 +38,15 @@ class SearchResult:
 
 def run_search(cm: CoreModel, t_start: float, deadline: float, seed: int = 0, progress=None,
                lns_fraction: float = 0.25, *, start: np.ndarray | None = None,
-               stop=None) -> SearchResult:
+               stop=None, on_bound=None) -> SearchResult:
     """One complete anytime search on the core; returns the best feasible assignment.
 
     ``progress(source, cost, x)`` on every improvement; ``stop()`` True ends the search early
-    (the caller holds a proven optimum); ``start``: a core assignment to begin from.
+    (the caller holds a proven optimum); ``start``: a core assignment to begin from;
+    ``on_bound(value)`` on every improved lower bound (from the Lagrangian dual).
     """
     rng = np.random.default_rng(seed)
-    inc = Incumbent(cm, t_start, progress, stop)
+    inc = Incumbent(cm, t_start, progress, stop, on_bound)
     if start is not None:
         inc.offer(np.asarray(start, dtype=np.int64), None, None, "warm start")
     x = least_memory(cm)
@@ -73,7 +74,10 @@ def run_search(cm: CoreModel, t_start: float, deadline: float, seed: int = 0, pr
             return SearchResult(inc.x, inc.cost, inc.first_feasible, dict(stats, exact=True), True)
     lns_start = deadline - lns_fraction * max(0.0, deadline - time.monotonic())
     if time.monotonic() < lns_start and cm.E and not inc.stop_requested():
-        lag = LagrangianSearch(cm, inc, rng)
+        # without memory rows the prices never move: more message passing per step, which
+        # is what tightens the bound, and fewer tree moves on the same unaries
+        lag = LagrangianSearch(cm, inc, rng) if cm.T else LagrangianSearch(cm, inc, rng, trws_iters=10,
+                                                                            tree_passes=1)
         lag.run(lns_start)
         stats.update(lagrangian_iterations=lag.iters, repairs=lag.repairs)
     if time.monotonic() < deadline - 0.2 and inc.x is not None and not inc.stop_requested():

@@ -10,8 +10,10 @@ from .core import CoreModel
 
 
 class Incumbent:
-    def __init__(self, cm: CoreModel, t_start: float, progress=None, stop=None):
+    def __init__(self, cm: CoreModel, t_start: float, progress=None, stop=None, on_bound=None):
         self.cm = cm
+        self.on_bound = on_bound  # (value) -> None: a proven lower bound on the core optimum
+        self.bound = -np.inf
         self.stop = stop          # () -> bool: the caller already holds a proven optimum
         self.t_start = t_start
         self.x: np.ndarray | None = None
@@ -19,6 +21,12 @@ class Incumbent:
         self.first_feasible: float | None = None
         self.progress = progress
         self.updates = 0
+
+    def offer_bound(self, value: float) -> None:
+        if value > self.bound:
+            self.bound = value
+            if self.on_bound is not None:
+                self.on_bound(value)
 
     def stop_requested(self) -> bool:
         return self.stop is not None and self.stop()

@@ -95,6 +95,7 @@ class Collector:
         self.first: float | None = None
         self.on_improved, self.on_event, self.rel_gap = on_improved, on_event, rel_gap
         self.t0 = time.monotonic()
+        self._bound_said = -1.0
 
     def offer(self, x: np.ndarray, cost: float, source: str, optimal: bool) -> bool:
         if optimal and cost <= self.cost:
@@ -113,10 +114,12 @@ class Collector:
     def add_bound(self, value: float, source: str) -> None:
         if self.bound is None or value > self.bound:
             self.bound = value
-            if self.on_event is not None:
-                self.on_event(f"lower bound {value:.6g} ({source})")
             if proves_optimal(self.cost, self.bound, self.rel_gap):
                 self.optimal = True
+            if self.on_event is not None and (self.optimal or time.monotonic() - self._bound_said > 1.0):
+                self._bound_said = time.monotonic()
+                self.on_event(f"lower bound {value:.17g} ({source})"
+                              + (": the best plan is optimal" if self.optimal else ""))
 
     def event(self, message: str) -> None:
         if self.on_event is not None:

@@ -93,7 +93,8 @@ def plan_jobs(cm: CoreModel, *, method: str, backend: str, seed: int, workers: i
         def job(ch: Channel) -> None:
             x0 = collector.x if collector.x is not None else start
             res = run_search(cm, t0, deadline if until is None else min(until, deadline), s,
-                             lambda src, c, x: ch.improved(x, c, src), start=x0, stop=stop)
+                             lambda src, c, x: ch.improved(x, c, src), start=x0, stop=stop,
+                             on_bound=ch.bound)
             if res.optimal and res.x is not None:
                 ch.improved(res.x, res.cost, "exact", optimal=True)
         return job
@@ -122,13 +123,12 @@ def plan_jobs(cm: CoreModel, *, method: str, backend: str, seed: int, workers: i
     if method == "heuristic":
         return [(f"search-{i}", search(seed + i)) for i in range(workers if forked else 1)]
     if not forked:
-        if exact and not bound:
+        if exact and size < SIDE_SEARCH_MIN_COLUMNS:
             return [("greedy", greedy), ("ilp", ilp)]
-        jobs: list[tuple[str, Job]] = [("bound", lower_bound)] if bound else []
-        if exact:   # search first; what is left of the time goes to the ILP
+        if exact:   # search first (its dual bound may prove it); what is left goes to the ILP
             mid = time.monotonic() + 0.3 * max(0.0, deadline - time.monotonic())
-            return jobs + [("search", search(seed, mid)), ("ilp", ilp)]
-        return jobs + [("search", search(seed))]
+            return [("search", search(seed, mid)), ("ilp", ilp)]
+        return [("search", search(seed))]
 
     def bound_then(rest: Job) -> Job:
         def job(ch: Channel) -> None:
