@@ -96,6 +96,7 @@ class Collector:
         self.on_improved, self.on_event, self.rel_gap = on_improved, on_event, rel_gap
         self.t0 = time.monotonic()
         self._bound_said = -1.0
+        self.bound_offset = 0       # added to bounds in progress lines (core -> input costs)
 
     def offer(self, x: np.ndarray, cost: float, source: str, optimal: bool) -> bool:
         if optimal and cost <= self.cost:
@@ -118,7 +119,7 @@ class Collector:
                 self.optimal = True
             if self.on_event is not None and (self.optimal or time.monotonic() - self._bound_said > 1.0):
                 self._bound_said = time.monotonic()
-                self.on_event(f"lower bound {value:.17g} ({source})"
+                self.on_event(f"lower bound {int(np.ceil(value - 1e-6)) + self.bound_offset} ({source})"
                               + (": the best plan is optimal" if self.optimal else ""))
 
     def event(self, message: str) -> None:

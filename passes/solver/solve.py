@@ -136,9 +136,9 @@ def plan_jobs(cm: CoreModel, *, method: str, backend: str, seed: int, workers: i
             rest(ch)
         return job
 
-    second = ilp if exact else search(seed + 1)
-    jobs = [("search-0", search(seed)), ("exact" if exact else "search-1",
-                                         bound_then(second) if bound else second)]
+    # the second core: the exact ILP (which solves the LP itself), or the LP bound and a search
+    second = ilp if exact else (bound_then(search(seed + 1)) if bound else search(seed + 1))
+    jobs = [("search-0", search(seed)), ("exact" if exact else "search-1", second)]
     jobs += [(f"search-{i}", search(seed + i)) for i in range(2, workers)]
     return jobs
 
@@ -180,6 +180,7 @@ class _Run:
             return _Found(x, ev, True, "reduction", time.monotonic() - self.t0) if ev.feasible else None
         report = _Reporter(self, reducer, cm)
         collector = Collector(report, lambda msg: self.emit(None, None, msg), self.rel_gap)
+        collector.bound_offset = report.const or 0     # progress lines show input-problem costs
         start = reducer.project(self.start) if self.start is not None else None
         if start is not None and (cm.load_of(start) <= cm.cap).all():
             collector.offer(start, cm.cost_of(start), "warm start", False)
