@@ -70,11 +70,12 @@ def test_bad_files_get_clear_errors(tmp_path):
 
 def test_timeout_is_respected_and_answer_feasible():
     path = instance("B")
-    p = run(path, 4)
+    p = run(path, 8)
     assert p.returncode == 0, p.stderr
-    # By the CLI's own clock, which starts with its process; the wall clock seen from
-    # here adds fork/exec and interpreter exit (benchmarks/iopddl_bench.py records it).
-    assert own_total(p.stdout) < 4.0
+    # By the CLI's own clock, which starts with its process (imports and loading count: on a
+    # busy machine they alone take seconds); the wall clock seen from here adds fork/exec and
+    # interpreter exit (benchmarks/iopddl_bench.py records it).
+    assert own_total(p.stdout) < 8.0
     s = json.loads(p.stdout.strip().splitlines()[-1])
     prob = read_iopddl(path)
     ev = evaluate(prob, np.array(s))
