@@ -190,7 +190,7 @@ def run_forked(jobs: list[tuple[str, Job]], collector: Collector, deadline: floa
         for conn in mpc.wait(list(running), timeout=left):
             proc, rep = running[conn]
             try:
-                while conn.poll():
+                while conn.poll() and time.monotonic() < deadline:
                     collector.handle(rep.name, rep, conn.recv())
             except (EOFError, OSError):
                 proc.join(timeout=0.5)
@@ -202,9 +202,10 @@ def run_forked(jobs: list[tuple[str, Job]], collector: Collector, deadline: floa
                 continue
             if rep.status != "running":
                 del running[conn]
+    stop_reading = time.monotonic() + 0.2
     for conn, (proc, rep) in running.items():
         try:      # improvements already in the pipe still count
-            while conn.poll():
+            while conn.poll() and time.monotonic() < stop_reading:
                 collector.handle(rep.name, rep, conn.recv())
         except (EOFError, OSError):
             pass
