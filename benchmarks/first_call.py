@@ -43,7 +43,7 @@ t1 = time.perf_counter()
 jax.block_until_ready(step(out[0], batch))
 second = time.perf_counter() - t1
 exe = step.get_executable(state, batch)
-rep = exe.state.reports["auto-sharding"]["solver"]
+rep = exe.state.results["auto-sharding"].solver
 passes = {r.name: round(r.seconds, 3) for r in getattr(exe, "pass_records", []) if r.seconds}
 print(json.dumps({"passes_s": passes, "outside_passes_s": round(first - sum(passes.values()), 3),"first_call_s": round(first, 3), "second_call_s": round(second, 3),
                   "solve_time_s": round(rep["solve_time"], 3), "build_time_s": round(rep["build_time"], 3),
