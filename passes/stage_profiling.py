@@ -85,19 +85,17 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     solves: dict[tuple[str, tuple], float] = {}
 
     def layer_cost(layer: int, logical: tuple[int, ...]) -> float:
+        import dataclasses
+
         n = math.prod(logical)
         spec = MeshSpec.from_shape(logical)
-        c = ClusterSpec(cluster.num_hosts, cluster.devices_per_host, cluster.inter_host_bandwidth,
-                        cluster.intra_host_bandwidth, cluster.latency, cluster.device_flops)
-        alpha = tuple(c.latency for _ in logical)
-        beta = tuple(1.0 / (c.intra_host_bandwidth if n <= c.devices_per_host else c.inter_host_bandwidth)
-                     for _ in logical)
+        hosts, per_host = max(1, n // cluster.devices_per_host), min(n, cluster.devices_per_host)
+        c = dataclasses.replace(cluster, num_hosts=hosts, devices_per_host=per_host, mesh_shape=tuple(logical))
+        _, alpha, beta = c.logical_mesh()       # an axis spanning hosts uses the inter-host link
         total = 0.0
         for text in texts[layer]:
             key = (text, logical)
             if key not in solves:
-                import dataclasses
-
                 o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
                 m = parse_module(text)
                 st = PipelineState(mesh=spec)

@@ -71,6 +71,15 @@ def _dtype(t):
     return jnp.dtype(_DTYPES[et])
 
 
+def _sdy_text(dims, mesh: str) -> str:
+    return f"#sdy.sharding<@{mesh}, [" + ", ".join("{" + ", ".join(f'"{a}"' for a in d) + "}" for d in dims) + "]>"
+
+
+def _spec_text(dims) -> str:
+    return "PartitionSpec(" + ", ".join("None" if not d else repr(d[0]) if len(d) == 1 else repr(tuple(d))
+                                        for d in dims) + ")"
+
+
 def _sig(ts, aval) -> TensorSig:
     dims = tuple(tuple(d) for d in ts.dims) if ts is not None else tuple(() for _ in aval.shape)
     return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims)
@@ -304,8 +313,8 @@ def compile_pipeline_step(fun, call, method):
         mesh = program.mesh(c.desc.mesh)
 
         def places(sigs, prefix):
-            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, str(sg.sharding),
-                                    str(tuple(sg.sharding))) for i, sg in enumerate(sigs)]
+            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, _sdy_text(sg.sharding, mesh.name),
+                                    _spec_text(sg.sharding)) for i, sg in enumerate(sigs)]
 
         text = c.compiled.as_text()
         sp = StagePlan(idx, list(mesh.shape), list(mesh.axis_names), list(mesh.device_ids),
@@ -354,3 +363,31 @@ class ScheduleResult(PassResult):
         n = sum(1 for lst in self.program.instructions.values() for i in lst if i.op == "send")
         lines.append(f"  {n} send(s) per step")
         return "\n".join(lines)
+
+
+def plan_pipeline(fun, call, method, cluster):
+    """Plan (no devices, no compile) a pipelined step for `cluster`: layers, stages and sub-meshes,
+    and the predicted step time (the stage DP's objective when stage_option="auto")."""
+    import time
+
+    from meshweave.planning import PlanResult
+
+    k = method.num_micro_batches
+    t0 = time.perf_counter()
+    with pipeline_tracing(method.layer_option) as cfg:
+        step = trace(fun, _micro_batch_call(call, k), mesh=None)
+    if k > 1 and cfg["used"] == 0:
+        raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
+                             "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
+    module = step.module()
+    state = PipelineState(mesh=MeshSpec.from_shape((cluster.num_devices,)),
+                          options={"stage_option": method.stage_option, "method": method, "cluster": cluster,
+                                   "auto_layer_clustering": cfg["clustering"], "micro_batches": k})
+    pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
+                        f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}")
+    pipeline.run(module, state, record_ir=False)
+    stages = state.results["stage-construction"]
+    objective = float(stages.objective) if stages.objective is not None else float("nan")
+    shape = (len(stages.stages),)
+    return PlanResult(MeshSpec.from_shape(shape, ("stage",)), pipeline.spec(), objective, objective, 0.0,
+                      warnings=list(state.warnings), stages=stages, layers=state.results["layer-clustering"])

@@ -63,6 +63,8 @@ class PlanResult:
     arg_shardings: list = field(default_factory=list)
     ir_text: str = ""
     warnings: list = field(default_factory=list)
+    stages: object = None            # PipeshardParallel: passes.stage_construction.StageConstructionResult
+    layers: object = None            # PipeshardParallel: passes.layer_clustering.LayerClusteringResult
 
     @property
     def problem(self):
@@ -73,6 +75,8 @@ class PlanResult:
         return (f"mesh {self.mesh}\npipeline {self.pipeline}\npredicted step time {self.predicted_step_time:.6g} s "
                 f"(communication {self.objective:.6g} s, compute {self.compute_time:.6g} s)\n"
                 + (self.auto_sharding.explain() if self.auto_sharding is not None else "")
+                + (self.layers.explain() + "\n" if self.layers is not None else "")
+                + (self.stages.explain() if self.stages is not None else "")
                 + "".join(f"\nwarning: {w}" for w in self.warnings))
 
 
@@ -87,6 +91,14 @@ def plan(fun, *args, method=None, cluster: ClusterSpec | None = None, static_arg
 
     cluster = cluster or ClusterSpec()
     method = method or ShardParallel()
+    from meshweave.methods import PipeshardParallel
+
+    if isinstance(method, PipeshardParallel):
+        from meshweave.pipeshard import plan_pipeline
+
+        call = ArgumentSpec.create(fun, static_argnums=static_argnums, donate_argnums=donate_argnums,
+                                   batch_argnums=batch_argnums, batch_argnames=batch_argnames).bind(args, kwargs)
+        return plan_pipeline(fun, call, method, cluster)
     shape, alpha, beta = cluster.logical_mesh()
     if method.mesh_shape is not None:
         shape = tuple(method.mesh_shape)
