@@ -11,6 +11,7 @@ Two families (issue 13):
     python benchmarks/yardstick.py build      # write benchmarks/yardstick/*.json.gz (needs jax + the bundle)
     python benchmarks/yardstick.py reference --time-limit 90   # best known: long exact-ILP runs -> JSON, once
     python benchmarks/yardstick.py run --time-limit 20         # meshweave-solve on each -> points
+    python benchmarks/yardstick.py run --instances NAME --repeats 5 --out ...   # spread of repeated runs
 
 `reference` records, per instance, the best cost of an exact-ILP run (HiGHS) and of an
 `auto` run at the same long limit, with whether it is proven optimal and the file's sha256,
@@ -194,12 +195,16 @@ def _reference(time_limit: float, only: list[str] | None) -> None:
         BEST.write_text(json.dumps(best, indent=2) + "\n")
 
 
-def _run(time_limit: float, out: Path, extra: list[str]) -> None:
+def _run(time_limit: float, out: Path, extra: list[str], only: list[str] | None = None,
+         repeats: int = 1) -> None:
     from meshweave.passes.solver import evaluate, read_iopddl
 
     best = json.loads(BEST.read_text())["instances"]
     rows = []
-    for path in sorted(DIR.glob("*.json.gz")):
+    paths = [p for p in sorted(DIR.glob("*.json.gz")) if not only or p.name[:-len(".json.gz")] in only]
+    if only and len(paths) != len(only):
+        raise SystemExit(f"unknown instances among {only}")
+    for path in [p for p in paths for _ in range(repeats)]:
         name = path.name[:-len(".json.gz")]
         ref = best.get(name)
         if ref is None or ref["sha256"] != sha256(path):
@@ -235,6 +240,11 @@ def _run(time_limit: float, out: Path, extra: list[str]) -> None:
                       "jobs (load averages per row); best known costs from benchmarks/results/yardstick_best.json",
               "instances": rows, "average_points": round(float(np.mean(pts)), 4) if pts else None,
               "min_points": min(pts) if pts else None, "all_feasible": all(r["feasible"] for r in rows)}
+    if repeats > 1:
+        result["repeats"] = repeats
+        result["points_spread"] = {n: round(max(r["points"] for r in rows if r["instance"] == n)
+                                            - min(r["points"] for r in rows if r["instance"] == n), 6)
+                                   for n in dict.fromkeys(r["instance"] for r in rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"average points {result['average_points']} over {len(rows)}; written to {out}")
@@ -253,6 +263,8 @@ def main(argv=None) -> int:
     u.add_argument("--time-limit", type=float, default=20.0)
     u.add_argument("--workers", type=int, default=None)
     u.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "yardstick.json")
+    u.add_argument("--instances", nargs="*", default=None)
+    u.add_argument("--repeats", type=int, default=1, help="solve each instance this many times")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         args.out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +275,8 @@ def main(argv=None) -> int:
     elif args.cmd == "reference":
         _reference(args.time_limit, args.instances)
     else:
-        _run(args.time_limit, args.out, ["--workers", str(args.workers)] if args.workers else [])
+        _run(args.time_limit, args.out, ["--workers", str(args.workers)] if args.workers else [],
+             args.instances, args.repeats)
     return 0
 
 
