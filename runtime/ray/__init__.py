@@ -1,0 +1,18 @@
+"""The Ray backend: every mesh of a `Program` is served by `MeshWorker` actors, one per host.
+
+    start(address=None | "auto" | "host:port", num_hosts=1, devices_per_host=8)
+    ex = RayProgramExecutor(program); outs = ex(*flat_args)   # RemoteArray handles
+    np.asarray(outs[0]); ex.close(); shutdown()
+
+`start` with no address starts a private local Ray (loopback only, no usage stats, no
+dashboard) and `shutdown` stops it; with an address it joins that cluster and `shutdown` only
+releases meshweave's actors.
+"""
+from meshweave.runtime.ray.cluster import RayCluster, current, shutdown, start
+from meshweave.runtime.ray.errors import (RayRuntimeError, StepTimeoutError, WorkerDiedError,
+                                          WorkerStepError)
+from meshweave.runtime.ray.executor import RayProgramExecutor, RemoteArray, RemoteSharding, StepStats
+
+__all__ = ["start", "shutdown", "current", "RayCluster", "RayProgramExecutor", "RemoteArray",
+           "RemoteSharding", "StepStats", "RayRuntimeError", "WorkerStepError", "WorkerDiedError",
+           "StepTimeoutError"]
