@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import uuid
+import warnings
 from dataclasses import dataclass, field
 
 from meshweave.runtime.ray.errors import RayRuntimeError
@@ -104,12 +105,16 @@ def start(address: str | None = None, num_hosts: int = 1, devices_per_host: int 
     started = False
     if not ray.is_initialized():
         common = dict(log_to_driver=False, logging_level=logging.WARNING)
-        if address is None:
-            ray.init(address="local", include_dashboard=False, object_store_memory=object_store_memory,
-                     num_cpus=num_cpus or max(8, 2 * num_hosts), **common)
-            started = True
-        else:
-            ray.init(address=address, **common)
+        with warnings.catch_warnings():
+            # Ray spawns its daemons with fork+exec (nothing of jax runs in the child); jax's
+            # warning about os.fork in a multithreaded process does not apply to that.
+            warnings.filterwarnings("ignore", message="os.fork\\(\\) was called", category=RuntimeWarning)
+            if address is None:
+                ray.init(address="local", include_dashboard=False, object_store_memory=object_store_memory,
+                         num_cpus=num_cpus or max(8, 2 * num_hosts), **common)
+                started = True
+            else:
+                ray.init(address=address, **common)
     nodes = sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeID"])
     node_ids = None
     if len(nodes) >= num_hosts and len(nodes) > 1:

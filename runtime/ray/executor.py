@@ -193,8 +193,8 @@ class RayProgramExecutor:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                self._abort(step, calls, pending)
                 where = "; ".join(self._where(step, *calls[r]) for r in pending)
+                self._abort(step, calls, pending)
                 raise StepTimeoutError(f"step {step} did not finish within {self.step_timeout} s "
                                        f"(RayProgramExecutor(step_timeout=...)); still running: {where}")
             try:

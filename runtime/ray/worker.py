@@ -174,6 +174,9 @@ class MeshWorker:
             outs = frag.executable.execute_sharded(args).disassemble_into_single_device_arrays()
             for key, shards, sh, shape in zip(ins.outputs, outs, frag.out_shardings, frag.out_shapes):
                 buf[key] = self._jax.make_array_from_single_device_arrays(shape, sh, shards)
+            # Wait for the result here, so that time, errors and the progress board belong to
+            # this instruction (the next one of a mesh needs its inputs anyway).
+            self._jax.block_until_ready([buf[k] for k in ins.outputs])
         elif ins.op == "send":
             arr = buf[ins.inputs[0]]
             pieces = pieces_of(arr.addressable_shards, arr.shape)

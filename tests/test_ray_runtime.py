@@ -1,0 +1,154 @@
+"""The Ray backend on 2 simulated hosts x 4 CPU devices: results equal jax.jit, handles, failures.
+
+Ray starts once per session (`ray_runtime` in conftest.py); workers are shared by device set,
+so these tests start two mesh workers in all. The kill test restarts Ray and runs last.
+"""
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meshweave.runtime.program import InputBinding, Instruction, MeshDesc, OutputBinding, Program
+from meshweave.runtime.ray.sample_programs import lower_fragment, mlp_pipeline, sig
+
+pytest.importorskip("ray")
+from meshweave.runtime import ray as mw_ray  # noqa: E402
+
+MESH_A = MeshDesc("a", (4,), ("d",), (0, 1, 2, 3))
+MESH_B = MeshDesc("b", (4,), ("d",), (4, 5, 6, 7))
+X = sig((8, 4), ("d",))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return mlp_pipeline()
+
+
+def _close(actual, expected):
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6)
+
+
+def _two_mesh(fn_a, ins_a, ins_b, out_mesh="b", out_key="y"):
+    """x on mesh a; `fn_a` is fragment "fa" on a and doubling is fragment "fb" on b."""
+    frags = (lower_fragment("fa", MESH_A, "forward", 0, fn_a, [X], [X]),
+             lower_fragment("fb", MESH_B, "forward", 1, lambda v: 2 * v, [X], [X]))
+    return Program((MESH_A, MESH_B), frags, {"a": tuple(ins_a), "b": tuple(ins_b)},
+                   (InputBinding(0, "a", "x", X),), (OutputBinding(0, out_mesh, out_key, X),))
+
+
+def test_mlp_pipeline_three_steps_equal_jit(ray_runtime, mlp):
+    ex = mw_ray.RayProgramExecutor(mlp.program)
+    args, ref_args = mlp.args, mlp.args
+    for _ in range(3):
+        outs = ex(*args)
+        ref = mlp.reference(*ref_args)
+        _close(outs, ref)
+        # parameters stay on the workers: the next step gets the handles back
+        args = (outs[0], args[1], outs[1], args[3])
+        ref_args = (np.asarray(ref[0]), ref_args[1], np.asarray(ref[1]), ref_args[3])
+    assert set(ex.last_stats.per_worker) == {"stage0/h0", "stage1/h1"}
+    ex.close()
+
+
+def test_handles_metadata_fetch_and_free(ray_runtime, mlp):
+    ex = mw_ray.RayProgramExecutor(mlp.program)
+    w1, w2, loss = ex(*mlp.args)
+    assert w1.shape == mlp.args[0].shape and w1.dtype == np.float32
+    assert w1.sharding.mesh.name == "stage0" and w1.sharding.spec == ((), ("mp",))
+    assert loss.shape == () and float(jax.device_get(loss)) > 0
+    group = ray_runtime.groups[(0, 1, 2, 3)]
+    import ray
+    held = ray.get(group.workers[0].held_count.remote())
+    w1.delete()
+    assert ray.get(group.workers[0].held_count.remote()) == held - 1
+    with pytest.raises(mw_ray.RayRuntimeError, match="deleted"):
+        np.asarray(w1)
+    # a handle from another mesh is moved worker to worker (and resharded) when fed back
+    ex2 = mw_ray.RayProgramExecutor(_two_mesh(lambda v: v + 1, [Instruction("run", ("x",), ("x1",), fragment="fa"),
+                                                                 Instruction("send", ("x1",), peer="b")],
+                                              [Instruction("recv", outputs=("x1",), peer="a", sig=X),
+                                               Instruction("run", ("x1",), ("y",), fragment="fb")]))
+    x = np.arange(32, dtype=np.float32).reshape(8, 4)
+    y = ex2(x)[0]
+    np.testing.assert_array_equal(np.asarray(y), 2 * (x + 1))
+    with pytest.raises(ValueError, match=r"shape \(4, 8\), the program expects \(8, 4\)"):
+        ex2(x.T)
+    with pytest.raises(TypeError, match="takes 1 flat arguments, got 2"):
+        ex2(x, x)
+    ex.close()
+    ex2.close()
+
+
+def test_worker_error_names_mesh_host_instruction(ray_runtime):
+    bad = _two_mesh(lambda v: v, [Instruction("run", ("missing",), ("x1",), fragment="fa"),
+                                  Instruction("send", ("x1",), peer="b")],
+                    [Instruction("recv", outputs=("x1",), peer="a", sig=X),
+                     Instruction("run", ("x1",), ("y",), fragment="fb")])
+    ex = mw_ray.RayProgramExecutor(bad, step_timeout=60)
+    t = time.monotonic()
+    with pytest.raises(mw_ray.WorkerStepError, match=r"mesh 'a' host 0: step 1, instruction 0 \(run fa\).*KeyError"):
+        ex(np.ones((8, 4), np.float32))
+    assert time.monotonic() - t < 10          # the waiting peer was aborted, not waited out
+    # the same workers still serve a good program afterwards
+    good = _two_mesh(lambda v: v, [Instruction("run", ("x",), ("x1",), fragment="fa"),
+                                   Instruction("send", ("x1",), peer="b")],
+                     [Instruction("recv", outputs=("x1",), peer="a", sig=X),
+                      Instruction("run", ("x1",), ("y",), fragment="fb")])
+    np.testing.assert_array_equal(np.asarray(mw_ray.RayProgramExecutor(good)(np.ones((8, 4), np.float32))[0]), 2.0)
+
+
+def test_step_timeout_names_the_waiting_instruction(ray_runtime):
+    stuck = _two_mesh(lambda v: v, [Instruction("run", ("x",), ("x1",), fragment="fa")],
+                      [Instruction("recv", outputs=("y",), peer="a", sig=X)])
+    ex = mw_ray.RayProgramExecutor(stuck, step_timeout=1.0)
+    with pytest.raises(mw_ray.StepTimeoutError,
+                       match=r"within 1.0 s.*mesh 'b' host 1 \(pid \d+\) at instruction 0 \(recv y <- a\)"):
+        ex(np.ones((8, 4), np.float32))
+
+
+def _slow(v):
+    """Minutes of work (until the int32 counter wraps): the test kills it long before."""
+    w = jnp.eye(v.shape[1], dtype=v.dtype) * 0.5
+    return jax.lax.while_loop(lambda s: s[1] >= 0, lambda s: (jnp.tanh(s[0] @ w) + s[0], s[1] + 1),
+                              (v, jnp.int32(0)))[0]
+
+
+def test_killed_worker_fails_fast_then_restart_works(ray_runtime, mlp):
+    """Runs last: kills a worker, then shuts Ray down and starts it again for the session."""
+    prog = _two_mesh(_slow, [Instruction("run", ("x",), ("x1",), fragment="fa"),
+                             Instruction("send", ("x1",), peer="b")],
+                     [Instruction("recv", outputs=("x1",), peer="a", sig=X),
+                      Instruction("run", ("x1",), ("y",), fragment="fb")])
+    ex = mw_ray.RayProgramExecutor(prog, step_timeout=60)
+    group = ray_runtime.groups[(0, 1, 2, 3)]
+    killed_at = []
+
+    def kill_when_running():
+        path = group.progress_paths[0]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if tuple(np.fromfile(path, dtype=np.int64, count=3)[1:]) == (1, 0):   # step 1 in instruction 0
+                time.sleep(0.3)
+                killed_at.append(time.monotonic())
+                os.kill(group.pids[0], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    with pytest.raises(mw_ray.WorkerDiedError, match=r"mesh 'a' host 0 \(pid \d+\) at instruction 0 \(run fa\) died"):
+        ex(np.ones((8, 4), np.float32))
+    killer.join()
+    assert killed_at and time.monotonic() - killed_at[0] < 10
+    with pytest.raises(mw_ray.RayRuntimeError, match="closed"):
+        ex(np.ones((8, 4), np.float32))
+    mw_ray.shutdown()
+    mw_ray.start(num_hosts=2, devices_per_host=4)
+    outs = mw_ray.RayProgramExecutor(mlp.program)(*mlp.args)
+    _close(outs, mlp.reference(*mlp.args))
