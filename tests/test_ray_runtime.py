@@ -112,6 +112,37 @@ def test_step_timeout_names_the_waiting_instruction(ray_runtime):
         ex(np.ones((8, 4), np.float32))
 
 
+def test_shard_parallel_step_over_two_workers_equals_jit(ray_runtime):
+    """One (2, 4) mesh over both hosts: its two workers form one jax.distributed group
+    (CPU collectives over gloo) and run the same SPMD step."""
+    mesh = MeshDesc("m", (2, 4), ("dp", "mp"), tuple(range(8)))
+
+    def step(w1, w2, x, y):
+        def loss(w1, w2):
+            return jnp.mean((jnp.tanh(x @ w1) @ w2 - y) ** 2)
+        value, (g1, g2) = jax.value_and_grad(loss, argnums=(0, 1))(w1, w2)
+        return w1 - 0.1 * g1, w2 - 0.1 * g2, value
+
+    ins = [sig((16, 32), (None, "mp")), sig((32, 8), ("mp",)), sig((32, 16), ("dp",)), sig((32, 8), ("dp",))]
+    outs = [ins[0], ins[1], sig(())]
+    keys = ["w1", "w2", "x", "y"]
+    prog = Program((mesh,), (lower_fragment("step", mesh, "step", 0, step, ins, outs),),
+                   {"m": (Instruction("run", tuple(keys), ("w1n", "w2n", "loss"), fragment="step"),)},
+                   tuple(InputBinding(i, "m", k, s) for i, (k, s) in enumerate(zip(keys, ins))),
+                   tuple(OutputBinding(i, "m", k, s) for i, (k, s) in enumerate(zip(["w1n", "w2n", "loss"], outs))))
+    ex = mw_ray.RayProgramExecutor(prog, step_timeout=120)
+    assert len(ray_runtime.groups[tuple(range(8))].workers) == 2
+    rng = np.random.default_rng(1)
+    args = [rng.standard_normal(s.shape, np.float32) for s in ins]
+    ref_args = args
+    for _ in range(3):
+        res = ex(*args)
+        ref = jax.jit(step)(*ref_args)
+        _close(res, ref)
+        args = [res[0], res[1]] + args[2:]
+        ref_args = [np.asarray(ref[0]), np.asarray(ref[1])] + ref_args[2:]
+
+
 def _slow(v):
     """Minutes of work (until the int32 counter wraps): the test kills it long before."""
     w = jnp.eye(v.shape[1], dtype=v.dtype) * 0.5
