@@ -69,6 +69,14 @@ def test_handles_metadata_fetch_and_free(ray_runtime, mlp):
     assert ray.get(group.workers[0].held_count.remote()) == held - 1
     with pytest.raises(mw_ray.RayRuntimeError, match="deleted"):
         np.asarray(w1)
+    # dropped handles are freed by the workers at the next step: held buffers stay bounded
+    args = (w1_keep := ex(*mlp.args)[0], mlp.args[1], mlp.args[2], mlp.args[3])
+    before = ray.get(group.workers[0].held_count.remote())
+    for _ in range(4):
+        outs = ex(*args)
+        args = (outs[0], args[1], args[2], args[3])
+    del outs, w1_keep
+    assert ray.get(group.workers[0].held_count.remote()) <= before + 2     # not before + 4
     # a handle from another mesh is moved worker to worker (and resharded) when fed back
     ex2 = mw_ray.RayProgramExecutor(_two_mesh(lambda v: v + 1, [Instruction("run", ("x",), ("x1",), fragment="fa"),
                                                                  Instruction("send", ("x1",), peer="b")],

@@ -34,6 +34,9 @@ class WorkerGroup:
     pids: list[int]
     progress_paths: list[str | None]
     dead: bool = False
+    # Handles the driver dropped; freed by the workers at the start of the group's next step
+    # (or now, by an explicit RemoteArray.delete()), so dropping a handle costs no Ray call.
+    pending_free: list[str] = field(default_factory=list)
 
     def placement(self, mesh_device_ids, devices_per_host: int) -> tuple[tuple[int, int], ...]:
         """(rank, local device index) of each mesh device, in the mesh's row-major order."""

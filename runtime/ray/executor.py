@@ -51,7 +51,7 @@ class RemoteArray:
         self._group = group
         self._epoch = epoch
         self._fetching = None
-        self._finalizer = weakref.finalize(self, _free_remote, group, handle, epoch)
+        self._finalizer = weakref.finalize(self, group.pending_free.append, handle)
 
     ndim = property(lambda self: len(self.shape))
     size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
@@ -63,7 +63,7 @@ class RemoteArray:
     def _check_live(self) -> None:
         if not self._finalizer.alive:
             raise RayRuntimeError(f"{self!r} was deleted")
-        if _cluster._CLUSTER is None or _cluster._CLUSTER.epoch != self._epoch or self._group.dead:
+        if not self._live():
             raise RayRuntimeError(f"{self!r} is gone: its workers were shut down or died")
 
     def copy_to_host_async(self) -> None:
@@ -82,18 +82,15 @@ class RemoteArray:
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def delete(self) -> None:
-        self._finalizer()
+        """Free the workers' copy now (and wait for it)."""
+        import ray
 
+        if self._finalizer.detach() is not None and self._live():
+            ray.get([w.free.remote([self._handle]) for w in self._group.workers])
 
-def _free_remote(group, handle: str, epoch: int) -> None:
-    c = _cluster._CLUSTER
-    if c is None or c.epoch != epoch or group.dead:
-        return
-    for w in group.workers:
-        try:
-            w.free.remote([handle])
-        except Exception:  # noqa: BLE001 - Ray going down; the buffers go with it
-            pass
+    def _live(self) -> bool:
+        c = _cluster._CLUSTER
+        return c is not None and c.epoch == self._epoch and not self._group.dead
 
 
 @dataclass
@@ -175,8 +172,9 @@ class RayProgramExecutor:
         calls = {}
         for m in prog.meshes:
             g = self._groups[m.name]
+            drop, g.pending_free[:] = list(g.pending_free), []
             for rank, w in enumerate(g.workers):
-                ref = w.run_step.remote(self._id, step, feeds[m.name], outs[m.name], *refs[m.name])
+                ref = w.run_step.remote(self._id, step, feeds[m.name], outs[m.name], drop, *refs[m.name])
                 calls[ref] = (m.name, g.hosts[rank], rank)
         per_worker = self._wait(step, calls)
         self.last_stats = StepStats(time.perf_counter() - t0, per_worker)

@@ -124,8 +124,9 @@ class MeshWorker:
         self._programs.pop(program_id, None)
 
     # ---- the step -------------------------------------------------------------------------------
-    def run_step(self, program_id: int, step: int, feeds: list, out_handles: list, *refs) -> dict:
-        """Place the inputs, run the instruction list, keep the outputs under `out_handles`.
+    def run_step(self, program_id: int, step: int, feeds: list, out_handles: list, drop: list, *refs) -> dict:
+        """Free `drop` (handles the driver let go), place the inputs, run the instruction list,
+        keep the outputs under `out_handles`.
 
         feeds: (key, sig, micro_batches, source) with source ("pieces", [ref positions]) or
         ("held", handle id). Returns seconds spent per instruction kind.
@@ -135,8 +136,10 @@ class MeshWorker:
         buf: dict[str, object] = {}
         pending_sends: list = []
         index, ins = -1, None
+        t_step = time.perf_counter()
         try:
             self._mark(program_id, step, -1)
+            self.free(drop)
             for key, sig, mbs, source in feeds:
                 self._feed(prog, buf, key, sig, mbs, source, refs)
             for index, ins in enumerate(prog.instructions):
@@ -152,6 +155,7 @@ class MeshWorker:
                     raise KeyError(f"output buffer {key!r} does not exist after the last instruction")
                 self._held[handle] = buf[key]
             self._drain(pending_sends)
+            spent["total"] = time.perf_counter() - t_step
         except StepAborted:
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with where it happened
@@ -180,10 +184,16 @@ class MeshWorker:
         elif ins.op == "send":
             arr = buf[ins.inputs[0]]
             pieces = pieces_of(arr.addressable_shards, arr.shape)
-            boxes = [p.box for p in pieces]
-            for peer in prog.peers[ins.peer]:
-                pending_sends.append(peer.deliver.remote(program_id, step, ins.inputs[0], boxes,
-                                                         *[p.data for p in pieces]))
+            # One argument for all pieces: Ray serializes it once (pickle 5, numpy buffers out of
+            # band: big ones land in the object store and the peer maps them without a copy).
+            payload = ([p.box for p in pieces], [p.data for p in pieces])
+            peers = prog.peers[ins.peer]
+            if len(peers) > 1:
+                import ray
+
+                payload = ray.put(payload)      # stored once, read by every host of the peer mesh
+            for peer in peers:
+                pending_sends.append(peer.deliver.remote(program_id, step, ins.inputs[0], payload))
         elif ins.op == "recv":
             key = ins.outputs[0]
             pieces = self._wait_for(program_id, step, key, prog.peer_hosts[ins.peer])
@@ -202,8 +212,9 @@ class MeshWorker:
         else:
             raise ValueError(f"unknown instruction op {ins.op!r}")
 
-    def deliver(self, program_id: int, step: int, key: str, boxes: list, *datas) -> None:
+    def deliver(self, program_id: int, step: int, key: str, payload: tuple) -> None:
         """A peer's SEND: keep its pieces until our RECV of `key` takes them."""
+        boxes, datas = payload
         with self._cv:
             self._mail.setdefault((program_id, step, key), []).append(
                 [Piece(tuple(map(tuple, b)), d) for b, d in zip(boxes, datas)])
