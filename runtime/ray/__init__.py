@@ -5,8 +5,8 @@
     np.asarray(outs[0]); ex.close(); shutdown()
 
 `start` with no address starts a private local Ray (loopback only, no usage stats, no
-dashboard) and `shutdown` stops it; with an address it joins that cluster and `shutdown` only
-releases meshweave's actors.
+dashboard) and `shutdown` stops it; with an address it joins that cluster and `shutdown`
+releases meshweave's actors and disconnects (the cluster keeps running).
 """
 from meshweave.runtime.ray.cluster import RayCluster, current, shutdown, start
 from meshweave.runtime.ray.errors import (RayRuntimeError, StepTimeoutError, WorkerDiedError,

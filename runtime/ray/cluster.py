@@ -49,7 +49,7 @@ class WorkerGroup:
 class RayCluster:
     num_hosts: int
     devices_per_host: int
-    started_ray: bool
+    initialized_ray: bool          # meshweave called ray.init (started a local Ray, or joined one)
     node_ids: list[str] | None
     epoch: int
     groups: dict[tuple[int, ...], WorkerGroup] = field(default_factory=dict)
@@ -105,7 +105,7 @@ def start(address: str | None = None, num_hosts: int = 1, devices_per_host: int 
     import ray
 
     t0 = time.perf_counter()
-    started = False
+    initialized = False
     if not ray.is_initialized():
         common = dict(log_to_driver=False, logging_level=logging.WARNING)
         with warnings.catch_warnings():
@@ -115,9 +115,9 @@ def start(address: str | None = None, num_hosts: int = 1, devices_per_host: int 
             if address is None:
                 ray.init(address="local", include_dashboard=False, object_store_memory=object_store_memory,
                          num_cpus=num_cpus or max(8, 2 * num_hosts), **common)
-                started = True
             else:
                 ray.init(address=address, **common)
+        initialized = True
     nodes = sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeID"])
     node_ids = None
     if len(nodes) >= num_hosts and len(nodes) > 1:
@@ -126,13 +126,14 @@ def start(address: str | None = None, num_hosts: int = 1, devices_per_host: int 
         raise RayRuntimeError(f"the Ray cluster has {len(nodes)} nodes, fewer than num_hosts={num_hosts}; "
                               f"add nodes (ray start --address=...) or ask for fewer hosts")
     _EPOCH += 1
-    _CLUSTER = RayCluster(num_hosts, devices_per_host, started, node_ids, _EPOCH,
+    _CLUSTER = RayCluster(num_hosts, devices_per_host, initialized, node_ids, _EPOCH,
                           start_s=time.perf_counter() - t0)
     return _CLUSTER
 
 
 def shutdown() -> None:
-    """Release every mesh worker, and Ray itself when `start` started it."""
+    """Release every mesh worker; stop the local Ray `start` started, or disconnect from the
+    cluster it joined (the cluster keeps running). A Ray the caller initialised is left alone."""
     global _CLUSTER
     import ray
 
@@ -148,7 +149,7 @@ def shutdown() -> None:
         for p in g.progress_paths:
             if p and os.path.exists(p):
                 os.unlink(p)
-    if c.started_ray and ray.is_initialized():
+    if c.initialized_ray and ray.is_initialized():
         ray.shutdown()
 
 
