@@ -54,13 +54,13 @@ def mark(tree, kind: str, name: str | None = None):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def mark_boundary(tree, name: str | None = None):
+def mark_boundary(tree, name: str | None = None, kind: str = "boundary"):
     """Pipeline layer boundary on `tree`; its cotangents get a matching `.bwd` marker."""
-    name = name or f"boundary{next(_counter)}"
+    name = name or f"{kind}{next(_counter)}"
 
     @jax.custom_vjp
     def f(t):
-        return mark(t, "boundary", name)
+        return mark(t, kind, name)
 
-    f.defvjp(lambda t: (f(t), None), lambda _, g: (mark(g, "boundary", name + ".bwd"),))
+    f.defvjp(lambda t: (f(t), None), lambda _, g: (mark(g, kind, name + ".bwd"),))
     return f(tree)

@@ -96,6 +96,12 @@ class ParallelizedFunc:
             yield cfg
 
     def _compile(self, args, kwargs) -> Executable:
+        from meshweave.methods import PipeshardParallel
+
+        if isinstance(self.method, PipeshardParallel):
+            from meshweave.pipeshard import build_executable
+
+            return build_executable(self, args, kwargs)
         mesh, spec = self.method.resolve_mesh()
         with self._accumulation(args, kwargs, spec) as acc:
             step = trace(self.fun, args, kwargs, static_argnums=self.static_argnums,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from meshweave.plugin.markers import mark, mark_boundary
 
 _ACCUMULATION = threading.local()
+_PIPELINE = threading.local()
 
 
 class AccumulationError(ValueError):
@@ -60,6 +61,8 @@ def value_and_grad(fun, argnums=0, has_aux: bool = False, **kwargs):
 
     @functools.wraps(fun)
     def wrapped(*args, **kw):
+        if _pipeline_config() is not None:
+            return _pipelined(fun, argnums, has_aux, kwargs, args, kw)
         cfg = _config()
         if cfg is None or cfg["k"] * cfg["replicas"] == 1:
             value, g = vg(*args, **kw)
@@ -115,5 +118,52 @@ def _accumulated(vg, cfg, argnums, args, kw):
 
 
 def mark_pipeline_boundary(tree, name: str | None = None):
-    """Mark a layer boundary on `tree` (identity); its backward gets a matching marker."""
+    """Mark a layer boundary on `tree` (identity); its backward gets a matching marker.
+
+    Under PipeshardParallel with AutoLayerOption the automatic cut replaces hand-placed ones."""
+    cfg = _pipeline_config()
+    if cfg is not None and type(cfg["layer_option"]).__name__ == "AutoLayerOption":
+        return tree
     return mark_boundary(tree, name)
+
+
+# ----------------------------------------------------------------------------- pipelining
+@contextlib.contextmanager
+def pipeline_tracing(layer_option=None):
+    """While tracing a PipeshardParallel step: value_and_grad marks the end of the forward pass
+    (a "loss" marker, whose backward twin starts the backward pass), marks the loss and the
+    gradients with the "grad" marker (the compute-grad / apply-grad boundary), and, for
+    AutoLayerOption, cuts the loss function into layers with boundary markers."""
+    _PIPELINE.config = {"layer_option": layer_option, "used": 0, "clustering": None}
+    try:
+        yield _PIPELINE.config
+    finally:
+        _PIPELINE.config = None
+
+
+def _pipeline_config():
+    return getattr(_PIPELINE, "config", None)
+
+
+def _pipelined(fun, argnums, has_aux, vg_kwargs, args, kw):
+    cfg = _pipeline_config()
+    cfg["used"] += 1
+    if cfg["used"] > 1:
+        raise AccumulationError("PipeshardParallel: the step calls meshweave.grad/value_and_grad more than once; "
+                                "a pipelined step has one gradient computation")
+    body = fun
+    option = cfg["layer_option"]
+    if option is not None and type(option).__name__ == "AutoLayerOption":
+        from meshweave.plugin.auto_layers import auto_layered
+
+        body, cfg["clustering"] = auto_layered(fun, args, kw, option.layer_num, option.eps)
+
+    def loss_marked(*a, **k):
+        out = body(*a, **k)
+        if has_aux:
+            loss, aux = out
+            return mark_boundary(loss, "loss", kind="loss"), aux
+        return mark_boundary(out, "loss", kind="loss")
+
+    value, g = jax.value_and_grad(loss_marked, argnums=argnums, has_aux=has_aux, **vg_kwargs)(*args, **kw)
+    return mark((value, g), "grad", "grad")

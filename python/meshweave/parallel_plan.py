@@ -38,6 +38,7 @@ class Plan:
     objective: float | None = None       # solver objective, when a solver ran
     predicted_costs: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
+    pipeline: dict = field(default_factory=dict)         # layers, stages, fragments, instruction lists
 
     def to_dict(self) -> dict:
         return asdict(self)

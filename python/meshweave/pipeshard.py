@@ -1,0 +1,293 @@
+"""Compiling a PipeshardParallel step: trace at micro-batch size, cut into stages, shard and compile
+each fragment on its sub-mesh, emit the per-mesh instruction lists, run them.
+
+    trace (markers: layers, loss, grad) -> inline-calls, cse, layer-clustering, stage-construction,
+    stage-outlining -> per fragment: install-mesh + auto-sharding on its sub-mesh, XLA compile
+    -> insert-transfers (mpmd form of @main, for dumps) -> schedule -> Program -> executor
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jaxlib.mlir import ir
+
+from meshweave.dialects import meshweave as mw
+from meshweave.dialects.context import parse_module
+from meshweave.dialects.sharding import MeshSpec
+from meshweave.markers import pipeline_tracing
+from meshweave.passes.pipeline import Pipeline, PipelineState, module_text
+from meshweave.plugin.compile import arg_shardings, named_sharding, result_shardings
+from meshweave.plugin.jax_adapter import replace_lowered_module
+from meshweave.plugin.lowering import check_call, trace
+from meshweave.runtime.local_pipeline import LocalProgramExecutor
+from meshweave.runtime.pipeline_emitter import FragmentIO, emit, value_name
+from meshweave.runtime.program import (FragmentDesc, InputBinding, MeshDesc, OutputBinding, Program, TensorSig,
+                                       key_for)
+
+
+class PipeshardError(ValueError):
+    """The step cannot be pipelined as asked; the message says what to change."""
+
+
+@dataclass
+class CompiledFragment:
+    desc: FragmentDesc
+    compiled: object              # jax.stages.Compiled
+    records: list                 # pass records of the fragment's own pipeline
+    state: PipelineState
+
+
+def _micro_batch_args(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums, k: int):
+    static, _, batch, names = check_call(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums)
+    if k == 1:
+        return args, batch
+    sizes = {x.shape[0] for i in batch for x in jax.tree.leaves(args[i]) if getattr(x, "ndim", 0) >= 1}
+    if not sizes:
+        raise PipeshardError(f"num_micro_batches={k} but no batch argument (batch_argnums={batch_argnums}) carries "
+                             "arrays; name the batch argument with batch_argnums")
+    for b in sizes:
+        if b % k:
+            raise PipeshardError(f"batch size {b} is not divisible by num_micro_batches={k}; use a batch size that "
+                                 f"is a multiple of {k} or another micro-batch count")
+    out = list(args)
+    for i in batch:
+        out[i] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // k,) + tuple(x.shape[1:]), x.dtype)
+                              if getattr(x, "ndim", 0) >= 1 else x, args[i])
+    return tuple(out), batch
+
+
+_DTYPES = {"f32": "float32", "f64": "float64", "bf16": "bfloat16", "f16": "float16", "i32": "int32", "i64": "int64",
+           "i8": "int8", "i16": "int16", "ui8": "uint8", "ui32": "uint32", "ui64": "uint64", "i1": "bool"}
+
+
+def _dtype(t):
+    et = str(ir.RankedTensorType(t).element_type)
+    if et not in _DTYPES:
+        raise PipeshardError(f"fragment value of element type {et} is not supported by the pipeline runtime")
+    return jnp.dtype(_DTYPES[et])
+
+
+def _sig(ts, aval) -> TensorSig:
+    dims = tuple(tuple(d) for d in ts.dims) if ts is not None else tuple(() for _ in aval.shape)
+    return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims)
+
+
+def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int]) -> str:
+    """The private fragment function as a standalone module with a public @main."""
+    fn = mw.funcs(module)[name]
+    text = str(fn.operation)
+    text = re.sub(r"^func\.func private @" + re.escape(name) + r"\(", "func.func @main(", text, count=1)
+    m = parse_module("module @" + name + " {\n" + text + "\n}")
+    main = mw.main_func(m)
+    with m.context:
+        attrs = mw.arg_attr_dicts(main)
+        for d, n in zip(attrs, arg_names):
+            d[mw.ARG_PATH] = mw.string_attr(n)
+        mw.set_arg_attr_dicts(main, attrs)
+        res = mw.result_attr_dicts(main)
+        for r, a in keeps.items():
+            res[r][mw.KEEPS_ARG] = mw.i64_attr(a)
+        mw.set_result_attr_dicts(main, res)
+    return module_text(m)
+
+
+def _compile(module, mesh: Mesh, in_avals, out_avals):
+    in_sh = [named_sharding(ts, mesh) for ts in arg_shardings(module)]
+    res = result_shardings(module)
+    out_sh = [named_sharding(ts, mesh) for ts in res] if all(r is not None for r in res) else None
+
+    def placeholder(*xs):
+        return tuple(jnp.zeros(a.shape, a.dtype) for a in out_avals)
+
+    lowered = jax.jit(placeholder, keep_unused=True, in_shardings=tuple(in_sh)).lower(
+        *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals])
+    return replace_lowered_module(lowered, module, in_sh, out_sh).compile()
+
+
+def compile_pipeshard(pfunc, args, kwargs):
+    """Compile pfunc (a ParallelizedFunc with a PipeshardParallel method) for these arguments."""
+    from meshweave.executable import Executable
+    from meshweave.methods import _auto_sharding_pipeline
+    from meshweave.parallel_plan import Plan, StagePlan, TensorPlacement
+
+    method = pfunc.method
+    devices = list(np.asarray(method.devices, dtype=object).flat) if method.devices is not None else jax.devices()
+    if len(devices) % method.num_hosts:
+        raise PipeshardError(f"PipeshardParallel.num_hosts={method.num_hosts} does not divide the {len(devices)} devices")
+    dph = len(devices) // method.num_hosts
+    k = method.num_micro_batches
+    micro_args, batch = _micro_batch_args(pfunc.fun, args, kwargs, pfunc.static_argnums, pfunc.donate_argnums,
+                                          pfunc.batch_argnums, k)
+    with pipeline_tracing(method.layer_option) as cfg:
+        step = trace(pfunc.fun, micro_args, kwargs, static_argnums=pfunc.static_argnums,
+                     donate_argnums=pfunc.donate_argnums, batch_argnums=pfunc.batch_argnums, mesh=None)
+    if k > 1 and cfg["used"] == 0:
+        raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
+                             "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
+    module = step.module()
+    state = PipelineState(mesh=MeshSpec.from_shape((len(devices),)),
+                          options={"stage_option": method.stage_option, "device_ids": [d.id for d in devices],
+                                   "auto_layer_clustering": cfg["clustering"], "method": method,
+                                   "micro_batches": k})
+    pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},"
+                        f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},stage-outlining")
+    pipeline.run(module, state, record_ir=True)
+    stages = state.reports["stage-construction"]
+    outlined = state.reports["stage-outlining"]
+    main = mw.main_func(module)
+    arg_paths = step.arg_paths
+    flat_batch = [d is not None for d in step.batch_dims]
+    batch_flat = {i for i, b in enumerate(flat_batch) if b}
+    keeps_arg = step.keeps_arg
+    by_id = {d.id: d for d in devices}
+    mesh_of_stage = [s.mesh.name for s in stages.stages]
+    meshes = {s.mesh.name: s.mesh for s in stages.stages}
+    jmeshes = {n: Mesh(np.array([by_id[i] for i in m.device_ids]).reshape(m.shape), m.axis_names)
+               for n, m in meshes.items()}
+    funcs = mw.funcs(module)
+    compiled: dict[str, CompiledFragment] = {}
+    for f in outlined.fragments:
+        fn = funcs[f.name]
+        ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
+        names = [arg_paths[s.arg] if s.arg is not None else value_name(s) for s in f.inputs]
+        keeps = {}
+        for r, src in enumerate(outlined.results):
+            if src.fragment == f.name and keeps_arg[r] is not None:
+                for j, s in enumerate(f.inputs):
+                    if s.arg == keeps_arg[r]:
+                        keeps[src.index] = j
+        text = _fragment_module(module, f.name, names, keeps)
+        stage = stages.stages[f.stage]
+        opt = method.default_auto_sharding_option
+        if stage.auto_sharding:
+            import dataclasses
+
+            opt = dataclasses.replace(opt, **stage.auto_sharding)
+        spec = MeshSpec.from_shape(stage.mesh.shape, stage.mesh.axis_names)
+        fmod = parse_module(text)
+        fstate = PipelineState(mesh=spec)
+        Pipeline(_auto_sharding_pipeline(opt, len(spec.shape))).run(fmod, fstate, record_ir=True)
+        in_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.inputs]
+        out_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.results]
+        exe = _compile(fmod, jmeshes[stage.mesh.name], in_avals, out_avals)
+        in_sigs = tuple(_sig(ts, a) for ts, a in zip(arg_shardings(fmod), in_avals))
+        out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
+        desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
+        compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate)
+    # Inputs: each argument goes to every mesh whose fragments read it, in the first reader's layout.
+    inputs, seen = [], set()
+    for f in outlined.fragments:
+        for j, s in enumerate(f.inputs):
+            if s.arg is not None and (s.arg, f.mesh) not in seen:
+                seen.add((s.arg, f.mesh))
+                inputs.append(InputBinding(s.arg, f.mesh, f"arg{s.arg}", compiled[f.name].desc.inputs[j],
+                                           k if s.arg in batch_flat else 1))
+    outputs, keep = [], set()
+    frag = {f.name: f for f in outlined.fragments}
+    for r, src in enumerate(outlined.results):
+        if src.arg is not None:
+            b = next((b for b in inputs if b.index == src.arg), None)
+            if b is None:
+                raise PipeshardError(f"step result {step.result_paths[r]} returns argument {arg_paths[src.arg]} "
+                                     "unchanged, but no stage reads it; return a value the step computes")
+            outputs.append(OutputBinding(r, b.mesh, b.key, b.sig))
+            continue
+        f = frag[src.fragment]
+        if f.phase == "apply":
+            key = value_name(src)
+        elif src.batch_dependent and k > 1:
+            raise PipeshardError(f"step result {step.result_paths[r]} depends on the batch but is not an output of "
+                                 "meshweave.value_and_grad; with num_micro_batches > 1 return per-example values "
+                                 "through value_and_grad's aux output")
+        else:
+            key = key_for(value_name(src), 0)
+        keep.add((f.mesh, key))
+        outputs.append(OutputBinding(r, f.mesh, key, compiled[f.name].desc.outputs[src.index]))
+    from meshweave.runtime.schedules import make_schedule
+
+    schedule = make_schedule(method.pipeline_schedule, len(stages.stages), k)
+    orders = {s: [(t.kind, t.micro_batch) for t in schedule.tasks[s]] for s in range(len(stages.stages))}
+    ios = [FragmentIO(f.name, f.stage, f.phase, f.mesh, tuple(f.inputs), f.num_outputs) for f in outlined.fragments]
+    instructions = emit(ios, orders, mesh_of_stage, {s for s in range(len(arg_paths)) if s in batch_flat}, k, keep)
+    program = Program(tuple(meshes.values()), tuple(c.desc for c in compiled.values()),
+                      {m: tuple(v) for m, v in instructions.items()}, tuple(inputs), tuple(outputs),
+                      schedule=method.pipeline_schedule, num_micro_batches=k)
+    executor = LocalProgramExecutor(program, {n: c.compiled for n, c in compiled.items()}, by_id)
+    return program, executor, compiled, state, step, pipeline, schedule, stages
+
+
+class PipelineRunner:
+    """The executor for a pipelined step: flattens the call like jax.jit, runs the Program, unflattens."""
+
+    def __init__(self, executor, static_argnums, out_tree):
+        self.executor = executor
+        self.static_argnums = tuple(static_argnums)
+        self.out_tree = out_tree
+
+    @property
+    def num_stages(self) -> int:
+        return self.executor.num_stages
+
+    def compiled_text(self, stage: int) -> str:
+        return self.executor.compiled_text(stage)
+
+    def __call__(self, *args, **kwargs):
+        dyn = [a for i, a in enumerate(args) if i not in self.static_argnums]
+        flat = jax.tree.leaves((dyn, dict(sorted(kwargs.items()))))
+        return jax.tree.unflatten(self.out_tree, self.executor.run_flat(flat))
+
+
+def build_executable(pfunc, args, kwargs):
+    """Compile and wrap as a meshweave Executable (plan, dump, explain, plot_schedule)."""
+    from meshweave.executable import Executable
+    from meshweave.parallel_plan import Plan, StagePlan, TensorPlacement
+    from meshweave.plugin import hlo_stats
+
+    program, executor, compiled, state, step, pipeline, schedule, stages = compile_pipeshard(pfunc, args, kwargs)
+    static = check_call(pfunc.fun, args, kwargs, pfunc.static_argnums, pfunc.donate_argnums, pfunc.batch_argnums)[0]
+    runner = PipelineRunner(executor, static, step.lowered.out_tree)
+    stage_plans = []
+    for idx, (name, c) in enumerate(compiled.items()):
+        mesh = program.mesh(c.desc.mesh)
+
+        def places(sigs, prefix):
+            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, str(sg.sharding),
+                                    str(tuple(sg.sharding))) for i, sg in enumerate(sigs)]
+
+        text = c.compiled.as_text()
+        sp = StagePlan(idx, list(mesh.shape), list(mesh.axis_names), list(mesh.device_ids),
+                       places(c.desc.inputs, f"{name}.in"), places(c.desc.outputs, f"{name}.out"),
+                       hlo_stats.summarize(hlo_stats.collectives(text)), {})
+        stage_plans.append(sp)
+    pipeline_info = {
+        "fragments": [{"name": c.desc.name, "mesh": c.desc.mesh, "kind": c.desc.kind, "stage": c.desc.stage}
+                      for c in compiled.values()],
+        "stages": [{"index": s.index, "layers": list(s.layers), "mesh": s.mesh.name, "physical_shape":
+                    list(s.physical_shape), "logical_shape": list(s.mesh.shape), "device_ids": list(s.mesh.device_ids),
+                    "predicted_latency": s.latency} for s in stages.stages],
+        "instructions": {m: [i.describe() for i in ins] for m, ins in program.instructions.items()},
+        "bubble_fraction": getattr(schedule, "bubble_fraction", None),
+    }
+    plan = Plan(method=pfunc.method.describe(), pass_pipeline=pipeline.spec(),
+                logical_mesh={"shape": [len(program.meshes)], "axis_names": ["stage"], "alpha": None, "beta": None},
+                stages=stage_plans, schedule=program.schedule, num_micro_batches=program.num_micro_batches)
+    plan.pipeline = pipeline_info
+    explain = "\n".join([state.reports["layer-clustering"].explain(), stages.explain(),
+                         "fragments: " + ", ".join(f"{c.desc.name}@{c.desc.mesh}" for c in compiled.values()),
+                         f"schedule: {program.schedule}, {program.num_micro_batches} micro-batch(es)"])
+    state.reports["pipeline"] = {"explain": explain}
+    extra = {}
+    for name, c in compiled.items():
+        extra[f"fragments/{name}"] = (lambda recs: lambda path: _write_records(recs, path))(c.records)
+    return Executable(plan=plan, runner=runner, records=state.records, state=state, traced=step, extra_dumps=extra)
+
+
+def _write_records(records, path):
+    from meshweave.passes.pipeline import write_records
+
+    write_records(records, path)
