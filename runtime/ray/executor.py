@@ -296,20 +296,24 @@ def _validate(program: Program) -> None:
                 raise ValueError(f"mesh {mesh!r} instruction {i} runs fragment {ins.fragment!r} of another mesh")
             if ins.op in ("send", "recv") and ins.peer not in names:
                 raise ValueError(f"mesh {mesh!r} instruction {i} ({ins.describe()}) names unknown peer {ins.peer!r}")
-            if ins.op == "recv" and ins.sig is None:
-                raise ValueError(f"mesh {mesh!r} instruction {i} ({ins.describe()}) has no destination sig")
     for b in program.inputs:
         if b.mesh not in names:
             raise ValueError(f"input {b.index} is bound to undeclared mesh {b.mesh!r}")
-        if b.micro_batches > 1 and b.sig.shape[0] % b.micro_batches:
-            raise ValueError(f"input {b.index}: dimension 0 ({b.sig.shape[0]}) is not divisible by "
-                             f"{b.micro_batches} micro-batches")
+        if b.micro_batches > 1 and not b.sig.shape:
+            raise ValueError(f"input {b.index} is split into {b.micro_batches} micro-batches but is a scalar")
+
+
+def arg_shape(b) -> tuple[int, ...]:
+    """The whole argument's shape: `b.sig` is one micro-batch's layout when it is split."""
+    shape = tuple(b.sig.shape)
+    return shape if b.micro_batches == 1 else (shape[0] * b.micro_batches,) + shape[1:]
 
 
 def _check_matches(b, shape, dtype) -> None:
-    if tuple(shape) != tuple(b.sig.shape):
+    if tuple(shape) != arg_shape(b):
+        split = f" ({b.micro_batches} micro-batches of {tuple(b.sig.shape)})" if b.micro_batches > 1 else ""
         raise ValueError(f"argument {b.index} ({b.key!r}): shape {tuple(shape)}, the program expects "
-                         f"{tuple(b.sig.shape)}")
+                         f"{arg_shape(b)}{split}")
     if np.dtype(dtype) != dtype_of(b.sig.dtype):
         raise TypeError(f"argument {b.index} ({b.key!r}): dtype {np.dtype(dtype)}, the program expects "
                         f"{b.sig.dtype}")
@@ -323,7 +327,7 @@ def _host_value(b, arg) -> np.ndarray:
             raise TypeError(f"argument {b.index} ({b.key!r}): dtype {x.dtype} cannot become {want}")
         x = x.astype(want)
     _check_matches(b, x.shape, x.dtype)
-    return np.ascontiguousarray(x)
+    return x if x.flags.c_contiguous else x.copy()      # (np.ascontiguousarray turns scalars into (1,))
 
 
 def _first_line(e: Exception) -> str:

@@ -108,8 +108,8 @@ def mlp_pipeline(batch=32, d_in=16, d_hidden=32, d_out=8, micro_batches=4, lr=0.
     ins1.append(I("run", ("w2", "g2", "lsum"), ("w2_new", "loss"), fragment="apply1"))
     program = Program(
         meshes=(m0, m1), fragments=frags, instructions={"stage0": tuple(ins0), "stage1": tuple(ins1)},
-        inputs=(InputBinding(0, "stage0", "w1", w1_s), InputBinding(1, "stage0", "x", sig((batch, d_in), ("dp",)), k),
-                InputBinding(2, "stage1", "w2", w2_s), InputBinding(3, "stage1", "y", sig((batch, d_out), ("d",)), k)),
+        inputs=(InputBinding(0, "stage0", "w1", w1_s), InputBinding(1, "stage0", "x", x_s, k),     # sig: 1 micro-batch
+                InputBinding(2, "stage1", "w2", w2_s), InputBinding(3, "stage1", "y", y_s, k)),
         outputs=(OutputBinding(0, "stage0", "w1_new", w1_s), OutputBinding(1, "stage1", "w2_new", w2_s),
                  OutputBinding(2, "stage1", "loss", loss_s)),
         schedule="gpipe", num_micro_batches=k)

@@ -110,6 +110,7 @@ class MeshWorker:
         jmesh = Mesh(np.array(devices).reshape(mesh.shape), mesh.axis_names,
                      axis_types=(AxisType.Auto,) * len(mesh.shape))
         compiled = {}
+        instructions = _with_recv_layouts(tuple(instructions), {f.name: f for f in fragments})
         for f in fragments:
             exe = compile_text_for_devices(f.mlir, devices)
             ins = executable_shardings(exe, devices, [self._named(jmesh, s) for s in f.inputs],
@@ -249,7 +250,7 @@ class MeshWorker:
             if mbs == 1:
                 buf[key] = self._placed(arr, sharding)
             else:
-                b = arr.shape[0] // mbs
+                b = sig.shape[0]
                 for m in range(mbs):
                     buf[f"{key}#{m}"] = self._jax.device_put(arr[m * b:(m + 1) * b], sharding)
             return
@@ -261,10 +262,9 @@ class MeshWorker:
             else:
                 boxes, datas = got
                 pieces.extend(Piece(tuple(map(tuple, b)), d) for b, d in zip(boxes, datas))
-        mb_sig = sig if mbs == 1 else TensorSig((sig.shape[0] // mbs,) + tuple(sig.shape[1:]), sig.dtype, sig.sharding)
-        for m in range(mbs):
+        for m in range(mbs):       # sig is one micro-batch's layout
             k = key if mbs == 1 else f"{key}#{m}"
-            buf[k] = self._from_pieces(pieces, mb_sig, sharding, m * mb_sig.shape[0])
+            buf[k] = self._from_pieces(pieces, sig, sharding, m * sig.shape[0] if mbs > 1 else 0)
 
     def _from_pieces(self, pieces, sig: TensorSig, sharding, dim0_offset: int):
         """A jax.Array with `sharding` built from host pieces (block i of device d = its index box)."""
@@ -311,3 +311,22 @@ class MeshWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+def _with_recv_layouts(instructions: tuple[Instruction, ...], fragments: dict) -> tuple[Instruction, ...]:
+    """Give each RECV without a destination layout the one its first reader on this mesh
+    expects (a RUN's fragment input), so the value is resharded once, on arrival."""
+    import dataclasses
+
+    out = list(instructions)
+    for i, ins in enumerate(instructions):
+        if ins.op != "recv" or ins.sig is not None:
+            continue
+        key = ins.outputs[0]
+        for later in instructions[i + 1:]:
+            if later.op == "run" and key in later.inputs:
+                out[i] = dataclasses.replace(ins, sig=fragments[later.fragment].inputs[later.inputs.index(key)])
+                break
+        else:
+            raise ValueError(f"{ins.describe()}: no destination layout and no fragment on this mesh reads it")
+    return tuple(out)
