@@ -1,11 +1,12 @@
 """Costs of the Ray runtime on this machine: start-up, per-step driver overhead, per-micro-batch
 orchestration, cross-worker transfer throughput (issue 11).
 
-Programs are hand-built (`meshweave.runtime.ray.sample_programs`): a 2-stage MLP pipeline
-(GPipe, gradient accumulation) on two 4-device meshes, and a one-hop transfer between them.
-The in-process reference runs the *same* fragments and instruction lists in this process
-(8 simulated devices, transfers by `jax.device_put`), so "overhead" is what Ray adds to the
-same plan. Every timing is the median over repeated steps after warm-up.
+Step costs use PipeshardParallel MLP training steps compiled by meshweave (2 stages of 4
+devices, 1F1B): the same `Program` runs on the local runtime (`runtime/local_pipeline.py`, one
+process, 8 simulated devices) and on Ray (2 workers x 4 devices), so the difference is what Ray
+adds to the same plan. Transfers use a hand-built one-hop program
+(`meshweave.runtime.ray.sample_programs`). Every timing is the median over repeated steps
+after warm-up.
 
     python benchmarks/ray_runtime.py [--repeats 20] [--out benchmarks/results/ray_runtime.json]
 """
@@ -24,84 +25,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from meshweave.plugin.jax_adapter import compile_text_for_devices, executable_shardings  # noqa: E402
 from meshweave.runtime import ray as mw_ray  # noqa: E402
 from meshweave.runtime.program import InputBinding, Instruction, MeshDesc, OutputBinding, Program  # noqa: E402
 from meshweave.runtime.ray.sample_programs import lower_fragment, mlp_pipeline, sig  # noqa: E402
-
-
-class InProcess:
-    """The same Program run in this process: meshes are subsets of the local devices."""
-
-    def __init__(self, program: Program):
-        devs = jax.devices()
-        self.p = program
-        self.meshes, self.frags = {}, {}
-        for m in program.meshes:
-            d = [devs[i] for i in m.device_ids]
-            self.meshes[m.name] = Mesh(np.array(d).reshape(m.shape), m.axis_names,
-                                       axis_types=(AxisType.Auto,) * len(m.shape))
-        for f in program.fragments:
-            jm = self.meshes[f.mesh]
-            d = list(jm.devices.flat)
-            exe = compile_text_for_devices(f.mlir, d)
-            ins = executable_shardings(exe, d, [self._ns(jm, s) for s in f.inputs], [len(s.shape) for s in f.inputs],
-                                       outputs=False)
-            outs = executable_shardings(exe, d, [self._ns(jm, s) for s in f.outputs],
-                                        [len(s.shape) for s in f.outputs], outputs=True)
-            self.frags[f.name] = (exe, ins, outs, [s.shape for s in f.outputs])
-
-    @staticmethod
-    def _ns(jm, s):
-        return NamedSharding(jm, PartitionSpec(*[None if not d else d[0] if len(d) == 1 else d for d in s.sharding]))
-
-    def __call__(self, *args):
-        bufs = {m.name: {} for m in self.p.meshes}
-        for b in self.p.inputs:
-            a, k = args[b.index], b.micro_batches
-            sh = self._ns(self.meshes[b.mesh], b.sig)
-            if k == 1:
-                bufs[b.mesh][b.key] = jax.device_put(a, sh)
-            else:
-                n = a.shape[0] // k
-                for m in range(k):
-                    bufs[b.mesh][f"{b.key}#{m}"] = jax.device_put(a[m * n:(m + 1) * n], sh)
-        mail, pc = {}, {m: 0 for m in bufs}
-        lists = self.p.instructions
-        while any(pc[m] < len(lists.get(m, ())) for m in pc):
-            progressed = False
-            for m in pc:
-                while pc[m] < len(lists.get(m, ())):
-                    ins, buf = lists[m][pc[m]], bufs[m]
-                    if ins.op == "recv":
-                        if (ins.peer, m, ins.outputs[0]) not in mail:
-                            break
-                        buf[ins.outputs[0]] = jax.device_put(mail.pop((ins.peer, m, ins.outputs[0])),
-                                                             self._ns(self.meshes[m], ins.sig))
-                    elif ins.op == "send":
-                        mail[(m, ins.peer, ins.inputs[0])] = buf[ins.inputs[0]]
-                    elif ins.op == "run":
-                        exe, in_sh, out_sh, shapes = self.frags[ins.fragment]
-                        xs = [buf[k] if buf[k].sharding.is_equivalent_to(s, buf[k].ndim) else jax.device_put(buf[k], s)
-                              for k, s in zip(ins.inputs, in_sh)]
-                        outs = exe.execute_sharded(xs).disassemble_into_single_device_arrays()
-                        for k, shards, s, shp in zip(ins.outputs, outs, out_sh, shapes):
-                            buf[k] = jax.make_array_from_single_device_arrays(shp, s, shards)
-                    elif ins.op == "accumulate":
-                        src, dst = buf[ins.inputs[0]], ins.outputs[0]
-                        buf[dst] = src if dst not in buf else buf[dst] + src
-                    elif ins.op == "free":
-                        for k in ins.inputs:
-                            buf.pop(k, None)
-                    pc[m] += 1
-                    progressed = True
-            if not progressed:
-                raise RuntimeError("in-process reference deadlocked")
-        outs = [bufs[o.mesh][o.key] for o in self.p.outputs]
-        jax.block_until_ready(outs)
-        return outs
 
 
 def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -115,41 +42,43 @@ def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return round(statistics.median(ts) * 1e3, 3)
 
 
-def _ray_step(ex, args, feed_back):
-    """One Ray step that feeds the parameter handles back (they stay on the workers)."""
-    state = {"args": list(args)}
-
-    def go():
-        outs = ex(*state["args"])
-        for arg_i, out_i in feed_back:
-            state["args"][arg_i] = outs[out_i]
-        ex.last_outs = outs
-    return go
-
-
 def mlp_steps(repeats: int, micro_batches: int, batch: int, hidden: int) -> dict:
-    p = mlp_pipeline(batch=batch, d_in=hidden, d_hidden=hidden, d_out=hidden, micro_batches=micro_batches)
-    ex = mw_ray.RayProgramExecutor(p.program)
-    go = _ray_step(ex, p.args, [(0, 0), (2, 1)])
-    ray_ms = _median_ms(go, repeats)
-    totals = []
-    for _ in range(repeats):
-        go()
-        worker_max = max(w["total"] for w in ex.last_stats.per_worker.values())
-        totals.append((ex.last_stats.wall_s - worker_max) * 1e3)
-    local = InProcess(p.program)
-    state = {"a": list(p.args)}
+    """One compiled PipeshardParallel plan, timed on the local runtime and on Ray."""
+    import optax
+
+    import meshweave as mw
+    from meshweave.models import mlp
+
+    opt = optax.sgd(1e-3)
+    key = jax.random.PRNGKey(0)
+    state = mlp.init_state(key, [hidden] * 4 + [8], opt)
+    data = mlp.synthetic_batch(key, batch, hidden, 8)
+    step = mlp.make_train_step(opt, grad_fn=mw.value_and_grad)
+    par = mw.parallelize(step, method=mw.PipeshardParallel(
+        num_micro_batches=micro_batches, stage_option=mw.UniformStageOption(num_stages=2), pipeline_schedule="1f1b"))
+    exe = par.get_executable(state, data)
+    local = {"s": state}
 
     def local_go():
-        outs = local(*state["a"])
-        state["a"][0], state["a"][2] = outs[0], outs[1]
+        local["s"], loss = exe(local["s"], data)
+        jax.block_until_ready(loss)
     local_ms = _median_ms(local_go, repeats)
-    ok = all(np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-             for a, b in zip(ex(*p.args), local(*p.args)))
+
+    ex = mw_ray.RayProgramExecutor(exe.runner.executor.program)
+    remote = {"s": state}
+    driver = []
+
+    def ray_go():
+        outs = ex(*jax.tree.leaves(([remote["s"], data], {})))
+        remote["s"], _ = jax.tree.unflatten(exe.runner.out_tree, outs)      # the state stays on the workers
+        driver.append(ex.last_stats.wall_s - max(w["total"] for w in ex.last_stats.per_worker.values()))
+    ray_ms = _median_ms(ray_go, repeats)
     ex.close()
-    return {"micro_batches": micro_batches, "batch": batch, "hidden": hidden, "ray_step_ms": ray_ms,
-            "in_process_step_ms": local_ms, "ray_minus_in_process_ms": round(ray_ms - local_ms, 3),
-            "driver_overhead_ms": round(statistics.median(totals), 3), "results_match_in_process": bool(ok)}
+    n_ins = {m: len(v) for m, v in exe.runner.executor.program.instructions.items()}
+    return {"micro_batches": micro_batches, "batch": batch, "hidden": hidden, "instructions_per_mesh": n_ins,
+            "local_runtime_step_ms": local_ms, "ray_step_ms": ray_ms,
+            "ray_minus_local_ms": round(ray_ms - local_ms, 3),
+            "driver_overhead_ms": round(statistics.median(driver[-repeats:]) * 1e3, 3)}
 
 
 def transfer(repeats: int, nbytes: int, dst_spec) -> dict:
@@ -195,22 +124,22 @@ def main(argv=None) -> int:
     cluster.group_for((4, 5, 6, 7), "b")
     t = time.perf_counter()
     ex = mw_ray.RayProgramExecutor(mlp_pipeline().program)
-    startup["mlp_program_load_s (5 fragments compiled in 2 workers)"] = round(time.perf_counter() - t, 3)
+    startup["sample_mlp_program_load_s (5 fragments compiled in 2 workers)"] = round(time.perf_counter() - t, 3)
     ex.close()
 
     steps = [mlp_steps(args.repeats, k, batch=8 * k, hidden=16) for k in (4, 16, 32)]
-    steps.append(mlp_steps(args.repeats, 4, batch=256, hidden=1024))
+    steps.append(mlp_steps(args.repeats, 4, batch=512, hidden=1024))
     tiny = steps[:3]
-    # Cost of one more micro-batch (both stages, both directions) = slope over k; per stage: / 2.
+    # Cost of one more micro-batch (both stages, forward and backward) = slope over k; per stage: / 2.
     k0, k1 = tiny[0]["micro_batches"], tiny[-1]["micro_batches"]
     slope_ray = (tiny[-1]["ray_step_ms"] - tiny[0]["ray_step_ms"]) / (k1 - k0)
-    slope_local = (tiny[-1]["in_process_step_ms"] - tiny[0]["in_process_step_ms"]) / (k1 - k0)
+    slope_local = (tiny[-1]["local_runtime_step_ms"] - tiny[0]["local_runtime_step_ms"]) / (k1 - k0)
     per_mb = {"ray_ms_per_micro_batch_per_stage": round(slope_ray / 2, 3),
-              "in_process_ms_per_micro_batch_per_stage": round(slope_local / 2, 3),
+              "local_ms_per_micro_batch_per_stage": round(slope_local / 2, 3),
               "orchestration_overhead_ms_per_micro_batch_per_stage": round((slope_ray - slope_local) / 2, 3),
-              "what": "slope of the median step time over micro-batches 4->32 of the tiny MLP pipeline "
-                      "(per micro-batch and stage: 1-2 runs, 1 send, 1 recv, 1-2 accumulates, frees), "
-                      "divided by 2 stages; overhead = Ray minus the same plan in-process"}
+              "what": "slope of the median step time over 4 -> 32 micro-batches of the tiny MLP pipeline "
+                      "(per micro-batch and stage: forward and backward runs, sends, recvs, accumulates, frees), "
+                      "divided by 2 stages; overhead = Ray minus the local runtime on the same Program"}
     transfers = [transfer(args.repeats, int(mb * 2 ** 20), ("d",)) for mb in (1, 16, 128)]
     transfers.append(transfer(args.repeats, 16 * 2 ** 20, (None, "d")))
     t = time.perf_counter()

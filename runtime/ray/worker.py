@@ -47,6 +47,40 @@ class _Loaded:
     peer_hosts: dict[str, int]         # mesh name -> how many workers send to us per transfer
 
 
+class _Outbox:
+    """A step's outgoing transfers. Consecutive SENDs to one mesh travel in one `deliver` call
+    (one Ray task: its submission, not the bytes, dominates small transfers); the batch leaves
+    before the next non-SEND instruction, so nothing waits on it."""
+
+    def __init__(self, program_id: int, step: int):
+        self.program_id, self.step = program_id, step
+        self.queued: dict[str, list] = {}
+        self.pending: list = []
+
+    def add(self, peer_mesh: str, key: str, payload: tuple) -> None:
+        self.queued.setdefault(peer_mesh, []).append((key, payload))
+
+    def flush(self, peers: dict[str, list]) -> None:
+        for mesh, items in self.queued.items():
+            workers = peers[mesh]
+            # One argument: Ray serializes it once (pickle 5, numpy buffers out of band: big ones
+            # land in the object store and the peer maps them without a copy).
+            arg = items
+            if len(workers) > 1:
+                import ray
+
+                arg = ray.put(items)       # stored once, read by every host of the peer mesh
+            self.pending += [w.deliver.remote(self.program_id, self.step, arg) for w in workers]
+        self.queued.clear()
+
+    def drain(self) -> None:
+        """Wait until the peers accepted every delivery (a dead peer raises here)."""
+        import ray
+
+        if self.pending:
+            ray.get(self.pending, timeout=_SEND_DRAIN_S)
+
+
 class MeshWorker:
     """One host's share of a device set; serves every program whose meshes use that set."""
 
@@ -135,7 +169,7 @@ class MeshWorker:
         prog = self._programs[program_id]
         spent: dict[str, float] = {}
         buf: dict[str, object] = {}
-        pending_sends: list = []
+        out = _Outbox(program_id, step)
         index, ins = -1, None
         t_step = time.perf_counter()
         try:
@@ -148,14 +182,19 @@ class MeshWorker:
                 if (program_id, step) in self._aborted:
                     raise StepAborted("aborted by the driver")
                 t = time.perf_counter()
-                self._execute(prog, program_id, step, ins, buf, pending_sends)
+                if ins.op != "send" and out.queued:
+                    out.flush(prog.peers)
+                    spent["send"] = spent.get("send", 0.0) + time.perf_counter() - t
+                    t = time.perf_counter()
+                self._execute(prog, program_id, step, ins, buf, out)
                 spent[ins.op] = spent.get(ins.op, 0.0) + time.perf_counter() - t
             index, ins = len(prog.instructions), None
+            out.flush(prog.peers)
             for key, handle in out_handles:
                 if key not in buf:
                     raise KeyError(f"output buffer {key!r} does not exist after the last instruction")
                 self._held[handle] = buf[key]
-            self._drain(pending_sends)
+            out.drain()
             spent["total"] = time.perf_counter() - t_step
         except StepAborted:
             raise
@@ -172,7 +211,7 @@ class MeshWorker:
                     del self._mail[k]
         return spent
 
-    def _execute(self, prog: _Loaded, program_id, step, ins: Instruction, buf, pending_sends) -> None:
+    def _execute(self, prog: _Loaded, program_id, step, ins: Instruction, buf, out: _Outbox) -> None:
         if ins.op == "run":
             frag = prog.fragments[ins.fragment]
             args = [self._placed(buf[k], s) for k, s in zip(ins.inputs, frag.in_shardings)]
@@ -185,16 +224,7 @@ class MeshWorker:
         elif ins.op == "send":
             arr = buf[ins.inputs[0]]
             pieces = pieces_of(arr.addressable_shards, arr.shape)
-            # One argument for all pieces: Ray serializes it once (pickle 5, numpy buffers out of
-            # band: big ones land in the object store and the peer maps them without a copy).
-            payload = ([p.box for p in pieces], [p.data for p in pieces])
-            peers = prog.peers[ins.peer]
-            if len(peers) > 1:
-                import ray
-
-                payload = ray.put(payload)      # stored once, read by every host of the peer mesh
-            for peer in peers:
-                pending_sends.append(peer.deliver.remote(program_id, step, ins.inputs[0], payload))
+            out.add(ins.peer, ins.inputs[0], ([p.box for p in pieces], [p.data for p in pieces]))
         elif ins.op == "recv":
             key = ins.outputs[0]
             pieces = self._wait_for(program_id, step, key, prog.peer_hosts[ins.peer])
@@ -213,12 +243,12 @@ class MeshWorker:
         else:
             raise ValueError(f"unknown instruction op {ins.op!r}")
 
-    def deliver(self, program_id: int, step: int, key: str, payload: tuple) -> None:
-        """A peer's SEND: keep its pieces until our RECV of `key` takes them."""
-        boxes, datas = payload
+    def deliver(self, program_id: int, step: int, items: list) -> None:
+        """A peer's SENDs, as (key, (boxes, arrays)): kept until our RECV of each key takes them."""
         with self._cv:
-            self._mail.setdefault((program_id, step, key), []).append(
-                [Piece(tuple(map(tuple, b)), d) for b, d in zip(boxes, datas)])
+            for key, (boxes, datas) in items:
+                self._mail.setdefault((program_id, step, key), []).append(
+                    [Piece(tuple(map(tuple, b)), d) for b, d in zip(boxes, datas)])
             self._cv.notify_all()
 
     def abort(self, program_id: int, step: int) -> None:
@@ -234,12 +264,6 @@ class MeshWorker:
                     raise StepAborted("aborted by the driver while waiting for a transfer")
                 self._cv.wait(_RECV_POLL_S)
             return [p for msg in self._mail.pop(slot) for p in msg]
-
-    def _drain(self, pending_sends) -> None:
-        import ray
-
-        if pending_sends:
-            ray.get(pending_sends, timeout=_SEND_DRAIN_S)
 
     # ---- buffers ---------------------------------------------------------------------------------
     def _feed(self, prog: _Loaded, buf, key, sig: TensorSig, mbs: int, source, refs) -> None:
