@@ -164,7 +164,10 @@ def assign_layers(func, micro_batches: int = 1) -> LayerClusteringResult:
                 key = (_nbytes(v), -layer[j])
                 if best is None or key > best[0]:
                     best = (key, layer[j])
-        layer[i] = best[1] if best else None
+        out_bytes = max([_nbytes(r) for r in op.results] or [0])
+        # Follow a large operand only: a broadcast of a scalar (Adam's bias correction) joins its
+        # consumers instead, so only the scalar crosses meshes, not the broadcast tensor.
+        layer[i] = best[1] if best and 8 * best[0][0] >= out_bytes else None
     users = [[] for _ in ops]
     for i, deps in enumerate(operand_ops):
         for j in deps:

@@ -59,10 +59,39 @@ class OutliningResult:
         return next(f for f in self.fragments if f.name == name)
 
 
-def _is_free(op) -> bool:
-    """Operand-free, region-free ops (constants, iota): cheaper to recompute than to transfer."""
-    return len(op.operands) == 0 and len(op.regions) == 0 and op.operation.name in (
-        "stablehlo.constant", "stablehlo.iota", "arith.constant")
+_SOURCES = ("stablehlo.constant", "stablehlo.iota", "arith.constant")
+_CHEAP = ("stablehlo.broadcast_in_dim", "stablehlo.reshape", "stablehlo.convert", "stablehlo.transpose")
+SMALL_BYTES = 64          # operands up to this size are moved rather than the ops' results
+
+
+def _small(value) -> bool:
+    try:
+        t = ir.RankedTensorType(value.type)
+    except ValueError:
+        return False
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n * 8 <= SMALL_BYTES
+
+
+def rematerializable(ops, producer, returned) -> set[int]:
+    """Ops cheaper to recompute in every fragment that reads them than to transfer: constants,
+    iotas, and broadcasts / reshapes / converts of those or of small values (Adam's bias
+    correction broadcast from a scalar). CSE shares such ops across layers; rematerializing them
+    keeps each layer's copy on the layer's own mesh."""
+    out = set()
+    for i, op in enumerate(ops):
+        name = op.operation.name
+        if len(op.regions):
+            continue
+        if any(r in returned for r in op.results):
+            continue
+        if name in _SOURCES and len(op.operands) == 0:
+            out.add(i)
+        elif name in _CHEAP and all(producer.get(v) in out or _small(v) for v in op.operands):
+            out.add(i)
+    return out
 
 
 def _captured(op, inside: set) -> list:
@@ -118,6 +147,12 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
         deps = list(op.operands) + _captured(op, set())
         if any(v in batch_dep for v in deps):
             batch_dep.update(op.results)
+    returned = set(ret.operands)
+    remat = rematerializable(ops, producer, returned)
+
+    def _is_free(op_or_index) -> bool:
+        return op_or_index in remat
+
     key_of = []
     for op in ops:
         layer = ir.IntegerAttr(op.attributes[LAYER]).value
@@ -129,7 +164,7 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
     num_stages = len(mesh_of_stage)
     order = ([(s, "forward") for s in range(num_stages)] + [(s, "backward") for s in reversed(range(num_stages))]
              + [(s, "apply") for s in range(num_stages)])
-    members = {k: [i for i, key in enumerate(key_of) if key == k and not _is_free(ops[i])] for k in order}
+    members = {k: [i for i, key in enumerate(key_of) if key == k and not _is_free(i)] for k in order}
     order = [k for k in order if members[k]]
     frag_of_op = {}
     fragments: list[Fragment] = []
@@ -146,11 +181,14 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
         if i not in frag_of_op:
             continue
         name = frag_of_op[i]
-        for v in list(op.operands) + _captured(op, set()):
+        stack = list(op.operands) + _captured(op, set())
+        while stack:
+            v = stack.pop()
             j = producer.get(v)
-            if j is not None and _is_free(ops[j]):
+            if j is not None and _is_free(j):
                 if j not in free_needed[name]:
                     free_needed[name].append(j)
+                    stack += list(ops[j].operands)
             elif (j is None or frag_of_op.get(j) != name) and v not in reads[name]:
                 reads[name].append(v)
     fragments = _topological(fragments, reads, producer, frag_of_op)
@@ -170,8 +208,6 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
         if v in arg_index:
             return Source(arg=arg_index[v], batch_dependent=v in batch_dep)
         j = producer[v]
-        if _is_free(ops[j]):
-            raise PassError("stage-outlining", "a step result is a constant; return it from outside the step")
         name = frag_of_op[j]
         return Source(fragment=name, index=outputs_of[name].index(v), accumulated=v in acc_results,
                       batch_dependent=v in batch_dep)
@@ -196,7 +232,7 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
             body = fn.add_entry_block()
             mapping = dict(zip(reads[f.name], body.arguments))
             with ir.InsertionPoint(body):
-                for j in sorted(free_needed[f.name]) + members[(f.stage, f.phase)]:
+                for j in sorted(free_needed[f.name] + members[(f.stage, f.phase)]):
                     new = ops[j].operation.clone()
                     for k, v in enumerate(new.operands):
                         if v in mapping:

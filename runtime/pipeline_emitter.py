@@ -38,7 +38,7 @@ def source_key(src, reader_per_mb: bool, mb: int | None, frags: dict, batch_args
     """The buffer key a reader uses for `src` (see runtime/program.py for the key scheme)."""
     name = value_name(src)
     if src.arg is not None:
-        return key_for(name, mb if src.arg in batch_args else None)
+        return key_for(name, mb if src.arg in batch_args and num_micro_batches > 1 else None)
     producer_per_mb = frags[src.fragment].phase != "apply"
     if not producer_per_mb:
         return name

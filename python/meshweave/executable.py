@@ -68,5 +68,16 @@ class Executable:
             lines += ["", "== warnings =="] + [f"  {w}" for w in self.state.warnings]
         return "\n".join(lines)
 
+    def plot_schedule(self, path: str) -> str:
+        """Write the pipeline timeline as a PNG (one row per mesh; forward / backward / apply-grad
+        blocks per micro-batch). Only pipelined (PipeshardParallel) steps have one."""
+        schedule = getattr(self, "schedule", None)
+        if schedule is None:
+            raise ValueError("this step is not pipelined (it runs as one stage); plot_schedule needs a "
+                             "PipeshardParallel step")
+        from meshweave.runtime.schedules import plot_schedule
+
+        return plot_schedule(schedule, path, title=self.plan.method)
+
     def __repr__(self):
         return f"<meshweave.Executable {self.plan.method} on {len(self.plan.stages)} stage(s)>"

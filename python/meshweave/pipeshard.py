@@ -109,6 +109,60 @@ def _compile(module, mesh: Mesh, in_avals, out_avals):
     return replace_lowered_module(lowered, module, in_sh, out_sh).compile()
 
 
+def _with_transfer_layouts(instructions, descs):
+    """Give every SEND the producer's layout and every RECV the first reader's layout (the receiver
+    reshards on arrival, once)."""
+    import dataclasses
+
+    produced, read = {}, {}
+    for mesh, lst in instructions.items():
+        for ins in lst:
+            if ins.op == "run":
+                d = descs[ins.fragment]
+                for k, sg in zip(ins.outputs, d.outputs):
+                    produced[(mesh, k)] = sg
+                    produced[(mesh, "acc:" + k.split("#")[0])] = sg
+                for k, sg in zip(ins.inputs, d.inputs):
+                    read.setdefault((mesh, k), sg)
+    out = {}
+    for mesh, lst in instructions.items():
+        new = []
+        for ins in lst:
+            if ins.op == "send":
+                ins = dataclasses.replace(ins, sig=produced.get((mesh, ins.inputs[0])))
+            elif ins.op == "recv":
+                ins = dataclasses.replace(ins, sig=read.get((mesh, ins.outputs[0])))
+            new.append(ins)
+        out[mesh] = new
+    return out
+
+
+def _insert_transfers(module, state, compiled):
+    """Record each fragment's layouts on its function, then run insert-transfers (recorded like any pass)."""
+    import time
+
+    from meshweave.passes.insert_transfers import SHARDING
+    from meshweave.passes.pipeline import PassRecord
+    from meshweave.passes.registry import create_pass
+
+    funcs = mw.funcs(module)
+    with module.context:
+        for name, c in compiled.items():
+            fn = funcs[name]
+            for getter, setter, sigs in ((mw.arg_attr_dicts, mw.set_arg_attr_dicts, c.desc.inputs),
+                                         (mw.result_attr_dicts, mw.set_result_attr_dicts, c.desc.outputs)):
+                dicts = getter(fn)
+                for d, sg in zip(dicts, sigs):
+                    d[SHARDING] = mw.string_attr(str([list(x) for x in sg.sharding]))
+                setter(fn, dicts)
+    p = create_pass("insert-transfers")
+    t0 = time.perf_counter()
+    p.run(module, state)
+    state.records.append(PassRecord(len(state.records), p.name, p.spec(), time.perf_counter() - t0,
+                                    module_text(module)))
+    return state.reports[p.name]
+
+
 def compile_pipeshard(pfunc, args, kwargs):
     """Compile pfunc (a ParallelizedFunc with a PipeshardParallel method) for these arguments."""
     from meshweave.executable import Executable
@@ -179,6 +233,7 @@ def compile_pipeshard(pfunc, args, kwargs):
         out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
         desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
         compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate)
+    transfers = _insert_transfers(module, state, compiled)
     # Inputs: each argument goes to every mesh whose fragments read it, in the first reader's layout.
     inputs, seen = [], set()
     for f in outlined.fragments:
@@ -214,6 +269,7 @@ def compile_pipeshard(pfunc, args, kwargs):
     orders = {s: [(t.kind, t.micro_batch) for t in schedule.tasks[s]] for s in range(len(stages.stages))}
     ios = [FragmentIO(f.name, f.stage, f.phase, f.mesh, tuple(f.inputs), f.num_outputs) for f in outlined.fragments]
     instructions = emit(ios, orders, mesh_of_stage, {s for s in range(len(arg_paths)) if s in batch_flat}, k, keep)
+    instructions = _with_transfer_layouts(instructions, {n: c.desc for n, c in compiled.items()})
     program = Program(tuple(meshes.values()), tuple(c.desc for c in compiled.values()),
                       {m: tuple(v) for m, v in instructions.items()}, tuple(inputs), tuple(outputs),
                       schedule=method.pipeline_schedule, num_micro_batches=k)
@@ -284,7 +340,10 @@ def build_executable(pfunc, args, kwargs):
     extra = {}
     for name, c in compiled.items():
         extra[f"fragments/{name}"] = (lambda recs: lambda path: _write_records(recs, path))(c.records)
-    return Executable(plan=plan, runner=runner, records=state.records, state=state, traced=step, extra_dumps=extra)
+    exe = Executable(plan=plan, runner=runner, records=state.records, state=state, traced=step, extra_dumps=extra)
+    exe.schedule = schedule
+    exe.program = program
+    return exe
 
 
 def _write_records(records, path):
