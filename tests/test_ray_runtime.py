@@ -111,13 +111,33 @@ def test_worker_error_names_mesh_host_instruction(ray_runtime):
     np.testing.assert_array_equal(np.asarray(mw_ray.RayProgramExecutor(good)(np.ones((8, 4), np.float32))[0]), 2.0)
 
 
+def test_bad_fragment_fails_at_load_naming_mesh_and_host(ray_runtime):
+    import dataclasses
+
+    prog = _two_mesh(lambda v: v, [], [])
+    broken = dataclasses.replace(prog.fragments[1], mlir="module { this is not mlir }")
+    with pytest.raises(mw_ray.RayRuntimeError, match=r"mesh 'b' host 1: loading the program failed"):
+        mw_ray.RayProgramExecutor(dataclasses.replace(prog, fragments=(prog.fragments[0], broken)))
+
+
 def test_step_timeout_names_the_waiting_instruction(ray_runtime):
     stuck = _two_mesh(lambda v: v, [Instruction("run", ("x",), ("x1",), fragment="fa")],
                       [Instruction("recv", outputs=("y",), peer="a", sig=X)])
-    ex = mw_ray.RayProgramExecutor(stuck, step_timeout=1.0)
+    ex = mw_ray.RayProgramExecutor(stuck, step_timeout=2.0)
+    pid = mw_ray.current().groups[MESH_B.device_ids].pids[0]
+    cpu = _cpu_seconds(pid)
     with pytest.raises(mw_ray.StepTimeoutError,
-                       match=r"within 1.0 s.*mesh 'b' host 1 \(pid \d+\) at instruction 0 \(recv y <- a\)"):
+                       match=r"within 2.0 s.*mesh 'b' host 1 \(pid \d+\) at instruction 0 \(recv y <- a\)"):
         ex(np.ones((8, 4), np.float32))
+    # blocked in RECV for 2 s, the worker slept on a condition variable instead of spinning
+    assert cpu is None or _cpu_seconds(pid) - cpu < 0.5
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    if not os.path.exists(f"/proc/{pid}/stat"):     # not Linux: no cheap per-process CPU clock
+        return None
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")      # utime + stime
 
 
 def test_shard_parallel_step_over_two_workers_equals_jit(ray_runtime):

@@ -120,17 +120,26 @@ class RayProgramExecutor:
         peers = {m.name: self._groups[m.name].workers for m in program.meshes}
         peer_hosts = {m.name: len(self._groups[m.name].hosts) for m in program.meshes}
         t0 = time.perf_counter()
-        loads = []
+        loads = {}
         for m in program.meshes:
             g = self._groups[m.name]
             frags = tuple(f for f in program.fragments if f.mesh == m.name)
             placement = g.placement(m.device_ids, c.devices_per_host)
-            loads += [w.load.remote(self._id, m, placement, frags, program.instructions.get(m.name, ()),
-                                    peers, peer_hosts) for w in g.workers]
-        ready, pending = ray.wait(loads, num_returns=len(loads), timeout=load_timeout)
+            for rank, w in enumerate(g.workers):
+                ref = w.load.remote(self._id, m, placement, frags, program.instructions.get(m.name, ()),
+                                    peers, peer_hosts)
+                loads[ref] = (m.name, g.hosts[rank])
+        ready, pending = ray.wait(list(loads), num_returns=len(loads), timeout=load_timeout)
         if pending:
-            raise RayRuntimeError(f"loading the program's fragments took longer than {load_timeout} s")
-        ray.get(ready)
+            late = ", ".join(f"mesh {loads[r][0]!r} host {loads[r][1]}" for r in pending)
+            raise RayRuntimeError(f"compiling the program's fragments took longer than {load_timeout} s on {late}")
+        for r in ready:
+            try:
+                ray.get(r)
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                raise RayRuntimeError(f"mesh {loads[r][0]!r} host {loads[r][1]}: loading the program failed: "
+                                      f"{type(cause).__name__}: {cause}") from None
         self.load_s = time.perf_counter() - t0
 
     # ---- one step ---------------------------------------------------------------------------------
