@@ -189,7 +189,10 @@ class MeshWorker:
                 self._execute(prog, program_id, step, ins, buf, out)
                 spent[ins.op] = spent.get(ins.op, 0.0) + time.perf_counter() - t
             index, ins = len(prog.instructions), None
-            out.flush(prog.peers)
+            if out.queued:
+                t = time.perf_counter()
+                out.flush(prog.peers)
+                spent["send"] = spent.get("send", 0.0) + time.perf_counter() - t
             for key, handle in out_handles:
                 if key not in buf:
                     raise KeyError(f"output buffer {key!r} does not exist after the last instruction")
