@@ -20,7 +20,7 @@ def _run_on_ray(step, state, batch, method, steps=3):
     ref = jax.jit(step)
     s_ray, s_ref = state, state
     for _ in range(steps):
-        outs = ex(*jax.tree.leaves(([s_ray, batch], {})))
+        outs = ex.run_flat(jax.tree.leaves(([s_ray, batch], {})))
         assert all(isinstance(o, mw_ray.RemoteArray) for o in outs)
         s_ray, loss = jax.tree.unflatten(exe.runner.out_tree, outs)
         s_ref, loss_ref = ref(s_ref, batch)

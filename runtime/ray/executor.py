@@ -192,6 +192,10 @@ class RayProgramExecutor:
             result[o.index] = RemoteArray(h, o.sig, prog.mesh(o.mesh), self._groups[o.mesh], c.epoch)
         return result
 
+    def run_flat(self, flat_args) -> list[RemoteArray]:
+        """The local executor's calling convention (`LocalProgramExecutor.run_flat`)."""
+        return self(*flat_args)
+
     def _wait(self, step: int, calls: dict) -> dict[str, dict[str, float]]:
         import ray
 
