@@ -93,6 +93,20 @@ def test_handles_metadata_fetch_and_free(ray_runtime, mlp):
     ex2.close()
 
 
+def test_large_transfer_resharded_block_by_block(ray_runtime):
+    """Above 1 MiB each receiving device gets its own block (rows were sent, columns are kept)."""
+    src, dst = sig((1024, 512), ("d",)), sig((1024, 512), (None, "d"))
+    frags = (lower_fragment("fa", MESH_A, "forward", 0, lambda v: v * 3, [src], [src]),
+             lower_fragment("fb", MESH_B, "forward", 1, lambda v: v + 1, [dst], [dst]))
+    prog = Program((MESH_A, MESH_B), frags,
+                   {"a": (Instruction("run", ("x",), ("x3",), fragment="fa"), Instruction("send", ("x3",), peer="b")),
+                    "b": (Instruction("recv", outputs=("x3",), peer="a", sig=dst),
+                          Instruction("run", ("x3",), ("y",), fragment="fb"))},
+                   (InputBinding(0, "a", "x", src),), (OutputBinding(0, "b", "y", dst),))
+    x = np.random.default_rng(2).standard_normal((1024, 512), dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(mw_ray.RayProgramExecutor(prog)(x)[0]), x * 3 + 1, rtol=1e-6)
+
+
 def test_worker_error_names_mesh_host_instruction(ray_runtime):
     bad = _two_mesh(lambda v: v, [Instruction("run", ("missing",), ("x1",), fragment="fa"),
                                   Instruction("send", ("x1",), peer="b")],
