@@ -1,7 +1,8 @@
 """The Ray backend on 2 simulated hosts x 4 CPU devices: results equal jax.jit, handles, failures.
 
 Ray starts once per session (`ray_runtime` in conftest.py); workers are shared by device set,
-so these tests start two mesh workers in all. The kill test restarts Ray and runs last.
+so the default tests start four mesh workers in all. The kill test restarts Ray; tests after it
+reach the fresh cluster through `mw_ray.current()`.
 """
 import os
 import signal
@@ -193,7 +194,7 @@ def _slow(v):
 
 
 def test_killed_worker_fails_fast_then_restart_works(ray_runtime, mlp):
-    """Runs last: kills a worker, then shuts Ray down and starts it again for the session."""
+    """Kills a worker mid-step, then shuts Ray down and starts it again for the session."""
     prog = _two_mesh(_slow, [Instruction("run", ("x",), ("x1",), fragment="fa"),
                              Instruction("send", ("x1",), peer="b")],
                      [Instruction("recv", outputs=("x1",), peer="a", sig=X),
@@ -225,3 +226,26 @@ def test_killed_worker_fails_fast_then_restart_works(ray_runtime, mlp):
     mw_ray.start(num_hosts=2, devices_per_host=4)
     outs = mw_ray.RayProgramExecutor(mlp.program)(*mlp.args)
     _close(outs, mlp.reference(*mlp.args))
+
+
+@pytest.mark.slow
+def test_transfers_to_and_from_a_mesh_spanning_two_hosts(ray_runtime):
+    """Mesh p (devices 0, 1: host 0) and mesh q (devices 2..5: two workers on two hosts, one
+    jax.distributed group): q's workers each wait for p's pieces; p waits for both of q's."""
+    p = MeshDesc("p", (2,), ("d",), (0, 1))
+    q = MeshDesc("q", (2, 2), ("x", "y"), (2, 3, 4, 5))
+    sp, sq = sig((8, 6), ("d",)), sig((8, 6), ("x", "y"))
+    frags = (lower_fragment("fp", p, "forward", 0, lambda v: v + 1, [sp], [sp]),
+             lower_fragment("fq", q, "forward", 1, lambda v: v * 2, [sq], [sq]))
+    prog = Program((p, q), frags,
+                   {"p": (Instruction("run", ("x",), ("x1",), fragment="fp"), Instruction("send", ("x1",), peer="q"),
+                          Instruction("recv", outputs=("y",), peer="q", sig=sp)),
+                    "q": (Instruction("recv", outputs=("x1",), peer="p", sig=sq),
+                          Instruction("run", ("x1",), ("y",), fragment="fq"), Instruction("send", ("y",), peer="p"))},
+                   (InputBinding(0, "p", "x", sp),), (OutputBinding(0, "p", "y", sp), OutputBinding(1, "q", "y", sq)))
+    ex = mw_ray.RayProgramExecutor(prog, step_timeout=120)
+    assert len(mw_ray.current().groups[(2, 3, 4, 5)].workers) == 2
+    x = np.arange(48, dtype=np.float32).reshape(8, 6)
+    on_p, on_q = ex(x)
+    np.testing.assert_array_equal(np.asarray(on_p), (x + 1) * 2)
+    np.testing.assert_array_equal(np.asarray(on_q), (x + 1) * 2)
