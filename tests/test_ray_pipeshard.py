@@ -40,6 +40,27 @@ def test_mlp_pipeshard_on_ray_matches_jit(ray_runtime):
     assert len(program.meshes) == 2 and program.num_micro_batches == 4
 
 
+def test_backend_runs_a_step_as_a_pytree(ray_runtime):
+    """`Backend` is what meshweave.init(cluster="ray") loads: StepArtifacts in, a step executor out."""
+    from types import SimpleNamespace
+
+    opt = optax.sgd(1e-2)
+    key = jax.random.PRNGKey(0)
+    state = mlp.init_state(key, [8, 16, 16, 16, 4], opt)
+    batch = mlp.synthetic_batch(key, 16, 8, 4)
+    step = mlp.make_train_step(opt, grad_fn=mw.value_and_grad)
+    exe = mw.parallelize(step, method=mw.PipeshardParallel(
+        num_micro_batches=2, stage_option=mw.UniformStageOption(num_stages=2))).get_executable(state, batch)
+    backend = mw_ray.Backend(num_hosts=2, devices_per_host=4)        # joins the session's runtime
+    run = backend.executor(SimpleNamespace(program=exe.runner.executor.program, out_tree=exe.runner.out_tree))
+    new_state, loss = run.run(run.place(jax.tree.leaves(([state, batch], {}))))
+    ref_state, ref_loss = jax.jit(step)(state, batch)
+    np.testing.assert_allclose(float(np.asarray(loss)), float(ref_loss), rtol=1e-5)
+    assert_trees_close(jax.device_get(new_state), ref_state, rtol=1e-5, atol=1e-6)
+    assert "HloModule" in run.stage_text(0)
+    run.close()
+
+
 @pytest.mark.slow
 def test_gpt_pipeshard_on_ray_matches_jit(ray_runtime):
     opt = optax.adam(1e-3)

@@ -192,6 +192,14 @@ class RayProgramExecutor:
             result[o.index] = RemoteArray(h, o.sig, prog.mesh(o.mesh), self._groups[o.mesh], c.epoch)
         return result
 
+    def compiled_text(self, fragment: str) -> str:
+        """The compiled, SPMD-partitioned HLO of `fragment` from the first worker of its mesh."""
+        import ray
+
+        self._check_usable()
+        mesh = self.program.fragment(fragment).mesh
+        return ray.get(self._groups[mesh].workers[0].compiled_text.remote(self._id, fragment))
+
     def run_flat(self, flat_args) -> list[RemoteArray]:
         """The local executor's calling convention (`LocalProgramExecutor.run_flat`)."""
         return self(*flat_args)

@@ -158,6 +158,9 @@ class MeshWorker:
         self._programs[program_id] = _Loaded(mesh, jmesh, compiled, tuple(instructions), peers, peer_hosts)
         return time.perf_counter() - t0
 
+    def compiled_text(self, program_id: int, fragment: str) -> str:
+        return "\n".join(m.to_string() for m in self._programs[program_id].fragments[fragment].executable.hlo_modules())
+
     def unload(self, program_id: int) -> None:
         self._programs.pop(program_id, None)
 
