@@ -13,8 +13,20 @@ pytest.importorskip("ray")
 from meshweave.runtime import ray as mw_ray  # noqa: E402
 
 
-def _run_on_ray(step, state, batch, method, steps=3):
-    exe = mw.parallelize(step, method=method).get_executable(state, batch)
+@pytest.fixture(scope="module")
+def mlp_case():
+    opt = optax.adam(1e-2)
+    key = jax.random.PRNGKey(0)
+    state = mlp.init_state(key, [16, 32, 32, 32, 8], opt)
+    step = mlp.make_train_step(opt, grad_fn=mw.value_and_grad)
+    batch = mlp.synthetic_batch(key, 32, 16, 8)
+    exe = mw.parallelize(step, method=mw.PipeshardParallel(
+        num_micro_batches=4, stage_option=mw.UniformStageOption(num_stages=2), pipeline_schedule="1f1b",
+    )).get_executable(state, batch)
+    return step, state, batch, exe
+
+
+def _run_on_ray(step, state, batch, exe, steps=3):
     program = exe.runner.executor.program
     ex = mw_ray.RayProgramExecutor(program)
     ref = jax.jit(step)
@@ -30,27 +42,16 @@ def _run_on_ray(step, state, batch, method, steps=3):
     return program
 
 
-def test_mlp_pipeshard_on_ray_matches_jit(ray_runtime):
-    opt = optax.adam(1e-2)
-    key = jax.random.PRNGKey(0)
-    state = mlp.init_state(key, [16, 32, 32, 32, 8], opt)
-    step = mlp.make_train_step(opt, grad_fn=mw.value_and_grad)
-    program = _run_on_ray(step, state, mlp.synthetic_batch(key, 32, 16, 8), mw.PipeshardParallel(
-        num_micro_batches=4, stage_option=mw.UniformStageOption(num_stages=2), pipeline_schedule="1f1b"))
+def test_mlp_pipeshard_on_ray_matches_jit(ray_runtime, mlp_case):
+    program = _run_on_ray(*mlp_case)
     assert len(program.meshes) == 2 and program.num_micro_batches == 4
 
 
-def test_backend_runs_a_step_as_a_pytree(ray_runtime):
+def test_backend_runs_a_step_as_a_pytree(ray_runtime, mlp_case):
     """`Backend` is what meshweave.init(cluster="ray") loads: StepArtifacts in, a step executor out."""
     from types import SimpleNamespace
 
-    opt = optax.sgd(1e-2)
-    key = jax.random.PRNGKey(0)
-    state = mlp.init_state(key, [8, 16, 16, 16, 4], opt)
-    batch = mlp.synthetic_batch(key, 16, 8, 4)
-    step = mlp.make_train_step(opt, grad_fn=mw.value_and_grad)
-    exe = mw.parallelize(step, method=mw.PipeshardParallel(
-        num_micro_batches=2, stage_option=mw.UniformStageOption(num_stages=2))).get_executable(state, batch)
+    step, state, batch, exe = mlp_case
     backend = mw_ray.Backend(num_hosts=2, devices_per_host=4)        # joins the session's runtime
     run = backend.executor(SimpleNamespace(program=exe.runner.executor.program, out_tree=exe.runner.out_tree))
     new_state, loss = run.run(run.place(jax.tree.leaves(([state, batch], {}))))
@@ -67,9 +68,10 @@ def test_gpt_pipeshard_on_ray_matches_jit(ray_runtime):
     cfg = gpt.GPTConfig(vocab=64, seq_len=16, d_model=32, heads=4, layers=4)
     key = jax.random.PRNGKey(1)
     state = gpt.init_state(key, cfg, opt)
-    _run_on_ray(gpt.make_train_step(opt, grad_fn=mw.value_and_grad), state, gpt.synthetic_batch(key, cfg, 16),
-                mw.PipeshardParallel(num_micro_batches=4, pipeline_schedule="1f1b",
-                                     stage_option=mw.ManualStageOption(
-                                         forward_stage_layer_ids=((0, 1), (2, 3)),
-                                         submesh_physical_shapes=((1, 4), (1, 4)),
-                                         submesh_logical_shapes=((2, 2), (4,)))))
+    step, batch = gpt.make_train_step(opt, grad_fn=mw.value_and_grad), gpt.synthetic_batch(key, cfg, 16)
+    exe = mw.parallelize(step, method=mw.PipeshardParallel(
+        num_micro_batches=4, pipeline_schedule="1f1b",
+        stage_option=mw.ManualStageOption(forward_stage_layer_ids=((0, 1), (2, 3)),
+                                          submesh_physical_shapes=((1, 4), (1, 4)),
+                                          submesh_logical_shapes=((2, 2), (4,))))).get_executable(state, batch)
+    _run_on_ray(step, state, batch, exe)
