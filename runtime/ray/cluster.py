@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import uuid
+from collections import deque
 import warnings
 from dataclasses import dataclass, field
 
@@ -36,7 +37,14 @@ class WorkerGroup:
     dead: bool = False
     # Handles the driver dropped; freed by the workers at the start of the group's next step
     # (or now, by an explicit RemoteArray.delete()), so dropping a handle costs no Ray call.
-    pending_free: list[str] = field(default_factory=list)
+    pending_free: deque = field(default_factory=deque)
+
+    def take_pending_free(self) -> list[str]:
+        """The dropped handles so far (finalizers may append from any thread meanwhile)."""
+        out = []
+        while self.pending_free:
+            out.append(self.pending_free.popleft())
+        return out
 
     def placement(self, mesh_device_ids, devices_per_host: int) -> tuple[tuple[int, int], ...]:
         """(rank, local device index) of each mesh device, in the mesh's row-major order."""
@@ -151,6 +159,19 @@ def shutdown() -> None:
                 os.unlink(p)
     if c.initialized_ray and ray.is_initialized():
         ray.shutdown()
+
+
+def retire(group: WorkerGroup) -> None:
+    """A worker of `group` died: its mesh state is lost, so stop the rest of the group too (a
+    jax.distributed group cannot continue without a member); the next use starts a new one."""
+    import ray
+
+    group.dead = True
+    for w in group.workers:
+        try:
+            ray.kill(w)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 def _create_group(c: RayCluster, device_ids: tuple[int, ...], label: str) -> WorkerGroup:

@@ -181,7 +181,7 @@ class RayProgramExecutor:
         calls = {}
         for m in prog.meshes:
             g = self._groups[m.name]
-            drop, g.pending_free[:] = list(g.pending_free), []
+            drop = g.take_pending_free()
             for rank, w in enumerate(g.workers):
                 ref = w.run_step.remote(self._id, step, feeds[m.name], outs[m.name], drop, *refs[m.name])
                 calls[ref] = (m.name, g.hosts[rank], rank)
@@ -247,7 +247,7 @@ class RayProgramExecutor:
             try:
                 ray.get(r)
             except ray.exceptions.RayActorError as e:
-                self._groups[mesh].dead = True
+                _cluster.retire(self._groups[mesh])
                 died.append(f"{self._where(step, mesh, host, rank)} died: {_first_line(e)}")
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
