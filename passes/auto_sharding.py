@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 from jaxlib.mlir import ir
@@ -22,7 +23,8 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
-from meshweave.passes.explicit_collectives import wrap_reduce_scatter
+from meshweave.passes.explicit_collectives import channel_ids, wrap_reduce_scatter
+from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 
 COST_SCALE = 1000          # float cost units -> integer problem units (tie-breakers are 0.001)
@@ -34,6 +36,25 @@ class MemoryBudgetError(PassError):
     def __init__(self, message, min_budget):
         super().__init__("auto-sharding", message)
         self.min_budget = min_budget
+
+
+@dataclass
+class AutoShardingResult(PassResult):
+    """The ILP's decision: the problem it solved, the cost graph, the choice and what it predicts."""
+
+    problem: object                   # passes.solver.ShardingProblem (re-solve it, or write it as IOPDDL)
+    graph: CostGraph
+    choice: list[int]                 # chosen strategy per strategy group
+    objective: float                  # in user cost units (alpha/beta's)
+    predicted_collectives: dict       # {kind: {count, bytes}}, bytes as the compiled HLO shows them
+    predicted_costs: dict             # {kind: cost, "total": cost}
+    solver: dict                      # solver statistics (status, method, times, sizes)
+    graph_stats: dict
+    constraints_inserted: int
+    report: str = field(repr=False, default="")
+
+    def explain(self) -> str:
+        return self.report
 
 
 def to_int_cost(x: np.ndarray) -> np.ndarray:
@@ -160,13 +181,14 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                     c = sdy.ShardingConstraintOp(rec.op.operands[k], req[s].to_attr())
                 rec.op.operands[k] = c.result
                 n_constraints += 1
+        channels = channel_ids(module) if scatters else None
         for rec, s, st in scatters:   # after the constraints: the manual computation takes the op's operands
             rule = st.rule
             partial = sr.tensor_sharding(rule.results[0], st.a, graph.mesh)
             result = graph.tensors[rec.results[0]].shardings[s]
             dim = next(d for d, fs in enumerate(rule.results[0]) if st.scatter in fs)
             wrap_reduce_scatter(rec.op, [req[s] for req in rec.operand_reqs], partial, result,
-                                sr.reduced_axes(rule, st.a), dim, graph.mesh)
+                                sr.reduced_axes(rule, st.a), dim, graph.mesh, next(channels))
     return n_constraints
 
 
@@ -262,19 +284,13 @@ class AutoSharding(Pass):
                 "variables_hint": int(sum(len(c) for c in problem.node_costs)),
                 "method": sol.method, "status": sol.status, "solve_time": sol.solve_time,
                 "build_time": t_build, "objective": objective, "problem_cost": int(sol.cost)}
-        report = {
-            "objective": objective,
-            "predicted_collectives": summarize_predicted(colls, mesh),
-            "predicted_costs": {k: v for k, v in _cost_by_kind(lmesh, colls).items()},
-            "solver": {**info, **{k: v for k, v in sol.stats.items() if isinstance(v, (int, float, str))}},
-            "graph": graph.stats(),
-            "constraints_inserted": n_constraints,
-            "explain": _explain(graph, choice, colls, info),
-        }
-        state.reports[self.name] = report
-        state.options["auto_sharding_problem"] = problem
-        state.options["auto_sharding_graph"] = graph
-        state.options["auto_sharding_choice"] = choice
+        state.results[self.name] = AutoShardingResult(
+            problem=problem, graph=graph, choice=choice, objective=objective,
+            predicted_collectives=summarize_predicted(colls, mesh),
+            predicted_costs=_cost_by_kind(lmesh, colls),
+            solver={**info, **{k: v for k, v in sol.stats.items() if isinstance(v, (int, float, str))}},
+            graph_stats=graph.stats(), constraints_inserted=n_constraints,
+            report=_explain(graph, choice, colls, info))
 
 
 def _cost_by_kind(lmesh, colls) -> dict:

@@ -17,6 +17,7 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
+from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Pass, PassError, register
 
 SHARDING = "mw.sharding"        # on fragment function arguments/results: the layout on its mesh, as text
@@ -33,8 +34,15 @@ class Transfer:
 
 
 @dataclass
-class TransferResult:
+class TransferResult(PassResult):
     transfers: list[Transfer] = field(default_factory=list)
+
+    def explain(self) -> str:
+        lines = [f"{len(self.transfers)} cross-mesh transfer(s), {self.bytes_per_micro_batch} B per step of the program"]
+        for t in self.transfers[:20]:
+            lines.append(f"  {t.value:10s} {t.src_mesh} -> {t.dst_mesh} {t.nbytes:10d} B  {t.src_sharding} -> "
+                         f"{t.dst_sharding}")
+        return "\n".join(lines)
 
     @property
     def bytes_per_micro_batch(self) -> int:
@@ -132,7 +140,8 @@ def to_mpmd(module: ir.Module, meshes: dict[str, tuple[tuple[str, int], ...]]) -
                     for i, a in enumerate(args))
     res_dicts = mw.result_attr_dicts(main)
     outs = ", ".join(f"{mt(mesh_of[v], v.type)} {_attr_text(res_dicts[k])}".rstrip() for k, v in enumerate(rets))
-    head = f"  func.func @main({sig}) -> ({outs}) attributes {{topology = #mpmd.topology<{topo}>}} {{"
+    vis = "public " if "sym_visibility" in main.attributes else ""
+    head = f"  func.func {vis}@{main.sym_name.value}({sig}) -> ({outs}) attributes {{topology = #mpmd.topology<{topo}>}} {{"
     with module.context:
         for c in calls:
             fn = funcs[ir.FlatSymbolRefAttr(c.attributes["callee"]).value]
@@ -160,8 +169,8 @@ class InsertTransfers(Pass):
     summary = "Rewrite @main into mpmd form: fragment calls on named meshes, one mpmd.transfer per crossing value"
 
     def run(self, module, state):
-        stages = state.reports.get("stage-construction")
+        stages = state.results.get("stage-construction")
         if stages is None:
             raise PassError(self.name, "no stages: run stage-construction and stage-outlining first")
         meshes = {s.mesh.name: tuple(zip(s.mesh.axis_names, s.mesh.shape)) for s in stages.stages}
-        state.reports[self.name] = to_mpmd(module, meshes)
+        state.results[self.name] = to_mpmd(module, meshes)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
+from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 
 LAYER = "mw.layer"
@@ -32,7 +33,7 @@ PHASES = ("forward", "backward", "apply")
 
 
 @dataclass
-class LayerClusteringResult:
+class LayerClusteringResult(PassResult):
     num_layers: int
     has_grad_marker: bool
     ops_per_layer: dict[tuple[str, int], int] = field(default_factory=dict)   # (phase, layer) -> op count
@@ -172,9 +173,15 @@ def assign_layers(func, micro_batches: int = 1) -> LayerClusteringResult:
     for i, deps in enumerate(operand_ops):
         for j in deps:
             users[j].append(i)
+    def seen_from_operand(u):
+        # a forward boundary marker's operands belong to the layer before the one it starts
+        if mw.marker_kind(ops[u]) == "boundary" and bwd[u] is None and layer[u] is not None:
+            return layer[u] - 1
+        return layer[u]
+
     for i in reversed(range(len(ops))):     # unplaced ops join the first layer that uses them
         if layer[i] is None:
-            layer[i] = min([layer[u] for u in users[i] if layer[u] is not None] or [0])
+            layer[i] = min([seen_from_operand(u) for u in users[i] if layer[u] is not None] or [0])
     result = LayerClusteringResult(num_layers, bool(grad))
     with func.context:
         i64 = ir.IntegerType.get_signless(64)
@@ -251,4 +258,4 @@ class LayerClustering(Pass):
         if result.num_layers == 1:
             state.warn("layer-clustering: no layer boundaries found (no mark_pipeline_boundary in the model and "
                        "no AutoLayerOption); the step runs as one pipeline stage")
-        state.reports[self.name] = result
+        state.results[self.name] = result

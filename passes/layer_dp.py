@@ -122,9 +122,10 @@ def _use_lists(ops) -> list[list[tuple[int, int, int]]]:
     defined: dict[Hashable, tuple[int, int]] = {}
     for i, op in enumerate(ops):
         for d in op.defs:
-            if not (isinstance(d, tuple) and len(d) == 2):
-                raise LayerClusteringError(f"ops[{i}].defs entry {d!r}: expected (value_id, nbytes)")
-            vid, nbytes = d
+            try:
+                vid, nbytes = d
+            except (TypeError, ValueError):
+                raise LayerClusteringError(f"ops[{i}].defs entry {d!r}: expected (value_id, nbytes)") from None
             if not isinstance(nbytes, (int, np.integer)) or isinstance(nbytes, bool) or nbytes < 0:
                 raise LayerClusteringError(f"ops[{i}] defines {vid!r} with nbytes={nbytes!r}; expected an integer >= 0")
             if vid in defined:

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from meshweave.dialects.sharding import default_axis_names
+from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 from meshweave.runtime.program import MeshDesc
 
@@ -30,7 +31,7 @@ class StageSpec:
 
 
 @dataclass
-class StageConstructionResult:
+class StageConstructionResult(PassResult):
     mode: str
     num_layers: int
     stages: list[StageSpec]
@@ -160,7 +161,7 @@ class StageConstruction(Pass):
     )
 
     def run(self, module, state):
-        layers = state.reports.get("layer-clustering")
+        layers = state.results.get("layer-clustering")
         if layers is None:
             raise PassError(self.name, "run layer-clustering first")
         num_layers = layers.num_layers
@@ -183,4 +184,4 @@ class StageConstruction(Pass):
         else:
             result = StageConstructionResult("uniform", num_layers,
                                              uniform_stages(option, num_layers, self.num_hosts, dph, device_ids))
-        state.reports[self.name] = result
+        state.results[self.name] = result

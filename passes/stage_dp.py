@@ -36,7 +36,7 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-Schedule = Literal["1f1b", "gpipe"]
+ScheduleName = Literal["1f1b", "gpipe"]
 _SCHEDULES = ("1f1b", "gpipe")
 _REL_TOL = 1e-9
 
@@ -335,7 +335,7 @@ class _Tables:
 
 def solve_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_micro_batches: int,
                  stage_cost: StageCostFn, *, transfer_cost: TransferCostFn | None = None,
-                 memory_capacity: float | None = None, schedule: Schedule = "1f1b",
+                 memory_capacity: float | None = None, schedule: ScheduleName = "1f1b",
                  submeshes: Sequence[Submesh] | None = None) -> StageSolution:
     """The plan with the least pipeline time (see the module docstring); exact.
 
@@ -343,7 +343,8 @@ def solve_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_mic
     (one per logical shape; none if it cannot run there); it is called once per triple.
     transfer_cost(boundary, before, after): seconds to move one micro-batch's values across the
     cut before layer `boundary` (forward and backward together) from a stage on sub-mesh `before`
-    to one on `after`; None means free. submeshes defaults to `submesh_choices(...)`.
+    to one on `after`; None means free. submeshes defaults to `submesh_choices(...)`; a custom
+    list may hold whole hosts and, when devices_per_host is a power of two, 1 x 2^k shapes.
     """
     t0 = time.perf_counter()
     _check_cluster(num_hosts, devices_per_host)
@@ -360,6 +361,11 @@ def solve_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_mic
         raise StageOptionError("no sub-mesh shapes to choose from")
     for s in subs:
         _check_submesh(s, num_hosts, devices_per_host)
+        if s.num_hosts == 1 and s.devices_per_host < devices_per_host and not (
+                _is_power_of_two(s.devices_per_host) and _is_power_of_two(devices_per_host)):
+            raise StageOptionError(
+                f"sub-mesh {s}: the DP counts devices, which is exact only when sub-host shapes are 1 x 2^k in hosts "
+                f"of 2^n devices (they always pack); use whole hosts, or such shapes")
     cost = stage_cost if isinstance(stage_cost, StageCostCache) else StageCostCache(stage_cost)
     calls_before = cost.calls
     tables, transfer_calls = _build_tables(num_layers, subs, cost, transfer_cost)
@@ -629,7 +635,7 @@ def uniform_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_m
                    num_stages: int | None = None, submesh: Submesh | tuple[int, int] | None = None,
                    logical_shape: tuple[int, ...] | None = None, stage_cost: StageCostFn | None = None,
                    transfer_cost: TransferCostFn | None = None, memory_capacity: float | None = None,
-                   schedule: Schedule = "1f1b") -> StageSolution:
+                   schedule: ScheduleName = "1f1b") -> StageSolution:
     """Equal layer counts on equal sub-meshes (UniformStageOption).
 
     num_stages defaults to the cluster size over the sub-mesh size when a sub-mesh is given, else
@@ -682,7 +688,7 @@ def validate_manual_stages(num_layers: int, num_hosts: int, devices_per_host: in
                            submesh_physical_shapes: Sequence[tuple[int, int]],
                            submesh_logical_shapes: Sequence[tuple[int, ...]] | None = None,
                            submesh_autosharding_option_dicts: Sequence[Mapping[str, object]] | None = None, *,
-                           num_micro_batches: int = 1, schedule: Schedule = "1f1b",
+                           num_micro_batches: int = 1, schedule: ScheduleName = "1f1b",
                            stage_cost: StageCostFn | None = None, transfer_cost: TransferCostFn | None = None,
                            memory_capacity: float | None = None) -> StageSolution:
     """Check a ManualStageOption against the layers and the cluster; return it as a plan.

@@ -18,6 +18,7 @@ from jaxlib.mlir.dialects import func as func_d
 
 from meshweave.dialects import meshweave as mw
 from meshweave.passes.layer_clustering import ACCUMULATE, LAYER, PHASE
+from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Pass, PassError, register
 
 PHASE_ORDER = {"forward": 0, "backward": 1, "apply": 2}
@@ -51,9 +52,13 @@ class Fragment:
 
 
 @dataclass
-class OutliningResult:
+class OutliningResult(PassResult):
     fragments: list[Fragment]
     results: list[Source]                 # per @main result
+
+    def explain(self) -> str:
+        return "fragments: " + ", ".join(f"{f.name}@{f.mesh} ({f.num_ops} ops, {len(f.inputs)} in, "
+                                         f"{f.num_outputs} out)" for f in self.fragments)
 
     def fragment(self, name: str) -> Fragment:
         return next(f for f in self.fragments if f.name == name)
@@ -77,7 +82,7 @@ def _small(value) -> bool:
 
 def rematerializable(ops, producer, returned) -> set[int]:
     """Ops cheaper to recompute in every fragment that reads them than to transfer: constants,
-    iotas, and broadcasts / reshapes / converts of those or of small values (Adam's bias
+    iotas, ops computed from those alone, and broadcasts / reshapes / converts of small values (Adam's bias
     correction broadcast from a scalar). CSE shares such ops across layers; rematerializing them
     keeps each layer's copy on the layer's own mesh."""
     out = set()
@@ -89,6 +94,8 @@ def rematerializable(ops, producer, returned) -> set[int]:
             continue
         if name in _SOURCES and len(op.operands) == 0:
             out.add(i)
+        elif len(op.operands) and all(producer.get(v) in out for v in op.operands):
+            out.add(i)                  # computed from constants only (a causal mask from iotas)
         elif name in _CHEAP and all(producer.get(v) in out or _small(v) for v in op.operands):
             out.add(i)
     return out
@@ -181,7 +188,7 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
         if i not in frag_of_op:
             continue
         name = frag_of_op[i]
-        stack = list(op.operands) + _captured(op, set())
+        stack = list(reversed(list(op.operands) + _captured(op, set())))   # popped in operand order
         while stack:
             v = stack.pop()
             j = producer.get(v)
@@ -282,7 +289,7 @@ class StageOutlining(Pass):
     summary = "Outline each stage's forward/backward/apply-grad ops into fragment functions called from @main"
 
     def run(self, module, state):
-        stages = state.reports.get("stage-construction")
+        stages = state.results.get("stage-construction")
         if stages is None:
             raise PassError(self.name, "no stage assignment: run stage-construction first")
-        state.reports[self.name] = outline(module, stages.stage_of_layer(), [s.mesh.name for s in stages.stages])
+        state.results[self.name] = outline(module, stages.stage_of_layer(), [s.mesh.name for s in stages.stages])

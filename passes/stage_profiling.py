@@ -20,7 +20,9 @@ from jaxlib.mlir import ir
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
 from meshweave.dialects.sharding import MeshSpec
-from meshweave.passes.stage_construction import StageConstructionResult, StageSpec, place_submeshes
+from meshweave.dialects.sharding import default_axis_names
+from meshweave.passes.stage_construction import StageConstructionResult, StageSpec
+from meshweave.runtime.program import MeshDesc
 
 
 def _flops(module) -> float:
@@ -83,19 +85,17 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     solves: dict[tuple[str, tuple], float] = {}
 
     def layer_cost(layer: int, logical: tuple[int, ...]) -> float:
+        import dataclasses
+
         n = math.prod(logical)
         spec = MeshSpec.from_shape(logical)
-        c = ClusterSpec(cluster.num_hosts, cluster.devices_per_host, cluster.inter_host_bandwidth,
-                        cluster.intra_host_bandwidth, cluster.latency, cluster.device_flops)
-        alpha = tuple(c.latency for _ in logical)
-        beta = tuple(1.0 / (c.intra_host_bandwidth if n <= c.devices_per_host else c.inter_host_bandwidth)
-                     for _ in logical)
+        hosts, per_host = max(1, n // cluster.devices_per_host), min(n, cluster.devices_per_host)
+        c = dataclasses.replace(cluster, num_hosts=hosts, devices_per_host=per_host, mesh_shape=tuple(logical))
+        _, alpha, beta = c.logical_mesh()       # an axis spanning hosts uses the inter-host link
         total = 0.0
         for text in texts[layer]:
             key = (text, logical)
             if key not in solves:
-                import dataclasses
-
                 o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
                 m = parse_module(text)
                 st = PipelineState(mesh=spec)
@@ -124,17 +124,16 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     memory = getattr(opt, "memory_budget_per_device", None)
     sol = solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost, transfer_cost=transfer_cost,
                        memory_capacity=memory, schedule=schedule if schedule in ("1f1b", "gpipe") else "1f1b")
-    placed = place_submeshes([s.submesh.shape for s in sol.stages], [s.logical_shape for s in sol.stages],
-                             num_hosts, devices_per_host, device_ids)
-    stages = [StageSpec(i, s.layers, phys, mesh, {}, s.latency)
-              for i, (s, (phys, mesh, _)) in enumerate(zip(sol.stages, placed))]
+    ids = list(device_ids) if device_ids is not None else list(range(num_hosts * devices_per_host))
+    stages = []
+    for i, s in enumerate(sol.stages):     # the DP packs sub-meshes into hosts (first fit), not in stage order
+        logical = tuple(s.logical_shape)
+        mesh = MeshDesc(f"mesh{i}", logical, default_axis_names(len(logical)), tuple(ids[d] for d in s.device_ids))
+        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, {}, s.latency))
     return StageConstructionResult("auto", num_layers, stages, objective=sol.objective,
                                    seconds=time.perf_counter() - t0, candidates=len(solves))
 
 
 def _auto_report(state) -> dict:
-    results = getattr(state, "results", None)
-    if results and "auto-sharding" in results:
-        r = results["auto-sharding"]
-        return {"objective": getattr(r, "objective", 0.0)}
-    return state.reports.get("auto-sharding", {})
+    r = state.results.get("auto-sharding")
+    return {"objective": r.objective if r is not None else 0.0}

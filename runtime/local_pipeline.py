@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from meshweave.runtime.program import Program, TensorSig, key_for
+from meshweave.runtime.program import TensorSig, key_for
 
 
 class PipelineRuntimeError(RuntimeError):
@@ -33,9 +33,13 @@ def _add(a, b):
 class LocalProgramExecutor:
     """Runs a Program's compiled fragments (`compiled`: fragment name -> jax Compiled) in this process."""
 
-    def __init__(self, program: Program, compiled: dict, devices_by_id: dict):
+    def __init__(self, step):
+        program = step.program
+        devices_by_id = {d.id: d for d in jax.devices()}
         self.program = program
-        self.compiled = compiled
+        self.out_tree = step.out_tree
+        self.compiled = {f.name: c for f, c in zip(program.fragments, step.compiled)}
+        compiled = self.compiled
         self.meshes = {m.name: Mesh(np.array([devices_by_id[i] for i in m.device_ids]).reshape(m.shape), m.axis_names)
                        for m in program.meshes}
         self._input_shardings = [named_sharding(b.sig, self.meshes[b.mesh]) for b in program.inputs]
@@ -47,8 +51,16 @@ class LocalProgramExecutor:
     def num_stages(self) -> int:
         return len(self.compiled)
 
-    def compiled_text(self, stage: int) -> str:
+    def stage_text(self, stage: int) -> str:
         return self.compiled[self.program.fragments[stage].name].as_text()
+
+    def place(self, leaves) -> list:
+        return [x if _same(x, s) else jax.device_put(x, s) if b.micro_batches == 1 else x
+                for x, s, b in zip((leaves[b.index] for b in self.program.inputs), self._input_shardings,
+                                   self.program.inputs)]
+
+    def run(self, leaves):
+        return jax.tree.unflatten(self.out_tree, self.run_flat(list(leaves)))
 
     def run_flat(self, flat_args: list) -> list:
         prog = self.program
@@ -102,8 +114,12 @@ class LocalProgramExecutor:
             sent[(ins.inputs[0], mesh_name, ins.peer)] = store[ins.inputs[0]]
         elif ins.op == "recv":
             x = sent.pop((ins.outputs[0], ins.peer, mesh_name))
-            store[ins.outputs[0]] = jax.device_put(x, NamedSharding(self.meshes[mesh_name], PartitionSpec())) \
-                if ins.sig is None else jax.device_put(x, named_sharding(ins.sig, self.meshes[mesh_name]))
+            mesh = self.meshes[mesh_name]
+            dst = named_sharding(ins.sig, mesh) if ins.sig is not None else NamedSharding(mesh, PartitionSpec())
+            mid = _send_once_layout(x.shape, dst, mesh)
+            if mid is not None:      # each byte crosses meshes once, then the replicas are made inside the mesh
+                x = jax.device_put(x, mid)
+            store[ins.outputs[0]] = jax.device_put(x, dst)
         elif ins.op == "accumulate":
             src, dst = ins.inputs[0], ins.outputs[0]
             store[dst] = store[src] if dst not in store else _add(store[dst], store[src])
@@ -112,6 +128,23 @@ class LocalProgramExecutor:
                 store.pop(k, None)
         else:
             raise PipelineRuntimeError(f"mesh {mesh_name}: unknown instruction {ins.op!r}")
+
+
+def _send_once_layout(shape, dst: NamedSharding, mesh: Mesh) -> NamedSharding | None:
+    """Alpa's "send once, all-gather locally": when the destination layout replicates data, first
+    land the value split over every device of the destination mesh (the first dimension the mesh
+    size divides), so no byte crosses meshes twice; the reshard to `dst` then runs inside the mesh.
+    None when `dst` replicates nothing or no dimension divides."""
+    n = mesh.devices.size
+    used = {a for d in dst.spec if d is not None for a in ((d,) if isinstance(d, str) else d)}
+    if n == 1 or len(used) == len(mesh.axis_names):
+        return None
+    for i, size in enumerate(shape):
+        if size % n == 0:
+            spec = [None] * len(shape)
+            spec[i] = tuple(mesh.axis_names)
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return None
 
 
 def _same(x, sharding) -> bool:

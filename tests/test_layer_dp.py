@@ -149,3 +149,8 @@ def test_a_thousand_ops_is_quick():
             ops.append(LayerOp(100.0 if j % 10 == 0 else 0.0, defs=((i, 64 if j else 16),), uses=uses))
     got = cluster_layers(ops, 24)
     assert len(got.cuts) == 24 and max(got.layer_flops) <= got.flops_limit
+
+
+def test_malformed_defs():
+    with pytest.raises(LayerClusteringError, match=r"defs entry 'a': expected \(value_id, nbytes\)"):
+        cluster_layers([LayerOp(1.0, defs=("a",))], 1)

@@ -154,7 +154,7 @@ def test_each_crossing_value_is_sent_once_per_micro_batch(tmp_path):
                                                         stage_option=mw.UniformStageOption(num_stages=2)), steps=1)
     exe = par.last_executable
     program = exe.program
-    outlined = exe.state.reports["stage-outlining"]
+    outlined = exe.state.results["stage-outlining"]
     frags = {f.name: f for f in outlined.fragments}
     desc = {d.name: d for d in program.fragments}
     expected, seen = 0, set()
@@ -188,3 +188,17 @@ def test_shard_parallel_step_runs_unchanged_with_one_micro_batch():
     batch = mlp.synthetic_batch(key, 16, 16, 8)
     step = mlp.make_train_step(opt)
     _run(step, state, batch, mw.PipeshardParallel(stage_option=mw.UniformStageOption(num_stages=2)), steps=2)
+
+
+def test_replicated_destination_is_sent_once_then_gathered_inside_the_mesh():
+    """A RECV into a layout with replicas lands the value split over the whole destination mesh
+    first (every byte crosses once), then reshards inside the mesh."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from meshweave.runtime.local_pipeline import _send_once_layout
+
+    mesh = Mesh(np.array(jax.devices()[4:8]).reshape(2, 2), ("x", "y"))
+    assert _send_once_layout((8, 3), NamedSharding(mesh, P()), mesh).spec == P(("x", "y"), None)
+    assert _send_once_layout((6, 4), NamedSharding(mesh, P("x")), mesh).spec == P(None, ("x", "y"))
+    assert _send_once_layout((8, 4), NamedSharding(mesh, P("x", "y")), mesh) is None   # nothing replicated
+    assert _send_once_layout((3, 5), NamedSharding(mesh, P()), mesh) is None            # no dimension divides

@@ -267,3 +267,32 @@ def test_bad_problems():
     only_one = lambda i, k, s: [StageCandidate((1, 1), 1.0, 0, 0)] if s.num_devices == 1 else []  # noqa: E731
     with pytest.raises(StageOptionError, match="no pipeline plan"):
         solve_stages(4, 1, 8, 4, only_one)
+
+
+def test_custom_submeshes_must_pack_by_device_count():
+    with pytest.raises(StageOptionError, match="1 x 2\\^k"):
+        solve_stages(4, 1, 8, 4, linear_cost([1.0] * 4), submeshes=[Submesh(1, 3), Submesh(1, 8)])
+    with pytest.raises(StageOptionError, match="does not fit a cluster"):
+        solve_stages(4, 1, 8, 4, linear_cost([1.0] * 4), submeshes=[Submesh(2, 8)])
+
+
+@pytest.mark.parametrize("seed,L,B,schedule", [(0, 12, 8, "1f1b"), (1, 16, 32, "1f1b"), (2, 12, 4, "gpipe")])
+def test_branch_and_bound_equals_full_sweep(seed, L, B, schedule):
+    # Past brute-force sizes: the pruned search over the max-latency bound finds the same optimum
+    # as evaluating the DP at every candidate bound (Alpa's sweep).
+    import numpy as np
+
+    from meshweave.passes.stage_dp import _build_tables, _StageDP
+
+    rng = random.Random(seed)
+    subs = submesh_choices(2, 4)
+    table = random_table(rng, L, subs, with_memory=True)
+    cost = StageCostCache(lambda i, k, s: table[(i, k, s)])
+    transfer = lambda b, a, c: 0.01 * ((b * 7 + a.num_devices + 3 * c.num_devices) % 5)  # noqa: E731
+    sol = solve_stages(L, 2, 4, B, cost, transfer_cost=transfer, memory_capacity=12.0, schedule=schedule)
+    tables, _ = _build_tables(L, subs, cost, transfer)
+    dp = _StageDP(tables, subs, L, 8, B, 12.0, schedule)
+    lat = tables.lat[dp.memok[0]]
+    runs = [dp.run(float(t)) for t in np.unique(lat[np.isfinite(lat)])]
+    assert sol.objective == pytest.approx(min(r[1] for r in runs if r is not None), rel=1e-9)
+    assert sol.stats.dp_evaluations < len(runs)

@@ -45,8 +45,12 @@ class AutoShardingOption:
             raise MethodError(f"AutoShardingOption.solver={self.solver!r}: expected 'highs' or 'cbc'")
         if self.time_limit <= 0:
             raise MethodError(f"AutoShardingOption.time_limit must be positive, got {self.time_limit}")
-        if self.memory_budget_per_device is not None and self.memory_budget_per_device <= 0:
-            raise MethodError("AutoShardingOption.memory_budget_per_device must be a positive byte count or None")
+        budget = self.memory_budget_per_device
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or budget <= 0 or budget != int(budget)):
+            raise MethodError(f"AutoShardingOption.memory_budget_per_device={budget!r}: expected a positive whole "
+                              f"number of bytes (e.g. {max(int(budget), 1) if isinstance(budget, (int, float)) else 2**30}),"
+                              f" or None for no limit")
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,10 @@ class ShardParallel(ParallelMethod):
         if not isinstance(self.auto_sharding, AutoShardingOption):
             raise MethodError("auto_sharding must be an AutoShardingOption")
 
+    def forced_batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
+        """Mesh axes the batch must split over (the driver checks the batch divides them)."""
+        return self.batch_axes(spec)
+
     def batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
         k = self.auto_sharding.force_batch_dim_to_mesh_dim
         if k is None:
@@ -172,6 +180,9 @@ class Zero2Parallel(ShardParallel):
                                        zero_stage=self.zero_stage)
 
     def data_parallel_axes(self, spec: MeshSpec) -> tuple[str, ...]:
+        return tuple(spec.axis_names)
+
+    def forced_batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
         return tuple(spec.axis_names)
 
 

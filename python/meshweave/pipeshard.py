@@ -7,6 +7,7 @@ each fragment on its sub-mesh, emit the per-mesh instruction lists, run them.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -20,11 +21,10 @@ from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
 from meshweave.dialects.sharding import MeshSpec
 from meshweave.markers import pipeline_tracing
-from meshweave.passes.pipeline import Pipeline, PipelineState, module_text
+from meshweave.passes.pipeline import PassResult, Pipeline, PipelineState, module_text
 from meshweave.plugin.compile import arg_shardings, named_sharding, result_shardings
 from meshweave.plugin.jax_adapter import replace_lowered_module
-from meshweave.plugin.lowering import check_call, trace
-from meshweave.runtime.local_pipeline import LocalProgramExecutor
+from meshweave.plugin.lowering import trace
 from meshweave.runtime.pipeline_emitter import FragmentIO, emit, value_name
 from meshweave.runtime.program import (FragmentDesc, InputBinding, MeshDesc, OutputBinding, Program, TensorSig,
                                        key_for)
@@ -42,23 +42,22 @@ class CompiledFragment:
     state: PipelineState
 
 
-def _micro_batch_args(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums, k: int):
-    static, _, batch, names = check_call(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums)
+def _micro_batch_call(call, k: int):
+    """The call with every batch leaf at micro-batch size (abstract), for tracing one micro-batch."""
     if k == 1:
-        return args, batch
-    sizes = {x.shape[0] for i in batch for x in jax.tree.leaves(args[i]) if getattr(x, "ndim", 0) >= 1}
+        return call
+    roles = call.leaf_roles()
+    sizes = {x.shape[0] for x, r in zip(call.leaves, roles) if r[1] and len(getattr(x, "shape", ())) >= 1}
     if not sizes:
-        raise PipeshardError(f"num_micro_batches={k} but no batch argument (batch_argnums={batch_argnums}) carries "
-                             "arrays; name the batch argument with batch_argnums")
-    for b in sizes:
+        raise PipeshardError(f"num_micro_batches={k} but no batch argument (batch_argnums="
+                             f"{call.spec.batch_argnums}) carries arrays; name the batch argument with batch_argnums")
+    for b in sorted(sizes):
         if b % k:
             raise PipeshardError(f"batch size {b} is not divisible by num_micro_batches={k}; use a batch size that "
                                  f"is a multiple of {k} or another micro-batch count")
-    out = list(args)
-    for i in batch:
-        out[i] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // k,) + tuple(x.shape[1:]), x.dtype)
-                              if getattr(x, "ndim", 0) >= 1 else x, args[i])
-    return tuple(out), batch
+    leaves = [jax.ShapeDtypeStruct((x.shape[0] // k,) + tuple(x.shape[1:]), x.dtype)
+              if r[1] and len(getattr(x, "shape", ())) >= 1 else x for x, r in zip(call.leaves, roles)]
+    return dataclasses.replace(call, leaves=leaves)
 
 
 _DTYPES = {"f32": "float32", "f64": "float64", "bf16": "bfloat16", "f16": "float16", "i32": "int32", "i64": "int64",
@@ -70,6 +69,15 @@ def _dtype(t):
     if et not in _DTYPES:
         raise PipeshardError(f"fragment value of element type {et} is not supported by the pipeline runtime")
     return jnp.dtype(_DTYPES[et])
+
+
+def _sdy_text(dims, mesh: str) -> str:
+    return f"#sdy.sharding<@{mesh}, [" + ", ".join("{" + ", ".join(f'"{a}"' for a in d) + "}" for d in dims) + "]>"
+
+
+def _spec_text(dims) -> str:
+    return "PartitionSpec(" + ", ".join("None" if not d else repr(d[0]) if len(d) == 1 else repr(tuple(d))
+                                        for d in dims) + ")"
 
 
 def _sig(ts, aval) -> TensorSig:
@@ -160,26 +168,28 @@ def _insert_transfers(module, state, compiled):
     p.run(module, state)
     state.records.append(PassRecord(len(state.records), p.name, p.spec(), time.perf_counter() - t0,
                                     module_text(module)))
-    return state.reports[p.name]
+    return state.results[p.name]
 
 
-def compile_pipeshard(pfunc, args, kwargs):
-    """Compile pfunc (a ParallelizedFunc with a PipeshardParallel method) for these arguments."""
+def compile_pipeshard(fun, call, method):
+    """Compile `fun` for one bound call under a PipeshardParallel method."""
     from meshweave.executable import Executable
     from meshweave.methods import _auto_sharding_pipeline
     from meshweave.parallel_plan import Plan, StagePlan, TensorPlacement
 
-    method = pfunc.method
     devices = list(np.asarray(method.devices, dtype=object).flat) if method.devices is not None else jax.devices()
     if len(devices) % method.num_hosts:
         raise PipeshardError(f"PipeshardParallel.num_hosts={method.num_hosts} does not divide the {len(devices)} devices")
     dph = len(devices) // method.num_hosts
     k = method.num_micro_batches
-    micro_args, batch = _micro_batch_args(pfunc.fun, args, kwargs, pfunc.static_argnums, pfunc.donate_argnums,
-                                          pfunc.batch_argnums, k)
+    micro_call = _micro_batch_call(call, k)
+    import time
+
+    clock = time.perf_counter
+    timings = {"trace": 0.0, "passes": 0.0, "stage_construction": 0.0, "fragment_ilps": 0.0, "xla_compile": 0.0}
+    t = clock()
     with pipeline_tracing(method.layer_option) as cfg:
-        step = trace(pfunc.fun, micro_args, kwargs, static_argnums=pfunc.static_argnums,
-                     donate_argnums=pfunc.donate_argnums, batch_argnums=pfunc.batch_argnums, mesh=None)
+        step = trace(fun, micro_call, mesh=None)
     if k > 1 and cfg["used"] == 0:
         raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
                              "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
@@ -190,9 +200,12 @@ def compile_pipeshard(pfunc, args, kwargs):
                                    "micro_batches": k})
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},"
                         f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},stage-outlining")
+    timings["trace"] = clock() - t
+    t = clock()
     pipeline.run(module, state, record_ir=True)
-    stages = state.reports["stage-construction"]
-    outlined = state.reports["stage-outlining"]
+    timings["passes"] = clock() - t
+    stages = state.results["stage-construction"]
+    outlined = state.results["stage-outlining"]
     main = mw.main_func(module)
     arg_paths = step.arg_paths
     flat_batch = [d is not None for d in step.batch_dims]
@@ -225,10 +238,14 @@ def compile_pipeshard(pfunc, args, kwargs):
         spec = MeshSpec.from_shape(stage.mesh.shape, stage.mesh.axis_names)
         fmod = parse_module(text)
         fstate = PipelineState(mesh=spec)
+        t = clock()
         Pipeline(_auto_sharding_pipeline(opt, len(spec.shape))).run(fmod, fstate, record_ir=True)
+        timings["fragment_ilps"] += clock() - t
         in_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.inputs]
         out_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.results]
+        t = clock()
         exe = _compile(fmod, jmeshes[stage.mesh.name], in_avals, out_avals)
+        timings["xla_compile"] += clock() - t
         in_sigs = tuple(_sig(ts, a) for ts, a in zip(arg_shardings(fmod), in_avals))
         out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
         desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
@@ -273,47 +290,31 @@ def compile_pipeshard(pfunc, args, kwargs):
     program = Program(tuple(meshes.values()), tuple(c.desc for c in compiled.values()),
                       {m: tuple(v) for m, v in instructions.items()}, tuple(inputs), tuple(outputs),
                       schedule=method.pipeline_schedule, num_micro_batches=k)
-    executor = LocalProgramExecutor(program, {n: c.compiled for n, c in compiled.items()}, by_id)
-    return program, executor, compiled, state, step, pipeline, schedule, stages
+    timings["stage_construction"] = next(r.seconds for r in state.records if r.name == "stage-construction")
+    timings["passes"] -= timings["stage_construction"]
+    program.notes["timings"] = timings
+    return program, compiled, state, step, pipeline, schedule, stages
 
 
-class PipelineRunner:
-    """The executor for a pipelined step: flattens the call like jax.jit, runs the Program, unflattens."""
-
-    def __init__(self, executor, static_argnums, out_tree):
-        self.executor = executor
-        self.static_argnums = tuple(static_argnums)
-        self.out_tree = out_tree
-
-    @property
-    def num_stages(self) -> int:
-        return self.executor.num_stages
-
-    def compiled_text(self, stage: int) -> str:
-        return self.executor.compiled_text(stage)
-
-    def __call__(self, *args, **kwargs):
-        dyn = [a for i, a in enumerate(args) if i not in self.static_argnums]
-        flat = jax.tree.leaves((dyn, dict(sorted(kwargs.items()))))
-        return jax.tree.unflatten(self.out_tree, self.executor.run_flat(flat))
-
-
-def build_executable(pfunc, args, kwargs):
+def compile_pipeline_step(fun, call, method):
     """Compile and wrap as a meshweave Executable (plan, dump, explain, plot_schedule)."""
+    from meshweave.cluster import current_backend
+    from meshweave.dumping import dump_dir_from_env, write_dump
     from meshweave.executable import Executable
     from meshweave.parallel_plan import Plan, StagePlan, TensorPlacement
     from meshweave.plugin import hlo_stats
+    from meshweave.runtime.executor import StepArtifacts
 
-    program, executor, compiled, state, step, pipeline, schedule, stages = compile_pipeshard(pfunc, args, kwargs)
-    static = check_call(pfunc.fun, args, kwargs, pfunc.static_argnums, pfunc.donate_argnums, pfunc.batch_argnums)[0]
-    runner = PipelineRunner(executor, static, step.lowered.out_tree)
+    program, compiled, state, step, pipeline, schedule, stages = compile_pipeshard(fun, call, method)
+    executor = current_backend().executor(
+        StepArtifacts(program, tuple(c.compiled for c in compiled.values()), step.lowered.out_tree))
     stage_plans = []
     for idx, (name, c) in enumerate(compiled.items()):
         mesh = program.mesh(c.desc.mesh)
 
         def places(sigs, prefix):
-            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, str(sg.sharding),
-                                    str(tuple(sg.sharding))) for i, sg in enumerate(sigs)]
+            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, _sdy_text(sg.sharding, mesh.name),
+                                    _spec_text(sg.sharding)) for i, sg in enumerate(sigs)]
 
         text = c.compiled.as_text()
         sp = StagePlan(idx, list(mesh.shape), list(mesh.axis_names), list(mesh.device_ids),
@@ -328,25 +329,65 @@ def build_executable(pfunc, args, kwargs):
                     "predicted_latency": s.latency} for s in stages.stages],
         "instructions": {m: [i.describe() for i in ins] for m, ins in program.instructions.items()},
         "bubble_fraction": getattr(schedule, "bubble_fraction", None),
+        "timings": program.notes.get("timings", {}),
     }
-    plan = Plan(method=pfunc.method.describe(), pass_pipeline=pipeline.spec(),
+    plan = Plan(method=method.describe(), pass_pipeline=pipeline.spec(),
                 logical_mesh={"shape": [len(program.meshes)], "axis_names": ["stage"], "alpha": None, "beta": None},
                 stages=stage_plans, schedule=program.schedule, num_micro_batches=program.num_micro_batches)
     plan.pipeline = pipeline_info
-    explain = "\n".join([state.reports["layer-clustering"].explain(), stages.explain(),
-                         "fragments: " + ", ".join(f"{c.desc.name}@{c.desc.mesh}" for c in compiled.values()),
-                         f"schedule: {program.schedule}, {program.num_micro_batches} micro-batch(es)"])
-    state.reports["pipeline"] = {"explain": explain}
-    extra = {}
-    for name, c in compiled.items():
-        extra[f"fragments/{name}"] = (lambda recs: lambda path: _write_records(recs, path))(c.records)
-    exe = Executable(plan=plan, runner=runner, records=state.records, state=state, traced=step, extra_dumps=extra)
+    state.results["pipeline-schedule"] = ScheduleResult(schedule, program)
+    exe = Executable(plan=plan, executor=executor, records=state.records, state=state, traced=step,
+                     argument_spec=call.spec)
     exe.schedule = schedule
     exe.program = program
+    exe.fragment_records = {name: c.records for name, c in compiled.items()}
+    path = dump_dir_from_env()
+    if path:
+        write_dump(exe, path)
     return exe
 
 
-def _write_records(records, path):
-    from meshweave.passes.pipeline import write_records
+@dataclass
+class ScheduleResult(PassResult):
+    """The pipeline schedule the runtime follows (explain() shows it per mesh)."""
 
-    write_records(records, path)
+    schedule: object
+    program: Program
+
+    def explain(self) -> str:
+        s = self.schedule
+        lines = [f"{s.kind}, {s.num_micro_batches} micro-batch(es), bubble fraction {s.bubble_fraction:.3f} "
+                 "(1 forward : 2 backward time units)"]
+        for m, tasks in enumerate(s.tasks):
+            lines.append(f"  mesh{m}: " + " ".join(str(t) for t in tasks))
+        n = sum(1 for lst in self.program.instructions.values() for i in lst if i.op == "send")
+        lines.append(f"  {n} send(s) per step")
+        return "\n".join(lines)
+
+
+def plan_pipeline(fun, call, method, cluster):
+    """Plan (no devices, no compile) a pipelined step for `cluster`: layers, stages and sub-meshes,
+    and the predicted step time (the stage DP's objective when stage_option="auto")."""
+    import time
+
+    from meshweave.planning import PlanResult
+
+    k = method.num_micro_batches
+    t0 = time.perf_counter()
+    with pipeline_tracing(method.layer_option) as cfg:
+        step = trace(fun, _micro_batch_call(call, k), mesh=None)
+    if k > 1 and cfg["used"] == 0:
+        raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
+                             "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
+    module = step.module()
+    state = PipelineState(mesh=MeshSpec.from_shape((cluster.num_devices,)),
+                          options={"stage_option": method.stage_option, "method": method, "cluster": cluster,
+                                   "auto_layer_clustering": cfg["clustering"], "micro_batches": k})
+    pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
+                        f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}")
+    pipeline.run(module, state, record_ir=False)
+    stages = state.results["stage-construction"]
+    objective = float(stages.objective) if stages.objective is not None else float("nan")
+    shape = (len(stages.stages),)
+    return PlanResult(MeshSpec.from_shape(shape, ("stage",)), pipeline.spec(), objective, objective, 0.0,
+                      warnings=list(state.warnings), stages=stages, layers=state.results["layer-clustering"])
