@@ -66,17 +66,17 @@ def mlp_steps(repeats: int, micro_batches: int, batch: int, hidden: int) -> dict
         jax.block_until_ready(loss)
     local_ms, local_min = _timed_ms(local_go, repeats)
 
-    ex = mw_ray.RayProgramExecutor(exe.runner.executor.program)
+    ex = mw_ray.RayProgramExecutor(exe.program)
     remote = {"s": state}
     driver = []
 
     def ray_go():
         outs = ex(*jax.tree.leaves(([remote["s"], data], {})))
-        remote["s"], _ = jax.tree.unflatten(exe.runner.out_tree, outs)      # the state stays on the workers
+        remote["s"], _ = jax.tree.unflatten(exe.traced.lowered.out_tree, outs)      # the state stays on the workers
         driver.append(ex.last_stats.wall_s - max(w["total"] for w in ex.last_stats.per_worker.values()))
     ray_ms, ray_min = _timed_ms(ray_go, repeats)
     ex.close()
-    n_ins = {m: len(v) for m, v in exe.runner.executor.program.instructions.items()}
+    n_ins = {m: len(v) for m, v in exe.program.instructions.items()}
     return {"micro_batches": micro_batches, "batch": batch, "hidden": hidden, "instructions_per_mesh": n_ins,
             "local_runtime_step_ms": local_ms, "ray_step_ms": ray_ms,
             "local_runtime_step_min_ms": local_min, "ray_step_min_ms": ray_min,

@@ -1,5 +1,6 @@
-"""PipeshardParallel programs from meshweave's own compiler, run on the Ray backend: 3 steps
-equal jax.jit, with the state staying on the workers between steps (handles fed back)."""
+"""Steps compiled by meshweave, run on the Ray backend: 3 steps equal jax.jit, with the state
+staying on the workers between steps (handles fed back) — through `mw.init(cluster="ray")`
+and through `RayProgramExecutor` directly."""
 import jax
 import numpy as np
 import optax
@@ -27,14 +28,14 @@ def mlp_case():
 
 
 def _run_on_ray(step, state, batch, exe, steps=3):
-    program = exe.runner.executor.program
+    program = exe.program
     ex = mw_ray.RayProgramExecutor(program)
     ref = jax.jit(step)
     s_ray, s_ref = state, state
     for _ in range(steps):
         outs = ex.run_flat(jax.tree.leaves(([s_ray, batch], {})))
         assert all(isinstance(o, mw_ray.RemoteArray) for o in outs)
-        s_ray, loss = jax.tree.unflatten(exe.runner.out_tree, outs)
+        s_ray, loss = jax.tree.unflatten(exe.traced.lowered.out_tree, outs)
         s_ref, loss_ref = ref(s_ref, batch)
         np.testing.assert_allclose(float(np.asarray(loss)), float(loss_ref), rtol=1e-5)
     assert_trees_close(jax.device_get(s_ray), s_ref, rtol=1e-5, atol=1e-6)
@@ -53,13 +54,34 @@ def test_backend_runs_a_step_as_a_pytree(ray_runtime, mlp_case):
 
     step, state, batch, exe = mlp_case
     backend = mw_ray.Backend(num_hosts=2, devices_per_host=4)        # joins the session's runtime
-    run = backend.executor(SimpleNamespace(program=exe.runner.executor.program, out_tree=exe.runner.out_tree))
+    run = backend.executor(SimpleNamespace(program=exe.program, out_tree=exe.traced.lowered.out_tree))
     new_state, loss = run.run(run.place(jax.tree.leaves(([state, batch], {}))))
     ref_state, ref_loss = jax.jit(step)(state, batch)
     np.testing.assert_allclose(float(np.asarray(loss)), float(ref_loss), rtol=1e-5)
     assert_trees_close(jax.device_get(new_state), ref_state, rtol=1e-5, atol=1e-6)
     assert "HloModule" in run.stage_text(0)
     run.close()
+
+
+def test_mw_init_ray_runs_shard_and_pipeshard_steps(ray_runtime, mlp_case):
+    step, state, batch, _ = mlp_case
+    mw.init("ray", num_hosts=2, devices_per_host=4)          # joins the session's runtime
+    try:
+        ref = jax.jit(step)
+        for method in (mw.ShardParallel(mesh_shape=(2, 4)),   # one mesh over both hosts' workers
+                       mw.PipeshardParallel(num_micro_batches=4, stage_option=mw.UniformStageOption(num_stages=2))):
+            f = mw.parallelize(step, method=method)
+            s_ray, s_ref = state, state
+            for _ in range(3):
+                s_ray, loss = f(s_ray, batch)
+                s_ref, loss_ref = ref(s_ref, batch)
+                assert isinstance(loss, mw_ray.RemoteArray)
+                np.testing.assert_allclose(float(np.asarray(loss)), float(loss_ref), rtol=1e-5)
+            assert_trees_close(jax.device_get(s_ray), s_ref, rtol=1e-5, atol=1e-6)
+            assert "HloModule" in f.last_executable.hlo_text(0)
+    finally:
+        mw.init("local")                 # the Ray backend joined the runtime, so this leaves it up
+    assert mw_ray.current() is not None
 
 
 @pytest.mark.slow

@@ -42,6 +42,9 @@ class Backend:
 
     def __init__(self, address: str | None = None, num_hosts: int = 1, devices_per_host: int = 8,
                  step_timeout: float = 300.0, **start_options):
+        from meshweave.runtime.ray import cluster
+
+        self._owns_runtime = cluster._CLUSTER is None      # else: joined a runtime someone started
         self.cluster = start(address, num_hosts, devices_per_host, **start_options)
         self.step_timeout = step_timeout
 
@@ -50,4 +53,6 @@ class Backend:
         return RayStepExecutor(RayProgramExecutor(step.program, step_timeout=self.step_timeout), step.out_tree)
 
     def shutdown(self) -> None:
-        shutdown()
+        """Stop the Ray runtime if this backend started it (see `start` / `shutdown`)."""
+        if self._owns_runtime:
+            shutdown()

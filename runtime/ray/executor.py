@@ -43,6 +43,8 @@ class RemoteArray:
     on demand (`np.asarray(a)`, `jax.device_get(a)`); the workers' copy is freed when the
     handle is garbage-collected or `delete()`d."""
 
+    __meshweave_remote__ = True      # meshweave.parallelize accepts it as an argument (plugin/arguments.py)
+
     def __init__(self, handle: str, sig: TensorSig, mesh, group, epoch: int):
         self._handle = handle
         self.shape = tuple(sig.shape)
