@@ -7,6 +7,7 @@ CPU devices set through its environment.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -75,6 +76,8 @@ class RayCluster:
             raise RayRuntimeError(f"mesh {label!r} uses device ids {bad}, outside this Ray cluster's "
                                   f"{self.num_hosts} host(s) x {self.devices_per_host} devices; "
                                   f"start it with more hosts/devices (meshweave.runtime.ray.start)")
+        if g is not None:
+            _remove_progress_files(g)
         g = _create_group(self, key, label)
         self.groups[key] = g
         return g
@@ -134,6 +137,8 @@ def start(address: str | None = None, num_hosts: int = 1, devices_per_host: int 
         raise RayRuntimeError(f"the Ray cluster has {len(nodes)} nodes, fewer than num_hosts={num_hosts}; "
                               f"add nodes (ray start --address=...) or ask for fewer hosts")
     _EPOCH += 1
+    if _EPOCH == 1:
+        atexit.register(_remove_all_progress_files)     # a driver that never calls shutdown()
     _CLUSTER = RayCluster(num_hosts, devices_per_host, initialized, node_ids, _EPOCH,
                           start_s=time.perf_counter() - t0)
     return _CLUSTER
@@ -154,9 +159,7 @@ def shutdown() -> None:
                 ray.kill(w)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        for p in g.progress_paths:
-            if p and os.path.exists(p):
-                os.unlink(p)
+        _remove_progress_files(g)
     if c.initialized_ray and ray.is_initialized():
         ray.shutdown()
 
@@ -172,6 +175,19 @@ def retire(group: WorkerGroup) -> None:
             ray.kill(w)
         except Exception:  # noqa: BLE001 - already gone
             pass
+    _remove_progress_files(group)
+
+
+def _remove_progress_files(group: WorkerGroup) -> None:
+    for p in group.progress_paths:
+        if p and os.path.exists(p):
+            os.unlink(p)
+
+
+def _remove_all_progress_files() -> None:
+    if _CLUSTER is not None:
+        for g in _CLUSTER.groups.values():
+            _remove_progress_files(g)
 
 
 def _create_group(c: RayCluster, device_ids: tuple[int, ...], label: str) -> WorkerGroup:

@@ -240,7 +240,7 @@ class RayProgramExecutor:
         """The most telling error among the workers: a death, else a real error, else a hang."""
         import ray
 
-        died, raised, stuck = [], [], []
+        died, raised, stuck, lost = [], [], [], set()
         for r, (mesh, host, rank) in calls.items():
             ready, _ = ray.wait([r], timeout=0)
             if not ready:
@@ -249,13 +249,15 @@ class RayProgramExecutor:
             try:
                 ray.get(r)
             except ray.exceptions.RayActorError as e:
-                _cluster.retire(self._groups[mesh])
                 died.append(f"{self._where(step, mesh, host, rank)} died: {_first_line(e)}")
+                lost.add(mesh)
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, StepAborted):
                     continue
                 raised.append(str(cause) if isinstance(cause, WorkerStepError) else str(e))
+        for mesh in lost:                     # after reading every progress board
+            _cluster.retire(self._groups[mesh])
         if died:
             self._closed = "a worker died: " + "; ".join(died)
             return WorkerDiedError(f"step {step} failed: " + "; ".join(died) +
@@ -269,8 +271,8 @@ class RayProgramExecutor:
     def _where(self, step: int, mesh: str, host: int, rank: int) -> str:
         """'mesh M host H (pid P) at instruction I (run f mb0)' from the worker's progress board."""
         g = self._groups[mesh]
-        at = "instruction unknown (worker on another node)"
         path = g.progress_paths[rank]
+        at = "instruction unknown (" + ("worker on another node)" if path is None else "its group was retired)")
         if path and os.path.exists(path):
             pid_, step_, idx = (int(v) for v in np.fromfile(path, dtype=np.int64, count=3))
             instrs = self.program.instructions.get(mesh, ())
