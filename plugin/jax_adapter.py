@@ -90,9 +90,3 @@ def executable_shardings(executable, devices, named: list, ndims: list[int], *, 
         else:
             result.append(sharding_impls.GSPMDSharding(tuple(devices), hlo))
     return result
-
-
-def execute_sharded(executable, arrays) -> list[list]:
-    """Run a raw executable on jax.Arrays laid out as it expects; per output, its per-device
-    single-device arrays (in the executable's device order)."""
-    return executable.execute_sharded(list(arrays)).disassemble_into_single_device_arrays()
