@@ -233,7 +233,7 @@ class AutoSharding(Pass):
         Option("allow-all-to-all", "bool", True, "allow all-to-all when resharding"),
         Option("prefer-reduce-scatter", "bool", False, "offer reduce-scatter variants of summing ops"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
-        Option("time-limit", "float", 60.0, "solver time limit in seconds"),
+        Option("time-limit", "float", 10.0, "solver time limit in seconds (it stops earlier at a proven optimum)"),
     )
 
     def run(self, module, state):
@@ -259,7 +259,8 @@ class AutoSharding(Pass):
         budget = self.memory_budget or None
         problem = build_problem(graph, budget)
         t_build = time.perf_counter() - t0
-        sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver)
+        sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,
+                    cache=state.options.get("solve_cache"))   # a SolveCache shared by repeated planning
         if not sol.feasible:
             if budget is not None:
                 floor = sol.stats.get("min_peak_usage")
@@ -269,7 +270,7 @@ class AutoSharding(Pass):
                     f"or use more devices)", floor)
             raise PassError(self.name, f"the solver found no plan ({sol.status})")
         if sol.status == "timeout" or sol.status == "feasible":
-            state.warn(f"auto-sharding: solver stopped at its {self.time_limit:.0f} s limit; using the best plan "
+            state.warn(f"auto-sharding: solver stopped at its {self.time_limit:g} s limit; using the best plan "
                        f"found (status {sol.status})")
         choice = [int(x) for x in sol.assignment[: len(graph.groups)]]
         objective = lmesh.to_user_units(sol.cost / COST_SCALE)
