@@ -31,14 +31,29 @@ ANCHORS = HEAVY | {"stablehlo.gather", "stablehlo.scatter"}
 PASS_THROUGH = {"stablehlo.optimization_barrier"}
 RULE_ATTR = "sdy.sharding_rule"
 MEMORY_TIE = 1e-4          # cost per byte held per device by an argument (a tie-breaker, << any collective)
-_DTYPE_BYTES = {"f64": 8, "i64": 8, "ui64": 8, "c64": 8, "c128": 16, "f32": 4, "i32": 4, "ui32": 4,
-                "bf16": 2, "f16": 2, "i16": 2, "ui16": 2, "i8": 1, "ui8": 1, "i1": 1}
+class UnknownDtypeError(ValueError):
+    """A tensor's element type has no known size; costs and memory would be wrong."""
+
+
+def element_bits(et: ir.Type) -> int:
+    """Storage bits of one element (i1/pred: one byte, as XLA stores it)."""
+    for cls in (ir.FloatType, ir.IntegerType):
+        try:
+            width = cls(et).width
+        except (ValueError, TypeError):
+            continue
+        return 8 if width == 1 else width
+    try:
+        return 2 * element_bits(ir.ComplexType(et).element_type)
+    except (ValueError, TypeError):
+        pass
+    raise UnknownDtypeError(f"auto-sharding: element type '{et}' has no known size, so its tensors cannot be "
+                            "costed; use a float, integer or complex dtype (or cast before this op)")
 
 
 def tensor_bytes(t: ir.Type) -> int:
     rt = ir.RankedTensorType(t)
-    et = str(rt.element_type)
-    return math.prod(rt.shape) * _DTYPE_BYTES.get(et, 4)
+    return -(-math.prod(rt.shape) * element_bits(rt.element_type) // 8)
 
 
 @dataclass(frozen=True)

@@ -109,30 +109,48 @@ class LogicalMesh:
 
         Per dimension, the axes both shardings share as a common prefix stay; further
         splitting by dst is a free local slice. Axes src has but dst does not keep are
-        all-gathered, or moved to another dimension with an all-to-all when that is cheaper.
+        all-gathered, or moved to another dimension with an all-to-all when that moves fewer
+        bytes. The choice depends on the layouts only (never on `nbytes`), so the solver's
+        edge costs (`reshard_affine`) and the predicted collectives always describe the same plan.
         Returns [(kind, axes, per-device bytes)], empty when slicing suffices.
         """
-        if src == dst or src.rank == 0:
-            return []
-        kept, gathered, dst_extra = [], [], []
-        for s, d in zip(src.dims, dst.dims):
-            k = 0
-            while k < len(s) and k < len(d) and s[k] == d[k]:
-                k += 1
-            kept += s[:k]
-            gathered += s[k:]
-            dst_extra += d[k:]
-        if not gathered:
-            return []
-        gather = [("all-gather", tuple(gathered), nbytes / self.mesh.axes_size(kept))]
-        moved = [a for a in gathered if a in dst_extra]
-        if not moved:
-            return gather
-        rest = [a for a in gathered if a not in moved]
-        a2a = [("all-to-all", tuple(moved), nbytes / self.mesh.axes_size(src.used_axes()))]
-        if rest:
-            a2a.append(("all-gather", tuple(rest), nbytes / self.mesh.axes_size(kept + moved)))
-        return a2a if self.plan_cost(a2a) < self.plan_cost(gather) else gather
+        return [(kind, axes, nbytes * frac) for kind, axes, frac in self._reshard_shape(src, dst)]
+
+    def _reshard_shape(self, src: TensorSharding, dst: TensorSharding) -> tuple:
+        """The plan for one byte: ((kind, axes, fraction of the global bytes per device), ...); memoized."""
+        cache = self.__dict__.setdefault("_shape_cache", {})
+        key = (src, dst)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        hit = ()
+        if src != dst and src.rank:
+            kept, gathered, dst_extra = [], [], []
+            for s, d in zip(src.dims, dst.dims):
+                k = 0
+                while k < len(s) and k < len(d) and s[k] == d[k]:
+                    k += 1
+                kept += s[:k]
+                gathered += s[k:]
+                dst_extra += d[k:]
+            if gathered:
+                hit = (("all-gather", tuple(gathered), 1 / self.mesh.axes_size(kept)),)
+                moved = [a for a in gathered if a in dst_extra]
+                if moved:
+                    rest = [a for a in gathered if a not in moved]
+                    a2a = (("all-to-all", tuple(moved), 1 / self.mesh.axes_size(src.used_axes())),)
+                    if rest:
+                        a2a += (("all-gather", tuple(rest), 1 / self.mesh.axes_size(kept + moved)),)
+                    if self._per_byte_key(a2a) < self._per_byte_key(hit):
+                        hit = a2a
+        cache[key] = hit
+        return hit
+
+    def _per_byte_key(self, plan) -> tuple[float, float]:
+        """Order plans by cost per byte moved, then by their fixed (latency) cost."""
+        c0 = self.plan_cost([(k, ax, 0.0) for k, ax, _ in plan])
+        c1 = self.plan_cost(plan) - c0 if not math.isinf(c0) else INF
+        return (c1, c0)
 
     def plan_cost(self, plan) -> float:
         cost = {"all-gather": self.all_gather, "all-to-all": self.all_to_all,
@@ -145,15 +163,11 @@ class LogicalMesh:
         return const + coef * nbytes
 
     def reshard_affine(self, src: TensorSharding, dst: TensorSharding) -> tuple[float, float]:
-        """(c0, c1) with reshard cost = c0 + c1 * nbytes; memoized (the graph asks for few distinct pairs)."""
-        cache = self.__dict__.setdefault("_affine", {})
-        key = (src, dst)
-        hit = cache.get(key)
-        if hit is None:
-            c0 = self.plan_cost(self.reshard_plan(0.0, src, dst))
-            c1 = 0.0 if math.isinf(c0) else self.plan_cost(self.reshard_plan(1.0, src, dst)) - c0
-            hit = cache[key] = (c0, c1)
-        return hit
+        """(c0, c1) with plan_cost(reshard_plan(n, src, dst)) == c0 + c1 * n for every n."""
+        shape = self._reshard_shape(src, dst)
+        c0 = self.plan_cost([(k, ax, 0.0) for k, ax, _ in shape])
+        c1 = 0.0 if math.isinf(c0) else self.plan_cost(shape) - c0
+        return c0, c1
 
     def shard_bytes(self, nbytes: float, sharding: TensorSharding) -> float:
         return nbytes / self.mesh.axes_size(sharding.used_axes())
