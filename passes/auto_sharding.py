@@ -229,7 +229,10 @@ class AutoSharding(Pass):
             raise PassError(self.name, f"zero-stage={self.zero_stage}: expected 0, 2 or 3")
         state.logical_mesh = lmesh
         func = mw.main_func(module)
-        PassManager.parse("builtin.module(func.func(sdy-populate-op-sharding-rules))",
+        # CHLO ops (chlo.square, chlo.erf, chlo.top_k, ...) have no Shardy rule: decompose them into
+        # StableHLO ops that do (XLA would legalize them the same way before partitioning).
+        PassManager.parse("builtin.module(func.func(chlo-legalize-to-stablehlo),"
+                          "func.func(sdy-populate-op-sharding-rules))",
                           context=module.context).run(module.operation)
         t0 = time.perf_counter()
         graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
