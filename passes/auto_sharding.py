@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 from jaxlib.mlir import ir
@@ -170,6 +171,31 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
     return n_constraints
 
 
+@dataclass(frozen=True)
+class ReplicatedFallback:
+    """An op with no sharding rule: it runs replicated and its operands are gathered first."""
+
+    name: str
+    op_name: str
+    gathered_bytes: float       # per device, summed over the operands the plan gathers
+    cost: float                 # in the logical mesh's units
+
+
+def replicated_fallbacks(graph: CostGraph, choice) -> list[ReplicatedFallback]:
+    out = []
+    for g in graph.groups:
+        if g.kind != "replicated":
+            continue
+        plans = [p for p in g.node_plans[choice[g.id]]]
+        for e in graph.edges:
+            if e.dst_group == g.id:
+                src, dst = e.src[choice[e.src_group]], e.dst[choice[e.dst_group]]
+                plans += [(k, ax, b, e.why) for k, ax, b in graph.lmesh.reshard_plan(e.nbytes, src, dst)]
+        out.append(ReplicatedFallback(g.name, g.op.operation.name, sum(b for _, _, b, _ in plans),
+                                      graph.lmesh.plan_cost([(k, ax, b) for k, ax, b, _ in plans])))
+    return out
+
+
 def _explain(graph: CostGraph, choice, colls, info) -> str:
     lm = graph.lmesh
     lines = [f"logical mesh {graph.mesh}  alpha={lm.user_alpha} beta={lm.user_beta}  (costs below in units of "
@@ -184,6 +210,11 @@ def _explain(graph: CostGraph, choice, colls, info) -> str:
         lines.append(f"  {g.name:24s} {rec.descriptions[s]:48s} cost {g.node_cost[s]:.6g}")
     if len(heavy) > 40:
         lines.append(f"  ... {len(heavy) - 40} more")
+    fallbacks = replicated_fallbacks(graph, choice)
+    if fallbacks:
+        lines.append("ops without a sharding rule (run replicated; what gathering their operands costs):")
+        for fb in fallbacks:
+            lines.append(f"  {fb.name:24s} {fb.op_name:28s} gathers {fb.gathered_bytes:12.0f} B/device   cost {fb.cost:.6g}")
     by_kind = defaultdict(lambda: [0, 0.0, 0.0])
     for kind, axes, nbytes, _ in colls:
         by_kind[kind][0] += 1
