@@ -277,8 +277,10 @@ class CostGraph:
             return
         rule = sr.Rule.from_attr(op.attributes[RULE_ATTR])
         if name in ANCHORS or (name == "stablehlo.broadcast_in_dim" and
-                               tensor_bytes(results[0].type) > 2 * tensor_bytes(op.operands[0].type)):
+                               tensor_bytes(results[0].type) > 2 * tensor_bytes(op.operands[0].type)) \
+                or (self.prefer_reduce_scatter and is_sum_reduce(op, rule)):
             # A broadcast is planned on its own: resharding its small input beats resharding its output.
+            # With reduce-scatter preferred, a sum (a bias's or a norm's gradient) may scatter its result.
             self._add_anchor(op, step, rule, operand_tids, label, heavy=name in HEAVY)
         else:
             self._add_follower(op, step, rule, operand_tids, live, label)
@@ -481,15 +483,14 @@ class CostGraph:
             self._intern, self._by_object, self._alive, self._by_id, self._affine = {}, {}, [], [], {}
         su, si = np.unique(self._ids(e.src), return_inverse=True)
         du, di = np.unique(self._ids(e.dst), return_inverse=True)
-        c0 = np.empty((len(su), len(du)))
-        c1 = np.empty_like(c0)
+        small = np.empty((len(su), len(du)))
         for i, a in enumerate(su.tolist()):
             for j, b in enumerate(du.tolist()):
-                hit = self._affine.get((a, b))
-                if hit is None:
-                    hit = self._affine[(a, b)] = self.lmesh.reshard_affine(self._by_id[a], self._by_id[b])
-                c0[i, j], c1[i, j] = hit
-        small = (c0 + c1 * e.nbytes) * e.scale
+                terms = self._affine.get((a, b))
+                if terms is None:
+                    terms = self._affine[(a, b)] = self.lmesh.reshard_terms(self._by_id[a], self._by_id[b])
+                small[i, j] = min(c0 + c1 * e.nbytes for c0, c1 in terms)
+        small = small * e.scale
         return small[np.ix_(si, di)]
 
     def memory_terms(self):
@@ -509,6 +510,17 @@ class CostGraph:
                 "strategies": int(sum(len(g.strategies) for g in self.groups)),
                 "heavy_ops": sum(1 for o in self.ops if o.heavy), "steps": self.num_steps,
                 "unhandled_ops": dict(self.unhandled)}
+
+
+def is_sum_reduce(op, rule: sr.Rule) -> bool:
+    """A single-result stablehlo.reduce with an add body and a non-scalar result: its partial sums
+    may be reduce-scattered (max/min/... reductions may not)."""
+    if op.operation.name != "stablehlo.reduce" or len(op.results) != 1 or not rule.reduction:
+        return False
+    if not ir.RankedTensorType(op.results[0].type).shape:
+        return False
+    body = [o.operation.name for o in op.regions[0].blocks[0].operations]
+    return body == ["stablehlo.add", "stablehlo.return"]
 
 
 def _constant_int(v) -> int | None:

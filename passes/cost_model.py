@@ -109,15 +109,20 @@ class LogicalMesh:
 
         Per dimension, the axes both shardings share as a common prefix stay; further
         splitting by dst is a free local slice. Axes src has but dst does not keep are
-        all-gathered, or moved to another dimension with an all-to-all when that moves fewer
-        bytes. The choice depends on the layouts only (never on `nbytes`), so the solver's
-        edge costs (`reshard_affine`) and the predicted collectives always describe the same plan.
-        Returns [(kind, axes, per-device bytes)], empty when slicing suffices.
+        all-gathered, or moved to another dimension with an all-to-all when that is cheaper
+        for this size. Returns [(kind, axes, per-device bytes)], empty when slicing suffices.
+        Its cost is exactly `reshard(nbytes, src, dst)`, the term the solver's edges use.
         """
-        return [(kind, axes, nbytes * frac) for kind, axes, frac in self._reshard_shape(src, dst)]
+        shapes = self._reshard_shapes(src, dst)
+        if not shapes:
+            return []
+        terms = self.reshard_terms(src, dst)
+        best = min(range(len(shapes)), key=lambda k: (terms[k][0] + terms[k][1] * nbytes, k))
+        return [(kind, axes, nbytes * frac) for kind, axes, frac in shapes[best]]
 
-    def _reshard_shape(self, src: TensorSharding, dst: TensorSharding) -> tuple:
-        """The plan for one byte: ((kind, axes, fraction of the global bytes per device), ...); memoized."""
+    def _reshard_shapes(self, src: TensorSharding, dst: TensorSharding) -> tuple:
+        """The candidate plans for one byte, each ((kind, axes, fraction of the global bytes per
+        device), ...): gather everything, or (when an axis moves between dims) all-to-all it."""
         cache = self.__dict__.setdefault("_shape_cache", {})
         key = (src, dst)
         hit = cache.get(key)
@@ -134,23 +139,31 @@ class LogicalMesh:
                 gathered += s[k:]
                 dst_extra += d[k:]
             if gathered:
-                hit = (("all-gather", tuple(gathered), 1 / self.mesh.axes_size(kept)),)
+                hit = ((("all-gather", tuple(gathered), 1 / self.mesh.axes_size(kept)),),)
                 moved = [a for a in gathered if a in dst_extra]
                 if moved:
                     rest = [a for a in gathered if a not in moved]
                     a2a = (("all-to-all", tuple(moved), 1 / self.mesh.axes_size(src.used_axes())),)
                     if rest:
                         a2a += (("all-gather", tuple(rest), 1 / self.mesh.axes_size(kept + moved)),)
-                    if self._per_byte_key(a2a) < self._per_byte_key(hit):
-                        hit = a2a
+                    hit += (a2a,)
         cache[key] = hit
         return hit
 
-    def _per_byte_key(self, plan) -> tuple[float, float]:
-        """Order plans by cost per byte moved, then by their fixed (latency) cost."""
-        c0 = self.plan_cost([(k, ax, 0.0) for k, ax, _ in plan])
-        c1 = self.plan_cost(plan) - c0 if not math.isinf(c0) else INF
-        return (c1, c0)
+    def reshard_terms(self, src: TensorSharding, dst: TensorSharding) -> tuple[tuple[float, float], ...]:
+        """((c0, c1), ...): resharding n bytes costs min_k c0_k + c1_k * n, each term the cost of one
+        candidate plan of `reshard_plan` (which picks the cheapest for its n); memoized."""
+        cache = self.__dict__.setdefault("_terms_cache", {})
+        key = (src, dst)
+        hit = cache.get(key)
+        if hit is None:
+            hit = []
+            for shape in self._reshard_shapes(src, dst) or ((),):
+                c0 = self.plan_cost([(k, ax, 0.0) for k, ax, _ in shape])
+                c1 = 0.0 if math.isinf(c0) else self.plan_cost(shape) - c0
+                hit.append((c0, c1))
+            hit = cache[key] = tuple(hit)
+        return hit
 
     def plan_cost(self, plan) -> float:
         cost = {"all-gather": self.all_gather, "all-to-all": self.all_to_all,
@@ -159,15 +172,7 @@ class LogicalMesh:
 
     def reshard(self, nbytes: float, src: TensorSharding, dst: TensorSharding) -> float:
         """Cost of `reshard_plan` (0 when dst only slices src further)."""
-        const, coef = self.reshard_affine(src, dst)
-        return const + coef * nbytes
-
-    def reshard_affine(self, src: TensorSharding, dst: TensorSharding) -> tuple[float, float]:
-        """(c0, c1) with plan_cost(reshard_plan(n, src, dst)) == c0 + c1 * n for every n."""
-        shape = self._reshard_shape(src, dst)
-        c0 = self.plan_cost([(k, ax, 0.0) for k, ax, _ in shape])
-        c1 = 0.0 if math.isinf(c0) else self.plan_cost(shape) - c0
-        return c0, c1
+        return min(c0 + c1 * nbytes for c0, c1 in self.reshard_terms(src, dst))
 
     def shard_bytes(self, nbytes: float, sharding: TensorSharding) -> float:
         return nbytes / self.mesh.axes_size(sharding.used_axes())

@@ -48,14 +48,18 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
         mc = sdy.ManualComputationOp([op.result.type], list(op.operands), _per_value(operand_shardings),
                                      _per_value([result]), manual)
     block = mc.regions[0].blocks.append(*[_local_type(v.type, s, mesh) for v, s in zip(op.operands, operand_shardings)])
-    keep = {k: op.attributes[k] for k in [op.attributes[i].name for i in range(len(op.attributes))]
-            if not k.startswith("sdy.") and not k.startswith("mw.")}
     with ir.InsertionPoint(block):
-        local = ir.Operation.create(op.operation.name, results=[_local_type(op.result.type, partial, mesh)],
-                                    operands=list(block.arguments), attributes=keep)
+        # A clone keeps the op's regions (a reduce's body) and attributes; sdy/mw annotations go.
+        local = op.operation.clone()
+        for k, arg in enumerate(block.arguments):
+            local.operands[k] = arg
+        local.results[0].set_type(_local_type(op.result.type, partial, mesh))
+        for name in [local.attributes[i].name for i in range(len(local.attributes))]:
+            if name.startswith("sdy.") or name.startswith("mw."):
+                del local.attributes[name]
         groups = replica_groups(mesh, reduced_axes)
         rs = hlo.ReduceScatterOp(
-            _local_type(op.result.type, result, mesh), local.result, scatter_dim,
+            _local_type(op.result.type, result, mesh), local.results[0], scatter_dim,
             ir.DenseElementsAttr.get(groups.astype(np.int64)),
             channel_handle=ir.Attribute.parse(f"#stablehlo.channel_handle<handle = {next(_channels)}, type = 1>"),
             use_global_device_ids=True)

@@ -96,3 +96,17 @@ def test_only_truly_opaque_ops_run_replicated_and_explain_shows_their_bytes():
     assert report["graph"]["unhandled_ops"] == {"stablehlo.custom_call": 1}
     line = next(ln for ln in report["explain"].splitlines() if "custom_call" in ln and "gathers" in ln)
     assert "gathers         1024 B/device" in line, line     # the 32x8 f32 activation, gathered from 4 shards
+
+
+# ---------------------------------------------------------------- rule 2: ZeRO reduce-scatters every gradient
+@pytest.mark.parametrize("method", [mw.Zero2Parallel, mw.Zero3Parallel])
+@pytest.mark.parametrize("mesh_shape", [(8,), (2, 4)])
+def test_zero_leaves_no_non_scalar_all_reduce(method, mesh_shape):
+    step, state, batch = ln_case()            # kernels, a 1-D scale and bias, Adam moments
+    exe = run(step, state, batch, method(mesh_shape=mesh_shape, devices=devices(8)))
+    colls = exe.collectives()
+    big_all_reduces = [c for c in colls if c.kind == "all-reduce" and c.bytes > 4]
+    assert not big_all_reduces, [(c.kind, c.bytes, c.source) for c in colls]
+    # every gradient (2 kernels, scale, bias) is reduce-scattered: 64x64 and 64 f32 over 8 devices
+    scattered = sorted(c.bytes for c in colls if c.kind == "reduce-scatter")
+    assert scattered == [32, 32, 2048, 2048], scattered
