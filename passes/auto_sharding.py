@@ -9,6 +9,7 @@ partitioner then inserts exactly the collectives the plan priced; `plan_fidelity
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
-from meshweave.passes.explicit_collectives import wrap_reduce_scatter
+from meshweave.passes.explicit_collectives import explicit_all_to_all, wrap_reduce_scatter
 from meshweave.passes.registry import Option, Pass, PassError, register
 
 COST_SCALE = 1000          # float cost units -> integer problem units (tie-breakers are 0.001)
@@ -93,13 +94,22 @@ def build_problem(graph: CostGraph, memory_budget: float | None, name: str = "me
 
 
 def predicted_collectives(graph: CostGraph, choice) -> list[tuple[str, tuple, float, str]]:
-    """The collectives the plan pays for, as (kind, axes, per-device bytes, why)."""
+    """The collectives the plan pays for, as (kind, axes, per-device bytes, why); an operand
+    resharded alike for several consumers counts once, as the annotation inserts it once."""
     out = []
     for g in graph.groups:
         out += g.node_plans[choice[g.id]]
     for e in graph.edges:
+        if e.operand:
+            continue
         src, dst = e.src[choice[e.src_group]], e.dst[choice[e.dst_group]]
         out += [(k, ax, b, e.why) for k, ax, b in graph.lmesh.reshard_plan(e.nbytes, src, dst)]
+    for rec, k, tid, req, first in graph.operand_reshards(choice):
+        if first:
+            t = graph.tensors[tid]
+            why = f"operand {k} of {rec.descriptions and graph.groups[rec.group].name or rec.op.operation.name}"
+            out += [(kind, ax, b, why) for kind, ax, b in
+                    graph.lmesh.reshard_plan(t.nbytes, t.shardings[choice[t.group]], req)]
     return out
 
 
@@ -150,24 +160,30 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 st = graph.groups[rec.group].op_strategies[s]
                 if st is not None and st.scatter is not None:
                     scatters.append((rec, s, st))
-            # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays.
-            for k, (tid, req) in enumerate(zip(rec.operand_tensors, rec.operand_reqs)):
-                if tid is None or graph.tensors[tid].group < 0 or req is None:
-                    continue
+        # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays;
+        # one constraint per value and layout within a block, shared by its consumers.
+        pinned = {}
+        channels = itertools.count(1)     # channel ids numbered per module: identical compiles, identical IR
+        for rec, k, tid, req, first in graph.operand_reshards(choice):
+            key = (tid, rec.scope, req)
+            if first:
                 t = graph.tensors[tid]
-                if t.shardings[choice[t.group]] == req[s]:
-                    continue
+                src = t.shardings[choice[t.group]]
+                plan = graph.lmesh.reshard_plan(t.nbytes, src, req)
                 with ir.InsertionPoint(rec.op):
-                    c = sdy.ShardingConstraintOp(rec.op.operands[k], req[s].to_attr())
-                rec.op.operands[k] = c.result
+                    moved = None
+                    if [kind for kind, _, _ in plan] == ["all-to-all"]:
+                        moved = explicit_all_to_all(rec.op.operands[k], src, req, graph.mesh, next(channels))
+                    pinned[key] = moved or sdy.ShardingConstraintOp(rec.op.operands[k], req.to_attr()).result
                 n_constraints += 1
+            rec.op.operands[k] = pinned[key]
         for rec, s, st in scatters:   # after the constraints: the manual computation takes the op's operands
             rule = st.rule
             partial = sr.tensor_sharding(rule.results[0], st.a, graph.mesh)
             result = graph.tensors[rec.results[0]].shardings[s]
             dim = next(d for d, fs in enumerate(rule.results[0]) if st.scatter in fs)
             wrap_reduce_scatter(rec.op, [req[s] for req in rec.operand_reqs], partial, result,
-                                sr.reduced_axes(rule, st.a), dim, graph.mesh)
+                                sr.reduced_axes(rule, st.a), dim, graph.mesh, next(channels))
     return n_constraints
 
 

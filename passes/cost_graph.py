@@ -101,6 +101,7 @@ class OpRecord:
     flops: float = 0.0
     descriptions: list[str] | None = None
     loop: bool = False                      # a while op: results annotated per carried value
+    scope: str = ""                         # the enclosing while loop's label ("" in @main's body)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class EdgeTerm:
     nbytes: int
     why: str
     scale: float = 1.0                      # loop trip count when inside a while body
+    operand: bool = False                   # an op's operand (the plan pins it with a sharding constraint)
 
 
 class CostGraphError(ValueError):
@@ -137,6 +139,7 @@ class CostGraph:
         self.num_steps = 0
         self.scale = 1.0                      # cost multiplier (a loop body runs trip-count times)
         self.loops: list[tuple[str, int]] = []
+        self.scope = ""                       # label of the while loop being built
         self.unhandled: dict[str, int] = {}
 
     # ----------------------------------------------------------------- building
@@ -156,10 +159,13 @@ class CostGraph:
             self.groups[group].members.append(tid)
         return tid
 
-    def _charge(self, group: Group, s: int, plan, why: str):
+    def _charge(self, group: Group, s: int, plan, why: str, record: bool = True):
+        """Add `plan`'s cost to strategy s; `record` lists it among the group's own collectives
+        (operand resharding is listed per op instead: see `operand_reshards`)."""
         cost = self.lmesh.plan_cost(plan) * self.scale
         group.node_cost[s] += cost
-        group.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
+        if record:
+            group.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
 
     def build(self, func) -> "CostGraph":
         block = mw.entry_block(func)
@@ -237,7 +243,7 @@ class CostGraph:
                 self._edge_or_node(tid, self.tensors[arg_t].group, self.tensors[arg_t].shardings,
                                    f"result {r} keeps {self.tensors[arg_t].name}'s sharding")
 
-    def _edge_or_node(self, src_tid, dst_group, dst_shardings, why):
+    def _edge_or_node(self, src_tid, dst_group, dst_shardings, why, operand=False):
         """Charge resharding src tensor -> dst_shardings (indexed by dst_group's strategies)."""
         src = self.tensors[src_tid]
         if src.group < 0:
@@ -247,10 +253,10 @@ class CostGraph:
             for s in range(len(g.strategies)):
                 plan = self.lmesh.reshard_plan(src.nbytes, src.shardings[s], dst_shardings[s])
                 if plan:
-                    self._charge(g, s, plan, why)
+                    self._charge(g, s, plan, why, record=not operand)
         else:
             self.edges.append(EdgeTerm(src.group, dst_group, src.shardings, dst_shardings, src.nbytes, why,
-                                       self.scale))
+                                       self.scale, operand))
 
     def _add_op(self, op, step, sub: int | None = None):
         name = op.operation.name
@@ -336,7 +342,7 @@ class CostGraph:
         reqs = self._charge_op(op, g, rule, strategies, operand_tids, label)
         self._set_result_batch_dims(rule, res_tids, bf)
         flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
-        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names))
+        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names, scope=self.scope))
 
     def _charge_op(self, op, g, rule, strategies, operand_tids, label):
         """Charge an op's partial-sum reductions and its operands' resharding, per strategy of its
@@ -355,7 +361,7 @@ class CostGraph:
             req = [sr.tensor_sharding(rule.operands[k], st.a, self.mesh) for st in strategies]
             reqs.append(req)
             if tid is not None:
-                self._edge_or_node(tid, g.id, req, f"operand {k} of {label}")
+                self._edge_or_node(tid, g.id, req, f"operand {k} of {label}", operand=True)
         return reqs
 
     def _scatter_variants(self, rule, assigns):
@@ -386,7 +392,7 @@ class CostGraph:
             res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
         self._set_result_batch_dims(rule, res_tids, self._batch_factor(rule, operand_tids))
         reqs = self._charge_op(op, g, rule, induced, operand_tids, label)
-        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs))
+        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, scope=self.scope))
 
     def _add_while(self, op, step, operand_tids, label):
         """Plan a loop body once: carried values keep one layout through every iteration (the body's
@@ -401,6 +407,7 @@ class CostGraph:
             self.warn(f"auto-sharding: the trip count of stablehlo.while ({label}) is not a constant; "
                       "its body is costed as running once")
         outer_scale, self.scale = self.scale, self.scale * trip
+        outer_scope, self.scope = self.scope, label
         try:
             for k, inner in enumerate(body.operations):
                 if inner.operation.name == "stablehlo.return":
@@ -421,7 +428,7 @@ class CostGraph:
                     continue
                 self._add_op(inner, step, sub=k)
         finally:
-            self.scale = outer_scale
+            self.scale, self.scope = outer_scale, outer_scope
         res = [self._alias_tensor(v, f"{label}.{r}", ct, step)
                for r, (v, ct) in enumerate(zip(op.results, carried))]
         self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids), loop=True))
@@ -458,8 +465,8 @@ class CostGraph:
             req = [TensorSharding.replicated(rank, self.mesh.name)]
             reqs.append(req)
             if tid is not None:
-                self._edge_or_node(tid, g.id, req, f"operand {k} of {label} (replicated)")
-        self.ops.append(OpRecord(op, g.id, res, operand_tids, reqs))
+                self._edge_or_node(tid, g.id, req, f"operand {k} of {label} (replicated)", operand=True)
+        self.ops.append(OpRecord(op, g.id, res, operand_tids, reqs, scope=self.scope))
 
     # ----------------------------------------------------------------- costs
     def _ids(self, shardings) -> np.ndarray:
@@ -492,6 +499,26 @@ class CostGraph:
                 small[i, j] = min(c0 + c1 * e.nbytes for c0, c1 in terms)
         small = small * e.scale
         return small[np.ix_(si, di)]
+
+    def operand_reshards(self, choice):
+        """Per op (in program order) and operand: the layout the plan pins the operand to, when it
+        differs from its producer's, as (record, operand index, tensor id, sharding, first). One
+        value resharded to one layout within one block is done once (XLA CSEs the copies), so
+        `first` is False for the repeats; the ILP's edges still charge every consumer."""
+        seen = set()
+        for rec in self.ops:
+            if rec.group < 0:
+                continue
+            s = choice[rec.group]
+            for k, (tid, req) in enumerate(zip(rec.operand_tensors, rec.operand_reqs)):
+                if tid is None or req is None or self.tensors[tid].group < 0:
+                    continue
+                t = self.tensors[tid]
+                if t.shardings[choice[t.group]] == req[s]:
+                    continue
+                key = (tid, rec.scope, req[s])
+                yield rec, k, tid, req[s], key not in seen
+                seen.add(key)
 
     def memory_terms(self):
         """(group, start, end, per-strategy bytes per device) for every non-free tensor."""

@@ -40,7 +40,7 @@ def _per_value(shardings) -> ir.Attribute:
 
 
 def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: TensorSharding,
-                        reduced_axes, scatter_dim: int, mesh: MeshSpec) -> ir.Value:
+                        reduced_axes, scatter_dim: int, mesh: MeshSpec, channel: int | None = None) -> ir.Value:
     """Replace single-result `op` by a manual computation: local op, then reduce-scatter over
     `reduced_axes` along `scatter_dim`. `partial` is the op's result layout before scattering."""
     manual = ir.Attribute.parse("#sdy<manual_axes{" + ", ".join(f'"{a}"' for a in mesh.axis_names) + "}>")
@@ -61,7 +61,7 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
         rs = hlo.ReduceScatterOp(
             _local_type(op.result.type, result, mesh), local.results[0], scatter_dim,
             ir.DenseElementsAttr.get(groups.astype(np.int64)),
-            channel_handle=ir.Attribute.parse(f"#stablehlo.channel_handle<handle = {next(_channels)}, type = 1>"),
+            channel_handle=ir.Attribute.parse(f"#stablehlo.channel_handle<handle = {channel or next(_channels)}, type = 1>"),
             use_global_device_ids=True)
         scalar = ir.RankedTensorType.get([], ir.RankedTensorType(op.result.type).element_type)
         body = rs.regions[0].blocks.append(scalar, scalar)
@@ -70,6 +70,44 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
         sdy.ReturnOp([rs.result])
     op.result.replace_all_uses_with(mc.result)
     op.operation.erase()
+    return mc.result
+
+
+def all_to_all_dims(src: TensorSharding, dst: TensorSharding) -> tuple[int, int, tuple] | None:
+    """(from dim, to dim, axes) when dst is src with trailing axes of one dim moved to the end of
+    another -- the layouts one stablehlo.all_to_all connects; None otherwise."""
+    diff = [d for d, (a, b) in enumerate(zip(src.dims, dst.dims)) if a != b]
+    if len(diff) != 2:
+        return None
+    for i, j in (diff, diff[::-1]):
+        s_i, s_j, d_i, d_j = src.dims[i], src.dims[j], dst.dims[i], dst.dims[j]
+        moved = s_i[len(d_i):]
+        if moved and s_i[:len(d_i)] == d_i and d_j == s_j + moved:
+            return i, j, moved
+    return None
+
+
+def explicit_all_to_all(value: ir.Value, src: TensorSharding, dst: TensorSharding, mesh: MeshSpec,
+                        channel: int) -> ir.Value | None:
+    """`value` (laid out as src) resharded to dst by one explicit all-to-all in a manual
+    computation, inserted at the current insertion point; None when one all-to-all cannot do it.
+    XLA's partitioner, given only a sharding constraint, may instead gather the producer's
+    operands and recompute; spelling the collective out makes it do what the plan priced."""
+    dims = all_to_all_dims(src, dst)
+    if dims is None:
+        return None
+    concat_dim, split_dim, axes = dims
+    manual = ir.Attribute.parse("#sdy<manual_axes{" + ", ".join(f'"{a}"' for a in mesh.axis_names) + "}>")
+    mc = sdy.ManualComputationOp([value.type], [value], _per_value([src]), _per_value([dst]), manual)
+    block = mc.regions[0].blocks.append(_local_type(value.type, src, mesh))
+    with ir.InsertionPoint(block):
+        groups = replica_groups(mesh, axes)
+        a2a = hlo.AllToAllOp([block.arguments[0]], split_dim, concat_dim, groups.shape[1],
+                             ir.DenseElementsAttr.get(groups.astype(np.int64)),
+                             channel_handle=ir.Attribute.parse(
+                                 f"#stablehlo.channel_handle<handle = {channel}, type = 1>"),
+                             results=[_local_type(value.type, dst, mesh)])
+        sdy.ReturnOp([a2a.results[0]])
     return mc.result
 
 
@@ -92,6 +130,10 @@ def shardy_collectives(module_text: str, mesh: MeshSpec) -> dict:
             s = out.setdefault(kind, {"count": 0, "bytes": 0})
             s["count"] += 1
             s["bytes"] += int(round(tensor_bytes(op.results[0].type) / mesh.axes_size(ts.used_axes())))
+        elif op.name == "stablehlo.all_to_all":
+            s = out.setdefault("all-to-all", {"count": 0, "bytes": 0})
+            s["count"] += 1
+            s["bytes"] += tensor_bytes(op.results[0].type)   # inside a manual computation: local type
         elif op.name == "stablehlo.reduce_scatter":
             s = out.setdefault("reduce-scatter", {"count": 0, "bytes": 0})
             s["count"] += 1

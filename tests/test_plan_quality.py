@@ -110,3 +110,26 @@ def test_zero_leaves_no_non_scalar_all_reduce(method, mesh_shape):
     # every gradient (2 kernels, scale, bias) is reduce-scattered: 64x64 and 64 f32 over 8 devices
     scattered = sorted(c.bytes for c in colls if c.kind == "reduce-scatter")
     assert scattered == [32, 32, 2048, 2048], scattered
+
+
+# ---------------------------------------------------------------- rule 3: GShard expert parallelism
+def test_moe_layer_gets_gshard_expert_parallelism():
+    from meshweave.models import moe
+
+    cfg = moe.MoEConfig()          # 8 groups x 32 tokens, 8 experts of capacity 8, d_model 32
+    opt = optax.sgd(1e-2)
+    state = moe.init_state(jax.random.PRNGKey(0), cfg, opt)
+    batch = moe.synthetic_batch(jax.random.PRNGKey(1), cfg)
+    exe = run(moe.make_train_step(cfg, opt), state, batch, mw.ShardParallel(mesh_shape=(8,), devices=devices(8)))
+    specs = {p.path: p.spec for p in exe.plan.stages[0].inputs}
+    assert specs["state['params']['wi']"] == specs["state['params']['wo']"] == "P('x',)"   # experts split
+    colls = exe.collectives()
+    tokens = cfg.experts * cfg.groups * cfg.capacity * cfg.d_model * 4 // 8     # E x G x C x M per device
+    moved = [c for c in colls if c.kind == "all-to-all" and c.bytes == tokens]
+    assert len(moved) == 4, [(c.kind, c.bytes, c.source) for c in colls]          # 2 forward, 2 backward
+    # Everything else is about the small non-expert weights (projection 32x32, gate 32x8) and the
+    # loss: no activation is all-gathered.
+    non_expert = cfg.d_model * cfg.d_model * 4 + cfg.d_model * cfg.experts * 4 + 4
+    rest = [c for c in colls if c not in moved]
+    assert all(c.bytes <= non_expert for c in rest), [(c.kind, c.bytes, c.source) for c in rest]
+    assert {r["status"] for r in exe.plan.stages[0].fidelity} <= {"match", "combined"}, exe.plan.stages[0].fidelity
