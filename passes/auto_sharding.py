@@ -107,7 +107,7 @@ def predicted_collectives(graph: CostGraph, choice) -> list[tuple[str, tuple, fl
     for rec, k, tid, req, first in graph.operand_reshards(choice):
         if first:
             t = graph.tensors[tid]
-            why = f"operand {k} of {rec.descriptions and graph.groups[rec.group].name or rec.op.operation.name}"
+            why = f"operand {k} of {graph.groups[rec.group].name}"
             out += [(kind, ax, b, why) for kind, ax, b in
                     graph.lmesh.reshard_plan(t.nbytes, t.shardings[choice[t.group]], req)]
     return out

@@ -25,7 +25,7 @@ def replica_groups(mesh: MeshSpec, axes) -> np.ndarray:
     ids = np.arange(mesh.num_devices).reshape(mesh.shape)
     idx = [mesh.axis_names.index(a) for a in axes]
     rest = [i for i in range(len(mesh.shape)) if i not in idx]
-    return ids.transpose(rest + idx).reshape(-1, int(np.prod([mesh.shape[i] for i in idx])))
+    return np.ascontiguousarray(ids.transpose(rest + idx).reshape(-1, int(np.prod([mesh.shape[i] for i in idx]))))
 
 
 def _local_type(t: ir.Type, sharding: TensorSharding, mesh: MeshSpec) -> ir.Type:
