@@ -257,6 +257,8 @@ class AutoSharding(Pass):
         Option("allow-all-gather", "bool", True, "allow all-gather when resharding"),
         Option("allow-all-to-all", "bool", True, "allow all-to-all when resharding"),
         Option("prefer-reduce-scatter", "bool", False, "offer reduce-scatter variants of summing ops"),
+        Option("allow-mixed-mesh-shape", "bool", False,
+               "let ops split a non-batch dim over several mesh axes (the mesh as 1-D) beside 2-D ops"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
         Option("time-limit", "float", 60.0, "solver time limit in seconds"),
     )
@@ -283,7 +285,8 @@ class AutoSharding(Pass):
                           context=module.context).run(module.operation)
         t0 = time.perf_counter()
         graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
-                          zero_stage=self.zero_stage, warn=state.warn).build(func)
+                          zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
+                          warn=state.warn).build(func)
         budget = self.memory_budget or None
         problem = build_problem(graph, budget)
         t_build = time.perf_counter() - t0

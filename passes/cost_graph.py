@@ -122,12 +122,15 @@ class CostGraphError(ValueError):
 
 class CostGraph:
     def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
-                 warn=None):
+                 mixed_mesh_shape: bool = False, warn=None):
         self.lmesh = lmesh
         self.mesh = lmesh.mesh
         self.prefer_reduce_scatter = prefer_reduce_scatter
         self.batch_axes = tuple(batch_axes)   # batch arguments split their batch dim over these axes first
         self.zero_stage = zero_stage          # 2: optimizer state sharded; 3: parameters sharded too
+        # Off (Alpa's default): on a mesh of several axes, only a batch dimension (or a ZeRO-sharded
+        # argument) takes more than one axis; on: any dimension may use the mesh as 1-D.
+        self.mixed_mesh_shape = mixed_mesh_shape or sum(n > 1 for n in lmesh.mesh.shape) < 2
         self.parameters: set[int] = set()
         self.warn = warn or (lambda msg: None)
         self.groups: list[Group] = []
@@ -197,6 +200,8 @@ class CostGraph:
         elif self.zero_stage and batch_dim is None:
             replicate = i in self.parameters and self.zero_stage < 3
             tries.insert(0, (lambda a: used(a) == 0) if replicate else (lambda a: used(a) == len(all_axes)))
+        if not (self.zero_stage and batch_dim is None):     # ZeRO's sharded state may use the mesh as 1-D
+            tries = [lambda a, ok=ok: ok(a) and self._mesh_shape_ok(a, batch_dim) for ok in tries] + tries
         assigns = []
         for allowed in tries:       # the policy if any layout meets it, else every layout
             assigns = sr.enumerate_assignments(rule, self.mesh, allowed=allowed)
@@ -291,6 +296,10 @@ class CostGraph:
         else:
             self._add_follower(op, step, rule, operand_tids, live, label)
 
+    def _mesh_shape_ok(self, a, batch_factor) -> bool:
+        """Without mixed mesh shapes, only the batch factor may take several mesh axes."""
+        return self.mixed_mesh_shape or all(len(axes) < 2 for f, axes in enumerate(a) if f != batch_factor)
+
     def _batch_factor(self, rule, operand_tids) -> int | None:
         """The rule factor that carries the batch (from operands' batch dims), if any."""
         for k, tid in enumerate(operand_tids):
@@ -324,9 +333,12 @@ class CostGraph:
         bf = self._batch_factor(rule, operand_tids)
         assigns = []
         forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
+        shape_ok = lambda a: self._mesh_shape_ok(a, bf)
         if bf is not None and forced:   # data-parallel forcing: the batch factor keeps the batch axes
             assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy,
-                                               allowed=lambda a: a[bf][:len(forced)] == forced)
+                                               allowed=lambda a: a[bf][:len(forced)] == forced and shape_ok(a))
+        if not assigns:
+            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy, allowed=shape_ok)
         if not assigns:
             assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy)
         strategies = [OpStrategy(a) for a in assigns]

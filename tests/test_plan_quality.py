@@ -133,3 +133,27 @@ def test_moe_layer_gets_gshard_expert_parallelism():
     rest = [c for c in colls if c not in moved]
     assert all(c.bytes <= non_expert for c in rest), [(c.kind, c.bytes, c.source) for c in rest]
     assert {r["status"] for r in exe.plan.stages[0].fidelity} <= {"match", "combined"}, exe.plan.stages[0].fidelity
+
+
+# ---------------------------------------------------------------- rule 6: mixed mesh shapes
+def test_allow_mixed_mesh_shape_lets_megatron_use_the_whole_2d_mesh():
+    from meshweave.models import mlp
+
+    # 6 -> 1024 -> 6 with a batch of 3: only the hidden dim divides by 8. Without mixed shapes
+    # the 2x4 mesh must stay 2-D, so x lands on the 6-wide contracting dim (an all-reduce of the
+    # hidden activation); with them, both layers are Megatron-split over all 8 devices.
+    opt = optax.sgd(1e-2)
+    state = mlp.init_state(jax.random.PRNGKey(0), [6, 1024, 6], opt)
+    batch = mlp.synthetic_batch(jax.random.PRNGKey(1), 3, 6, 6)
+    step = mlp.make_train_step(opt)
+    plans = {}
+    for mixed in (False, True):
+        opt_ = mw.AutoShardingOption(alpha=(1, 1), beta=(1, 1), allow_mixed_mesh_shape=mixed)
+        exe = run(step, state, batch, mw.ShardParallel(mesh_shape=(2, 4), devices=devices(8), auto_sharding=opt_))
+        specs = {p.path: p.spec for p in exe.plan.stages[0].inputs}
+        plans[mixed] = ([specs[f"state['params'][{i}]['kernel']"] for i in range(2)], exe.plan.objective,
+                        sum(c.bytes for c in exe.collectives()))
+    (off_specs, off_cost, off_bytes), (on_specs, on_cost, on_bytes) = plans[False], plans[True]
+    assert off_specs == ["P('x', 'y')", "P('y', 'x')"], off_specs        # one axis per dimension
+    assert on_specs == ["P(None, ('x', 'y'))", "P(('x', 'y'),)"], on_specs
+    assert on_cost < off_cost / 10 and on_bytes < off_bytes / 10, plans
