@@ -24,7 +24,7 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
-from meshweave.passes.explicit_collectives import explicit_all_to_all, wrap_reduce_scatter
+from meshweave.passes.explicit_collectives import explicit_all_to_all, wrap_local, wrap_reduce_scatter
 from meshweave.passes.registry import Option, Pass, PassError, register
 
 COST_SCALE = 1000          # float cost units -> integer problem units (tie-breakers are 0.001)
@@ -147,7 +147,7 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
             res_attrs[r][mw.SDY_SHARDING] = ts.to_attr()
         mw.set_result_attr_dicts(func, res_attrs)
         n_constraints = 0
-        scatters = []
+        scatters, locals_ = [], []
         for rec in graph.ops:
             if rec.group < 0:
                 continue
@@ -160,6 +160,8 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 st = graph.groups[rec.group].op_strategies[s]
                 if st is not None and st.scatter is not None:
                     scatters.append((rec, s, st))
+                elif st is not None and rec.op.operation.name == "stablehlo.scatter" and local_scatter(st.a, rec.op):
+                    locals_.append((rec, s))
         # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays;
         # one constraint per value and layout within a block, shared by its consumers.
         pinned = {}
@@ -177,6 +179,9 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                     pinned[key] = moved or sdy.ShardingConstraintOp(rec.op.operands[k], req.to_attr()).result
                 n_constraints += 1
             rec.op.operands[k] = pinned[key]
+        for rec, s in locals_:
+            wrap_local(rec.op, [req[s] for req in rec.operand_reqs],
+                       [graph.tensors[t].shardings[s] for t in rec.results], graph.mesh)
         for rec, s, st in scatters:   # after the constraints: the manual computation takes the op's operands
             rule = st.rule
             partial = sr.tensor_sharding(rule.results[0], st.a, graph.mesh)
@@ -185,6 +190,16 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
             wrap_reduce_scatter(rec.op, [req[s] for req in rec.operand_reqs], partial, result,
                                 sr.reduced_axes(rule, st.a), dim, graph.mesh, next(channels))
     return n_constraints
+
+
+def local_scatter(a, op) -> bool:
+    """Whether a scatter under assignment `a` is purely local: the dims it scatters into (operand
+    factors its updates lack) are whole on every device and nothing is summed across devices."""
+    rule = sr.Rule.from_attr(op.attributes[RULE_ATTR])
+    n = len(rule.operands) // 2
+    in_updates = {f for dims in rule.operands[n + 1:] for fs in dims for f in fs}
+    scattered = {f for dims in rule.operands[:n] for fs in dims for f in fs} - in_updates
+    return not sr.reduced_axes(rule, a) and not any(a[f] for f in scattered)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,30 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
     return mc.result
 
 
+def wrap_local(op, operand_shardings, result_shardings, mesh: MeshSpec) -> None:
+    """Replace `op` by a manual computation running it on each device's shards: for an op whose
+    plan needs no collective (e.g. a scatter into unsplit rows of window-split operands), so that
+    XLA's partitioner cannot add any."""
+    manual = ir.Attribute.parse("#sdy<manual_axes{" + ", ".join(f'"{a}"' for a in mesh.axis_names) + "}>")
+    with ir.InsertionPoint(op):
+        mc = sdy.ManualComputationOp([r.type for r in op.results], list(op.operands), _per_value(operand_shardings),
+                                     _per_value(result_shardings), manual)
+    block = mc.regions[0].blocks.append(*[_local_type(v.type, s, mesh) for v, s in zip(op.operands, operand_shardings)])
+    with ir.InsertionPoint(block):
+        local = op.operation.clone()
+        for k, arg in enumerate(block.arguments):
+            local.operands[k] = arg
+        for r, sh in zip(local.results, result_shardings):
+            r.set_type(_local_type(r.type, sh, mesh))
+        for name in [local.attributes[i].name for i in range(len(local.attributes))]:
+            if name.startswith("sdy.") or name.startswith("mw."):
+                del local.attributes[name]
+        sdy.ReturnOp(list(local.results))
+    for old, new in zip(op.results, mc.results):
+        old.replace_all_uses_with(new)
+    op.operation.erase()
+
+
 def all_to_all_dims(src: TensorSharding, dst: TensorSharding) -> tuple[int, int, tuple] | None:
     """(from dim, to dim, axes) when dst is src with trailing axes of one dim moved to the end of
     another -- the layouts one stablehlo.all_to_all connects; None otherwise."""
