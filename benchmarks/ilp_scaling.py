@@ -37,8 +37,7 @@ def one(layers: int, hidden: int, mesh: tuple[int, int], batch: int, seq: int, t
     result = mw.plan(gpt.make_train_step(opt), state, data, method=method,
                      cluster=mw.ClusterSpec(num_hosts=mesh[0], devices_per_host=mesh[1]))
     total = time.perf_counter() - t0
-    rep = result.report
-    solver = rep["solver"]
+    solver = result.auto_sharding.solver
     reference = {}
     if reference_limit > 0 and solver["status"] != "optimal":
         # How good is the time-limited plan? Solve the same problem by exact ILP with a
@@ -58,7 +57,7 @@ def one(layers: int, hidden: int, mesh: tuple[int, int], batch: int, seq: int, t
     return {**reference,
         "layers": layers, "hidden": hidden, "mesh": list(mesh), "batch": batch, "seq_len": seq,
         "params_millions": round(sum(x.size for x in jax.tree.leaves(state["params"])) / 1e6, 1),
-        "graph": rep["graph"], "ilp_nodes": solver["nodes"], "ilp_edges": solver["edges"],
+        "graph": result.auto_sharding.graph_stats, "ilp_nodes": solver["nodes"], "ilp_edges": solver["edges"],
         "strategy_choices": solver["variables_hint"], "build_time_s": round(solver["build_time"], 3),
         "solve_time_s": round(solver["solve_time"], 3), "solver_method": solver["method"],
         "status": solver["status"], "objective_s": result.objective,

@@ -16,7 +16,8 @@ Attributes
     mw.strategy   : string   the sharding strategy the planner chose (for dumps and explain)
 Markers
   stablehlo.optimization_barrier {mhlo.frontend_attributes = {mw.marker = KIND, mw.name = NAME}}
-    KIND "grad": the gradient boundary (`mw.grad`); "boundary": a pipeline layer boundary.
+    KIND "grad": the gradient boundary (`mw.grad`); "boundary": a pipeline layer boundary;
+    "loss": the end of the forward pass (its backward twin, NAME "loss.bwd", starts the backward).
     They are identities; the `strip-markers` pass removes them before XLA compiles the module.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ KEEPS_ARG = "mw.keeps_arg"
 STRATEGY = "mw.strategy"
 MARKER = "mw.marker"
 MARKER_NAME = "mw.name"
-MARKER_KINDS = ("grad", "boundary")
+MARKER_KINDS = ("grad", "boundary", "loss")
 SDY_SHARDING = "sdy.sharding"
 FRONTEND_ATTRS = "mhlo.frontend_attributes"
 

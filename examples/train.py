@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import meshweave as mw  # noqa: E402
+from meshweave import fidelity  # noqa: E402
 from meshweave.models import gpt, mlp  # noqa: E402
 
 # Adam amplifies rounding differences where a gradient is ~0 (it divides by sqrt(v)): parallel
@@ -48,11 +49,11 @@ def train(name, step, state, batches, method, dump_dir):
     exe = par_step.get_executable(state, batches[0])
     print(f"planned and compiled in {time.perf_counter() - t0:.1f} s")
     print(exe.plan.summary())
-    auto = exe.state.reports.get("auto-sharding")
+    auto = exe.state.results.get("auto-sharding")
     if auto:
-        print(auto["explain"].split("heavy ops")[0].strip())
+        print(auto.explain().split("heavy ops")[0].strip())
         print("plan fidelity (predicted vs compiled collectives):")
-        print(auto["explain"].split("plan fidelity (predicted vs compiled collectives):")[-1].rstrip())
+        print(fidelity.report(exe.plan.stages[0].fidelity, exe.collectives()))
     if dump_dir:
         path = os.path.join(dump_dir, name)
         exe.dump(path)

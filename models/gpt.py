@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from meshweave.markers import mark_pipeline_boundary
 from meshweave.models import training
 
 
@@ -83,7 +84,9 @@ def mlp(blk, x):
 
 def apply(params, tokens):
     x = params["embed"][tokens] + params["pos"][None, : tokens.shape[1]]
-    for blk in params["blocks"]:
+    for i, blk in enumerate(params["blocks"]):
+        if i:
+            x = mark_pipeline_boundary(x)   # a pipeline layer per block (identity elsewhere)
         x = x + attention(blk, layer_norm(blk["ln1"], x))
         x = x + mlp(blk, layer_norm(blk["ln2"], x))
     return layer_norm(params["ln_f"], x) @ params["head"]

@@ -9,10 +9,9 @@ partitioner then inserts exactly the collectives the plan priced; `plan_fidelity
 """
 from __future__ import annotations
 
-import itertools
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from jaxlib.mlir import ir
@@ -24,7 +23,8 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
-from meshweave.passes.explicit_collectives import explicit_all_to_all, wrap_local, wrap_reduce_scatter
+from meshweave.passes.explicit_collectives import channel_ids, explicit_all_to_all, wrap_local, wrap_reduce_scatter
+from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 
 COST_SCALE = 1000          # float cost units -> integer problem units (tie-breakers are 0.001)
@@ -36,6 +36,25 @@ class MemoryBudgetError(PassError):
     def __init__(self, message, min_budget):
         super().__init__("auto-sharding", message)
         self.min_budget = min_budget
+
+
+@dataclass
+class AutoShardingResult(PassResult):
+    """The ILP's decision: the problem it solved, the cost graph, the choice and what it predicts."""
+
+    problem: object                   # passes.solver.ShardingProblem (re-solve it, or write it as IOPDDL)
+    graph: CostGraph
+    choice: list[int]                 # chosen strategy per strategy group
+    objective: float                  # in user cost units (alpha/beta's)
+    predicted_collectives: dict       # {kind: {count, bytes}}, bytes as the compiled HLO shows them
+    predicted_costs: dict             # {kind: cost, "total": cost}
+    solver: dict                      # solver statistics (status, method, times, sizes)
+    graph_stats: dict
+    constraints_inserted: int
+    report: str = field(repr=False, default="")
+
+    def explain(self) -> str:
+        return self.report
 
 
 def to_int_cost(x: np.ndarray) -> np.ndarray:
@@ -165,7 +184,7 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
         # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays;
         # one constraint per value and layout within a block, shared by its consumers.
         pinned = {}
-        channels = itertools.count(1)     # channel ids numbered per module: identical compiles, identical IR
+        channels = channel_ids(module)     # derived from the module: identical compiles, identical IR
         for rec, k, tid, req, first in graph.operand_reshards(choice):
             key = (tid, rec.scope, req)
             if first:
@@ -330,19 +349,13 @@ class AutoSharding(Pass):
                 "variables_hint": int(sum(len(c) for c in problem.node_costs)),
                 "method": sol.method, "status": sol.status, "solve_time": sol.solve_time,
                 "build_time": t_build, "objective": objective, "problem_cost": int(sol.cost)}
-        report = {
-            "objective": objective,
-            "predicted_collectives": summarize_predicted(colls, mesh),
-            "predicted_costs": {k: v for k, v in _cost_by_kind(lmesh, colls).items()},
-            "solver": {**info, **{k: v for k, v in sol.stats.items() if isinstance(v, (int, float, str))}},
-            "graph": graph.stats(),
-            "constraints_inserted": n_constraints,
-            "explain": _explain(graph, choice, colls, info),
-        }
-        state.reports[self.name] = report
-        state.options["auto_sharding_problem"] = problem
-        state.options["auto_sharding_graph"] = graph
-        state.options["auto_sharding_choice"] = choice
+        state.results[self.name] = AutoShardingResult(
+            problem=problem, graph=graph, choice=choice, objective=objective,
+            predicted_collectives=summarize_predicted(colls, mesh),
+            predicted_costs=_cost_by_kind(lmesh, colls),
+            solver={**info, **{k: v for k, v in sol.stats.items() if isinstance(v, (int, float, str))}},
+            graph_stats=graph.stats(), constraints_inserted=n_constraints,
+            report=_explain(graph, choice, colls, info))
 
 
 def _cost_by_kind(lmesh, colls) -> dict:

@@ -6,11 +6,26 @@ arguments: XLA's partitioner then inserts the gradient all-reduce itself.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
+from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
+
+
+@dataclass
+class DataParallelResult(PassResult):
+    degree: int                  # devices the batch is split over
+    axes: list[str]
+    arg_shardings: list[str]     # per @main argument, short form
+    batch_args: int              # arguments whose batch dimension was split
+
+    def explain(self) -> str:
+        return (f"batch split over {self.axes} (degree {self.degree}) on {self.batch_args} argument(s); "
+                f"everything else replicated")
 
 
 @register
@@ -63,5 +78,4 @@ class DataParallel(Pass):
         mw.set_arg_attr_dicts(main, attrs)
         if n_batch == 0:
             state.warn("data-parallel: no argument is marked as a batch (mw.batch_dim); everything is replicated")
-        state.reports[self.name] = {"degree": degree, "axes": list(axes), "arg_shardings": decided,
-                                    "batch_args": n_batch}
+        state.results[self.name] = DataParallelResult(degree, list(axes), decided, n_batch)

@@ -5,7 +5,7 @@ reduce-scatter) becomes an `sdy.manual_computation` holding the local op and a
 """
 from __future__ import annotations
 
-import itertools
+import re
 
 import numpy as np
 from jaxlib.mlir import ir
@@ -17,7 +17,16 @@ from meshweave.dialects.context import parse_module
 from meshweave.dialects.sharding import MeshSpec, TensorSharding
 from meshweave.passes.cost_graph import tensor_bytes
 
-_channels = itertools.count(1000)
+
+
+def channel_ids(module: ir.Module):
+    """New channel ids for `module`: numbered after the largest one it already uses, so the ids
+    depend on the module alone (two identical compiles print identical IR)."""
+    used = [int(h) for h in re.findall(r"channel_handle<handle = (\d+)", str(module.operation))]
+    start = max(used, default=0) + 1
+    while True:
+        yield start
+        start += 1
 
 
 def replica_groups(mesh: MeshSpec, axes) -> np.ndarray:
@@ -40,7 +49,7 @@ def _per_value(shardings) -> ir.Attribute:
 
 
 def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: TensorSharding,
-                        reduced_axes, scatter_dim: int, mesh: MeshSpec, channel: int | None = None) -> ir.Value:
+                        reduced_axes, scatter_dim: int, mesh: MeshSpec, channel: int) -> ir.Value:
     """Replace single-result `op` by a manual computation: local op, then reduce-scatter over
     `reduced_axes` along `scatter_dim`. `partial` is the op's result layout before scattering."""
     manual = ir.Attribute.parse("#sdy<manual_axes{" + ", ".join(f'"{a}"' for a in mesh.axis_names) + "}>")
@@ -61,7 +70,7 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
         rs = hlo.ReduceScatterOp(
             _local_type(op.result.type, result, mesh), local.results[0], scatter_dim,
             ir.DenseElementsAttr.get(groups.astype(np.int64)),
-            channel_handle=ir.Attribute.parse(f"#stablehlo.channel_handle<handle = {channel or next(_channels)}, type = 1>"),
+            channel_handle=ir.Attribute.parse(f"#stablehlo.channel_handle<handle = {channel}, type = 1>"),
             use_global_device_ids=True)
         scalar = ir.RankedTensorType.get([], ir.RankedTensorType(op.result.type).element_type)
         body = rs.regions[0].blocks.append(scalar, scalar)

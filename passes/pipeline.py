@@ -24,14 +24,23 @@ class PassRecord:
     ir_text: str | None
 
 
+class PassResult:
+    """What a pass produced (a dataclass defined next to its pass), kept in
+    `PipelineState.results[pass name]` for the plan, `explain()` and tests."""
+
+    def explain(self) -> str:
+        """Human-readable account of the decision ("" when there is nothing to say)."""
+        return ""
+
+
 @dataclass
 class PipelineState:
-    """What passes share beyond the module: the mesh, per-pass reports and warnings."""
+    """What passes share beyond the module: the mesh, settings, typed per-pass results, warnings."""
 
     mesh: object | None = None            # dialects.sharding.MeshSpec
     logical_mesh: object | None = None    # passes.cost_model.LogicalMesh (alpha/beta per axis)
-    options: dict = field(default_factory=dict)   # method-level settings passes may read
-    reports: dict = field(default_factory=dict)   # pass name -> what it decided (for plan/explain)
+    options: dict = field(default_factory=dict)   # settings passes read (none are written back here)
+    results: dict[str, PassResult] = field(default_factory=dict)   # pass name -> its typed result
     warnings: list[str] = field(default_factory=list)
     records: list[PassRecord] = field(default_factory=list)
 
@@ -86,13 +95,11 @@ def parse_options(raw: str) -> dict[str, str]:
 
 
 def parse_pipeline(text: str) -> list[Pass]:
-    from meshweave.passes.registry import REGISTRY, UpstreamPass
-    from meshweave import passes as _all  # noqa: F401
+    from meshweave.passes.registry import UpstreamPass, get_pass
 
     passes = []
     for name, raw in split_pipeline(text):
-        cls = REGISTRY.get(name)
-        if cls is not None and issubclass(cls, UpstreamPass):
+        if issubclass(get_pass(name), UpstreamPass):
             passes.append(create_pass(name, raw))
         else:
             passes.append(create_pass(name, parse_options(raw)))
@@ -117,7 +124,6 @@ class Pipeline:
     def run(self, module: ir.Module, state: PipelineState | None = None, *, record_ir: bool = True,
             dump_dir: str | None = None, print_after_all=None) -> PipelineState:
         state = state or PipelineState()
-        dump_dir = dump_dir or os.environ.get("MESHWEAVE_DUMP_DIR") or None
         if record_ir or dump_dir:
             self._record(state, 0, "input", "input", 0.0, module_text(module), dump_dir)
         for i, p in enumerate(self.passes, start=1):

@@ -3,6 +3,10 @@
 A pass is a small class with a `name` (what pipelines and `meshweave-opt` call it), a one-line
 `summary`, typed `options`, and `run(module, state)`. Upstream MLIR passes (canonicalize, cse,
 sdy-*) are registered through the same interface, so one pipeline mixes both.
+
+The registry is lazy: `PASS_MODULES` maps each pass name to the module that defines it, and a
+pass's module is imported the first time the name is asked for (as xDSL's `get_all_passes()`),
+so building one pipeline imports only the passes it names. A new pass adds one line there.
 """
 from __future__ import annotations
 
@@ -160,7 +164,25 @@ def _probe_context() -> ir.Context:
     return _PROBE[0]
 
 
-REGISTRY: dict[str, type[Pass]] = {}
+REGISTRY: dict[str, type[Pass]] = {}      # loaded passes; see get_pass() for the lazy path
+
+_UPSTREAM = "meshweave.passes.upstream"
+PASS_MODULES: dict[str, str] = {
+    "inline-calls": "meshweave.passes.inline_calls",
+    "strip-markers": "meshweave.passes.strip_markers",
+    "install-mesh": "meshweave.passes.install_mesh",
+    "data-parallel": "meshweave.passes.data_parallel",
+    "auto-sharding": "meshweave.passes.auto_sharding",
+    "layer-clustering": "meshweave.passes.layer_clustering",
+    "stage-construction": "meshweave.passes.stage_construction",
+    "stage-outlining": "meshweave.passes.stage_outlining",
+    "insert-transfers": "meshweave.passes.insert_transfers",
+    **{name: _UPSTREAM for name in (
+        "canonicalize", "cse", "symbol-dce", "sdy-propagation-pipeline", "sdy-export-pipeline",
+        "sdy-import-pipeline", "sdy-basic-propagate", "sdy-aggressive-propagate", "sdy-close-shardings",
+        "sdy-drop-sharding-and-mesh", "sdy-populate-op-sharding-rules", "sdy-insert-explicit-reshards",
+        "sdy-reshard-to-collectives")},
+}
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -177,16 +199,27 @@ def register_upstream(name: str, summary: str, anchor: str = "builtin.module") -
     register(type(f"Upstream_{name}", (UpstreamPass,), {"name": name, "summary": summary, "anchor": anchor}))
 
 
-def create_pass(name: str, options: dict[str, str] | str | None = None) -> Pass:
-    from meshweave import passes as _all  # noqa: F401  (imports every pass module)
-
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as `name`, importing its module on first use."""
     cls = REGISTRY.get(name)
+    if cls is None and name in PASS_MODULES:
+        import importlib
+
+        importlib.import_module(PASS_MODULES[name])
+        cls = REGISTRY.get(name)
+        if cls is None:
+            raise TypeError(f"{PASS_MODULES[name]} is listed as defining pass '{name}' but does not register it")
     if cls is None:
         import difflib
 
-        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        close = difflib.get_close_matches(name, PASS_MODULES, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; run `meshweave-opt --list-passes`"
         raise PassOptionError(f"unknown pass '{name}'{hint}")
+    return cls
+
+
+def create_pass(name: str, options: dict[str, str] | str | None = None) -> Pass:
+    cls = get_pass(name)
     if issubclass(cls, UpstreamPass):
         raw = options if isinstance(options, str) else " ".join(f"{k}={v}" for k, v in (options or {}).items())
         return cls(raw)
@@ -196,6 +229,5 @@ def create_pass(name: str, options: dict[str, str] | str | None = None) -> Pass:
 
 
 def list_passes() -> list[type[Pass]]:
-    from meshweave import passes as _all  # noqa: F401
-
-    return [REGISTRY[k] for k in sorted(REGISTRY)]
+    """Every pass, loaded (and any registered outside PASS_MODULES, e.g. by a plugin)."""
+    return [get_pass(k) for k in sorted(set(PASS_MODULES) | set(REGISTRY))]

@@ -1,8 +1,19 @@
 """strip-markers: remove meshweave's marker ops (grad / pipeline boundary) before XLA compiles."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from meshweave.dialects import meshweave as mw
+from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Pass, register
+
+
+@dataclass
+class StripMarkersResult(PassResult):
+    removed: int      # marker ops replaced by their operands
+
+    def explain(self) -> str:
+        return f"removed {self.removed} marker op(s)"
 
 
 def _strip(op) -> int:
@@ -25,4 +36,4 @@ class StripMarkers(Pass):
     summary = "Replace meshweave marker ops (mw.grad, pipeline boundaries) by their operands"
 
     def run(self, module, state):
-        state.reports[self.name] = {"removed": _strip(module.operation)}
+        state.results[self.name] = StripMarkersResult(_strip(module.operation))

@@ -1,13 +1,13 @@
-"""Tracing and lowering a user step: argument checks, `jax.jit(...).lower`, the private module copy.
+"""Tracing and lowering a user step: `jax.jit(...).lower` on abstract values, the private module copy.
 
 The module keeps one argument per flat input leaf (`keep_unused=True`), in the order of
-`jax.tree.leaves((dynamic args, kwargs))`, and this module writes meshweave's argument
-annotations (`mw.arg_path`, `mw.batch_dim`, `mw.donated`) so passes and dumps can name them.
+`jax.tree.leaves((dynamic args, kwargs))` (plugin/arguments.py), and this module writes
+meshweave's argument annotations (`mw.arg_path`, `mw.batch_dim`, `mw.donated`) so passes and
+dumps can name them.
 """
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 
 import jax
@@ -17,11 +17,9 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
+from meshweave.plugin.arguments import ArgumentError, BoundCall, abstract  # noqa: F401 (ArgumentError re-exported)
 from meshweave.plugin.jax_adapter import lowered_module_text
-
-
-class ArgumentError(ValueError):
-    """A call's arguments cannot be traced or do not fit the method; the message names the fix."""
+from meshweave.plugin.markers import marker_names
 
 
 @dataclass
@@ -42,123 +40,37 @@ class TracedStep:
         return m
 
 
-def param_names(fun, n: int) -> list[str]:
-    try:
-        params = list(inspect.signature(fun).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    names = []
-    for i in range(n):
-        if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY, params[i].POSITIONAL_OR_KEYWORD):
-            names.append(params[i].name)
-        else:
-            names.append(f"args[{i}]")
-    return names
-
-
-def _is_traceable(x) -> bool:
-    return (isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
-            or hasattr(x, "__jax_array__") or isinstance(x, jax.ShapeDtypeStruct))
-
-
-def normalize_argnums(argnums, nargs: int, what: str, fun_name: str) -> tuple[int, ...]:
-    if argnums is None:
-        return ()
-    if isinstance(argnums, int):
-        argnums = (argnums,)
-    try:
-        argnums = tuple(int(a) for a in argnums)
-    except TypeError:
-        raise ArgumentError(f"{what} must be an int or a tuple of ints, got {argnums!r}") from None
-    out = []
-    for a in argnums:
-        b = a + nargs if a < 0 else a
-        if not 0 <= b < nargs:
-            raise ArgumentError(
-                f"{what}={argnums} names argument {a}, but {fun_name} was called with {nargs} positional "
-                f"argument(s); fix {what} or pass the argument positionally")
-        out.append(b)
-    return tuple(sorted(set(out)))
-
-
-def check_call(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums):
-    """Validate a call before jax sees it; returns the normalized argnums and parameter names."""
-    fun_name = getattr(fun, "__name__", "the function")
-    n = len(args)
-    static = normalize_argnums(static_argnums, n, "static_argnums", fun_name)
-    donate = normalize_argnums(donate_argnums, n, "donate_argnums", fun_name)
-    batch = tuple(b for b in normalize_argnums(batch_argnums, max(n, 1), "batch_argnums", fun_name) if b < n) \
-        if n else ()
-    names = param_names(fun, n)
-    both = set(static) & set(donate)
-    if both:
-        raise ArgumentError(f"argument {names[min(both)]} is in both static_argnums and donate_argnums; "
-                            "a static argument has no buffer to donate")
-    for i in static:
-        try:
-            hash(args[i])
-        except TypeError:
-            raise ArgumentError(
-                f"static argument {names[i]} (static_argnums includes {i}) has unhashable type "
-                f"{type(args[i]).__name__}; pass a hashable value (e.g. a tuple instead of a list), "
-                f"or remove {i} from static_argnums if it is an array") from None
-    for i, a in enumerate(args):
-        if i in static:
-            continue
-        for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
-            if not _is_traceable(leaf):
-                where = names[i] + jax.tree_util.keystr(path)
-                raise ArgumentError(
-                    f"argument {where} has type {type(leaf).__name__}, which jax cannot trace; "
-                    f"mark argument {i} static with static_argnums=({i},) or pass an array instead")
-    for k, v in kwargs.items():
-        for path, leaf in jax.tree_util.tree_flatten_with_path(v)[0]:
-            if not _is_traceable(leaf):
-                raise ArgumentError(f"keyword argument {k}{jax.tree_util.keystr(path)} has type "
-                                    f"{type(leaf).__name__}, which jax cannot trace; pass it positionally "
-                                    "and mark it static with static_argnums, or pass an array")
-    return static, donate, batch, names
-
-
-def trace(fun, args, kwargs, *, static_argnums=(), donate_argnums=(), batch_argnums=(), mesh=None,
-          batch_dim: int = 0) -> TracedStep:
-    """Lower `fun(*args, **kwargs)` on `mesh` (inputs replicated; passes decide the shardings)."""
-    static, donate, batch, names = check_call(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums)
-    jit_kwargs = dict(static_argnums=static, donate_argnums=donate, keep_unused=True)
+def trace(fun, call: BoundCall, *, mesh=None, batch_dim: int = 0) -> TracedStep:
+    """Lower `fun` for the call's abstract values (shape, dtype, weak type; never its placement),
+    so an argument placed anywhere traces the same. The lowered function takes the call's flat
+    leaves; on `mesh` every input is replicated until the passes decide."""
+    call.check_traceable()
+    roles = call.leaf_roles()
+    jit_kwargs = dict(donate_argnums=tuple(i for i, r in enumerate(roles) if r[2]), keep_unused=True)
     if mesh is not None:
         jit_kwargs["in_shardings"] = NamedSharding(mesh, PartitionSpec())
-    @functools.wraps(fun)
-    def fresh(*a, **k):   # a new function object: jit's trace cache must not skip our trace-time hooks
-        return fun(*a, **k)
 
+    @functools.wraps(fun)
+    def flat_step(*leaves):   # a new function object per trace: jit's cache must not skip our trace-time hooks
+        args, kwargs = call.rebuild(leaves)
+        return fun(*args, **kwargs)
+
+    avals = [abstract(x) for x in call.leaves]
     try:
-        lowered = jax.jit(fresh, **jit_kwargs).lower(*args, **kwargs)
+        with marker_names():
+            lowered = jax.jit(flat_step, **jit_kwargs).lower(*avals)
     except TypeError as e:
-        raise ArgumentError(f"jax could not trace {getattr(fun, '__name__', 'the function')}: {e}") from e
-    arg_paths, arg_avals, batch_dims, donated = [], [], [], []
-    for i, a in enumerate(args):
-        if i in static:
-            continue
-        for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
-            aval = jax.typeof(leaf) if not isinstance(leaf, jax.ShapeDtypeStruct) else leaf
-            arg_paths.append(names[i] + jax.tree_util.keystr(path))
-            arg_avals.append(aval)
-            nd = len(aval.shape)
-            batch_dims.append(batch_dim if (i in batch and nd > batch_dim) else None)
-            donated.append(i in donate)
-    for k, v in sorted(kwargs.items()):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(v)[0]:
-            arg_paths.append(k + jax.tree_util.keystr(path))
-            arg_avals.append(jax.typeof(leaf))
-            batch_dims.append(None)
-            donated.append(False)
+        raise ArgumentError(f"jax could not trace {call.spec.fun_name}: {e}") from e
+    arg_paths = [r[0] for r in roles]
+    batch_dims = [batch_dim if (r[1] and len(a.shape) > batch_dim) else None for r, a in zip(roles, avals)]
+    donated = [r[2] for r in roles]
     out_leaves = jax.tree_util.tree_flatten_with_path(
         jax.tree.unflatten(lowered.out_tree, list(range(lowered.out_tree.num_leaves))))[0]
     result_paths = ["result" + jax.tree_util.keystr(p) for p, _ in out_leaves]
     out_avals = [o for o in jax.tree.leaves(lowered.out_info)]
-    dyn_args = [a for i, a in enumerate(args) if i not in static]
-    keeps = state_in_state_out(dyn_args, lowered.out_info)
-    return TracedStep(lowered, arg_paths, arg_avals, batch_dims, donated, result_paths, out_avals, keeps)
+    dyn_args = jax.tree.unflatten(call.treedef, call.leaves)[0]
+    keeps = state_in_state_out(list(dyn_args), lowered.out_info)
+    return TracedStep(lowered, arg_paths, avals, batch_dims, donated, result_paths, out_avals, keeps)
 
 
 def _signature(tree):

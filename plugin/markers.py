@@ -6,6 +6,8 @@ They lower to `stablehlo.optimization_barrier` tagged with `mw.marker` frontend 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 
 import jax
@@ -34,7 +36,25 @@ def _lower(ctx, *xs, kind, name):
 jax_mlir.register_lowering(marker_p, _lower)
 batching.primitive_batchers[marker_p] = lambda args, dims, **kw: (marker_p.bind(*args, **kw), dims)
 
-_counter = itertools.count()
+# Unnamed markers are numbered within one trace (meshweave's `trace` opens a scope), so two
+# identical compiles print identical IR. Outside a scope (a plain `jax.jit` of the same step, as
+# a reference) no meshweave pass reads the names, and unnamed markers are all called `<kind>`.
+_NAMES: contextvars.ContextVar = contextvars.ContextVar("meshweave_marker_names", default=None)
+
+
+@contextlib.contextmanager
+def marker_names():
+    """Number unnamed markers from 0 while tracing one step."""
+    token = _NAMES.set(itertools.count())
+    try:
+        yield
+    finally:
+        _NAMES.reset(token)
+
+
+def _fresh_name(kind: str) -> str:
+    counter = _NAMES.get()
+    return kind if counter is None else f"{kind}{next(counter)}"
 
 
 def _is_markable(x) -> bool:
@@ -43,7 +63,7 @@ def _is_markable(x) -> bool:
 
 def mark(tree, kind: str, name: str | None = None):
     """Identity on a pytree; inexact array leaves pass through one marker op."""
-    name = name or f"{kind}{next(_counter)}"
+    name = name or _fresh_name(kind)
     leaves, treedef = jax.tree.flatten(tree)
     idx = [i for i, x in enumerate(leaves) if _is_markable(x)]
     if not idx:
@@ -54,13 +74,13 @@ def mark(tree, kind: str, name: str | None = None):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def mark_boundary(tree, name: str | None = None):
+def mark_boundary(tree, name: str | None = None, kind: str = "boundary"):
     """Pipeline layer boundary on `tree`; its cotangents get a matching `.bwd` marker."""
-    name = name or f"boundary{next(_counter)}"
+    name = name or _fresh_name(kind)
 
     @jax.custom_vjp
     def f(t):
-        return mark(t, "boundary", name)
+        return mark(t, kind, name)
 
-    f.defvjp(lambda t: (f(t), None), lambda _, g: (mark(g, "boundary", name + ".bwd"),))
+    f.defvjp(lambda t: (f(t), None), lambda _, g: (mark(g, kind, name + ".bwd"),))
     return f(tree)

@@ -1,42 +1,62 @@
-"""In-process execution of a single-mesh step: place inputs as the executable expects, then call it."""
+"""In-process execution: every stage's mesh is a set of local devices."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
+
+from meshweave.runtime.executor import StepArtifacts
 
 
 class LocalStageRunner:
     """Runs compiled stage executables in this process (stage meshes are subsets of local devices).
 
     Inputs whose sharding differs from what the executable was compiled for are moved with
-    `jax.device_put` first (host arrays, single-device arrays, or another layout), so a call
-    never fails because of where its arguments happen to live.
+    `jax.device_put` first (host arrays, single-device arrays, another mesh or layout), so a call
+    never fails because of where its arguments happen to live; arrays already in place are
+    passed through untouched.
     """
 
-    def __init__(self, compiled_stages, static_argnums=()):
-        self.stages = list(compiled_stages)
-        self.static_argnums = tuple(static_argnums)
+    def __init__(self, step: StepArtifacts):
+        if len(step.compiled) != 1:
+            raise NotImplementedError("multi-stage execution needs a pipeline schedule")
+        self.step = step
+        self.stages = list(step.compiled)
+        self._call = self.stages[0]
+        expected, expected_kwargs = self._call.input_shardings
+        if expected_kwargs:
+            raise ValueError("a stage must take flat positional inputs")
+        self._expected = list(expected)
 
-    def compiled_text(self, stage: int) -> str:
+    def stage_text(self, stage: int) -> str:
         return self.stages[stage].as_text()
 
-    def __call__(self, *args, **kwargs):
-        if len(self.stages) != 1:
-            raise NotImplementedError("multi-stage execution needs a pipeline schedule")
-        compiled = self.stages[0]
-        dyn = [a for i, a in enumerate(args) if i not in self.static_argnums]
-        expected_args, expected_kwargs = compiled.input_shardings
-        dyn = _place(dyn, list(expected_args))
-        kwargs = {k: _place_tree(v, expected_kwargs[k]) for k, v in kwargs.items()}
-        return compiled(*dyn, **kwargs)
+    def place(self, leaves: Sequence) -> list:
+        out = list(leaves)
+        for i, (x, s) in enumerate(zip(out, self._expected)):
+            if not (isinstance(x, jax.Array) and (x.sharding == s or x.sharding.is_equivalent_to(s, x.ndim))):
+                out[i] = jax.device_put(x, s)
+        return out
+
+    def run(self, leaves: Sequence):
+        return self._call(*self.place(leaves))
 
 
-def _place_tree(tree, shardings):
-    leaves, treedef = jax.tree.flatten(tree)
-    sh = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-    out = [x if (isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)) else jax.device_put(x, s)
-           for x, s in zip(leaves, sh)]
-    return jax.tree.unflatten(treedef, out)
+class LocalBackend:
+    """The default backend: one process, its local devices."""
 
+    name = "local"
 
-def _place(args, shardings):
-    return [_place_tree(a, s) for a, s in zip(args, shardings)]
+    def __init__(self, address: str | None = None):
+        if address is not None:
+            raise ValueError("init(cluster='local') takes no address")
+
+    def executor(self, step: StepArtifacts):
+        if len(step.compiled) == 1 and len(step.program.meshes) == 1:
+            return LocalStageRunner(step)
+        from meshweave.runtime.local_pipeline import LocalProgramExecutor
+
+        return LocalProgramExecutor(step)
+
+    def shutdown(self) -> None:
+        """Nothing to release."""

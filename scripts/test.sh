@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full check CI runs (.ci/run): set up .venv, run the default pytest suite
-# (tests marked slow are excluded by pyproject's addopts), then the small Bazel
-# target so the Bazel build cannot rot. Exits non-zero if any step failed.
+# (tests marked slow are excluded by pyproject's addopts; lit + FileCheck run inside it),
+# then the small Bazel target so the Bazel build cannot rot. Exits non-zero if any step
+# failed, if pytest collected no tests, or if lit/FileCheck are missing.
 #
 #   MESHWEAVE_BAZEL_TARGETS   Bazel targets to test (default: //:smoke_test)
 set -euo pipefail
@@ -22,13 +23,22 @@ if scripts/setup.sh; then summary+=("setup ok"); else failed+=("setup"); fi
 
 if [ ${#failed[@]} -eq 0 ]; then
   step "pytest"
+  # The lit suite runs inside pytest (tests/test_lit.py); without lit and FileCheck it
+  # could not run, so their absence is a failure, not a skip.
+  if ! .venv/bin/python -c "import lit, filecheck" 2>/dev/null; then
+    failed+=("lit/FileCheck missing from .venv (pip install -e '.[test]')")
+  fi
   set +e
   .venv/bin/python -m pytest -q
   rc=$?
   set -e
-  # 5 = no tests collected: not a failure.
-  if [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ]; then
-    summary+=("pytest ok (exit $rc)")
+  # pytest exit 5 means it collected no test: a broken collection (a bad -m filter, a
+  # moved tests/ folder), never a pass. CI (.ci/run) runs this script, so it fails too.
+  if [ "$rc" -eq 0 ]; then
+    summary+=("pytest ok")
+  elif [ "$rc" -eq 5 ]; then
+    echo "test.sh: pytest collected no tests (exit 5)"
+    failed+=("pytest collected no tests (exit 5)")
   else
     failed+=("pytest (exit $rc)")
   fi

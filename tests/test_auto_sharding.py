@@ -239,7 +239,7 @@ def test_cnn_with_depthwise_convolution_matches_jit(mesh_shape):
     state = cnn.init_state(jax.random.PRNGKey(0), opt)
     batch = cnn.synthetic_batch(jax.random.PRNGKey(1), 16)
     exe = run(cnn.make_train_step(opt), state, batch, mw.ShardParallel(mesh_shape=mesh_shape, devices=devices(4)))
-    assert sum(r.heavy for r in exe.state.options["auto_sharding_graph"].ops) >= 8   # convs fwd + bwd, dots
+    assert sum(r.heavy for r in exe.state.results["auto-sharding"].graph.ops) >= 8   # convs fwd + bwd, dots
 
 
 def test_scan_over_layers_is_planned_inside_the_loop():
@@ -267,7 +267,7 @@ def test_scan_over_layers_is_planned_inside_the_loop():
     state = {"params": params, "opt_state": opt.init(params)}
     batch = {"x": jax.random.normal(k[2], (32, hidden)), "y": jax.random.normal(k[3], (32, hidden))}
     exe = run(step, state, batch, mw.ShardParallel(mesh_shape=(4,), devices=devices(4)))
-    graph = exe.state.options["auto_sharding_graph"]
+    graph = exe.state.results["auto-sharding"].graph
     assert [trip for _, trip in graph.loops] == [layers, layers]        # forward and backward scans
     assert sum(r.heavy for r in graph.ops) == 6                          # dots inside the loop bodies
     assert all(r["status"] == "match" for r in exe.plan.stages[0].fidelity), exe.plan.stages[0].fidelity
@@ -282,5 +282,5 @@ def test_solver_time_limit_returns_best_plan_with_warning():
     with pytest.warns(UserWarning, match="solver stopped at its 1 s limit"):
         result = mw.plan(gpt.make_train_step(opt), state, batch, method=method,
                          cluster=mw.ClusterSpec(num_hosts=4, devices_per_host=8))
-    assert result.report["solver"]["status"] in ("feasible", "timeout")
-    assert result.objective > 0 and result.report["solver"]["solve_time"] < 3.0
+    assert result.auto_sharding.solver["status"] in ("feasible", "timeout")
+    assert result.objective > 0 and result.auto_sharding.solver["solve_time"] < 3.0

@@ -64,7 +64,7 @@ def test_layer_norm_of_batch_sharded_activation_needs_no_all_gather():
     method = mw.ShardParallel(mesh_shape=(8,), devices=devices(8),
                               auto_sharding=mw.AutoShardingOption(force_batch_dim_to_mesh_dim=0))
     exe = run(step, state, batch, method)
-    graph = exe.state.options["auto_sharding_graph"]
+    graph = exe.state.results["auto-sharding"].graph
     assert graph.stats()["unhandled_ops"] == {}
     assert set(kinds(exe)) == {"all-reduce"}, kinds(exe)        # gradients only; statistics stay local
 
@@ -92,9 +92,9 @@ def test_only_truly_opaque_ops_run_replicated_and_explain_shows_their_bytes():
         Pipeline("install-mesh,auto-sharding{batch-axes=x}").run(module, state)
     assert not any("chlo" in str(w.message) for w in rec)
     assert "chlo.square" not in str(module)                   # decomposed, planned with the batch split
-    report = state.reports["auto-sharding"]
-    assert report["graph"]["unhandled_ops"] == {"stablehlo.custom_call": 1}
-    line = next(ln for ln in report["explain"].splitlines() if "custom_call" in ln and "gathers" in ln)
+    result = state.results["auto-sharding"]
+    assert result.graph_stats["unhandled_ops"] == {"stablehlo.custom_call": 1}
+    line = next(ln for ln in result.explain().splitlines() if "custom_call" in ln and "gathers" in ln)
     assert "gathers         1024 B/device" in line, line     # the 32x8 f32 activation, gathered from 4 shards
 
 

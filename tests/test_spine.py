@@ -81,7 +81,7 @@ def test_grad_marker_is_stripped(mlp_case):
     step, state, batch, _ = mlp_case
     exe = mw.parallelize(step, method=mw.DataParallel()).get_executable(state, batch)
     assert "mw.marker = \"grad\"" in exe.ir_after("input")
-    assert exe.state.reports["strip-markers"]["removed"] >= 1
+    assert exe.state.results["strip-markers"].removed >= 1
     assert "mw.marker" not in exe.ir_after("data-parallel")
 
 
@@ -152,6 +152,6 @@ def test_init_local_and_ray_not_available():
     mw.init(cluster="local")
     with pytest.raises(mw.ClusterError, match="not implemented yet"):
         mw.init(cluster="ray")
-    with pytest.raises(ValueError, match="expected 'local' or 'ray'"):
+    with pytest.raises(ValueError, match="expected one of 'local', 'ray'"):
         mw.init(cluster="slurm")
     mw.shutdown()

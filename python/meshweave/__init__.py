@@ -5,7 +5,7 @@ Public API (DESIGN.md, "Public API contract"):
     ShardParallel, DataParallel, Zero2Parallel, Zero3Parallel, AutoShardingOption
     plan, ClusterSpec (plan for a cluster that is not here)
     grad, value_and_grad, mark_pipeline_boundary
-    init, shutdown (cluster="local"; "ray" is not available yet)
+    init, shutdown (select the runtime backend: "local"; "ray" where meshweave.runtime.ray provides one)
 
 Names load on first use (PEP 562), so tools that need no jax — `meshweave-solve`, the solver
 library — start without importing it.
@@ -17,15 +17,18 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "parallelize": "meshweave.api", "ParallelizedFunc": "meshweave.api", "ParallelizeError": "meshweave.api",
+    "parallelize": "meshweave.api", "ParallelizedFunc": "meshweave.api", "ParallelizeError": "meshweave.driver",
     "Executable": "meshweave.executable", "Plan": "meshweave.parallel_plan",
     "grad": "meshweave.markers", "value_and_grad": "meshweave.markers",
     "mark_pipeline_boundary": "meshweave.markers",
     "AutoShardingOption": "meshweave.methods", "DataParallel": "meshweave.methods",
     "MethodError": "meshweave.methods", "ParallelMethod": "meshweave.methods",
     "ShardParallel": "meshweave.methods", "Zero2Parallel": "meshweave.methods", "Zero3Parallel": "meshweave.methods",
+    "PipeshardParallel": "meshweave.methods", "AutoLayerOption": "meshweave.methods",
+    "ManualLayerOption": "meshweave.methods", "UniformStageOption": "meshweave.methods",
+    "ManualStageOption": "meshweave.methods",
     "ClusterSpec": "meshweave.planning", "PlanResult": "meshweave.planning", "plan": "meshweave.planning",
-    "ArgumentError": "meshweave.plugin.lowering",
+    "ArgumentError": "meshweave.plugin.arguments",
     "init": "meshweave.cluster", "shutdown": "meshweave.cluster", "ClusterError": "meshweave.cluster",
 }
 

@@ -49,8 +49,12 @@ class AutoShardingOption:
             raise MethodError(f"AutoShardingOption.solver={self.solver!r}: expected 'highs' or 'cbc'")
         if self.time_limit <= 0:
             raise MethodError(f"AutoShardingOption.time_limit must be positive, got {self.time_limit}")
-        if self.memory_budget_per_device is not None and self.memory_budget_per_device <= 0:
-            raise MethodError("AutoShardingOption.memory_budget_per_device must be a positive byte count or None")
+        budget = self.memory_budget_per_device
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or budget <= 0 or budget != int(budget)):
+            raise MethodError(f"AutoShardingOption.memory_budget_per_device={budget!r}: expected a positive whole "
+                              f"number of bytes (e.g. {max(int(budget), 1) if isinstance(budget, (int, float)) else 2**30}),"
+                              f" or None for no limit")
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ class ShardParallel(ParallelMethod):
         if not isinstance(self.auto_sharding, AutoShardingOption):
             raise MethodError("auto_sharding must be an AutoShardingOption")
 
+    def forced_batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
+        """Mesh axes the batch must split over (the driver checks the batch divides them)."""
+        return self.batch_axes(spec)
+
     def batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
         k = self.auto_sharding.force_batch_dim_to_mesh_dim
         if k is None:
@@ -180,9 +188,96 @@ class Zero2Parallel(ShardParallel):
     def data_parallel_axes(self, spec: MeshSpec) -> tuple[str, ...]:
         return tuple(spec.axis_names)
 
+    def forced_batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
+        return tuple(spec.axis_names)
+
 
 @dataclass(frozen=True)
 class Zero3Parallel(Zero2Parallel):
     """ZeRO-3: as Zero2Parallel, and parameters sharded too (all-gathered where they are used)."""
 
     zero_stage: int = 3
+
+
+# ----------------------------------------------------------------------------- pipelining
+@dataclass(frozen=True)
+class ManualLayerOption:
+    """Layers are cut where the model calls `meshweave.mark_pipeline_boundary`."""
+
+
+@dataclass(frozen=True)
+class AutoLayerOption:
+    """Cut the forward pass into `layer_num` contiguous layers that balance FLOPs and minimize the
+    bytes crossing layer boundaries (passes/layer_dp.py); `eps` bounds each layer's FLOPs at
+    (1 + eps) x the average where that is feasible."""
+
+    layer_num: int
+    eps: float = 0.5
+
+    def __post_init__(self):
+        if not isinstance(self.layer_num, int) or self.layer_num < 1:
+            raise MethodError(f"AutoLayerOption.layer_num must be a positive int, got {self.layer_num!r}")
+        if self.eps < 0:
+            raise MethodError(f"AutoLayerOption.eps must be >= 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class UniformStageOption:
+    """`num_stages` stages of equal layer counts on equal sub-meshes (None: as many stages as layers
+    fit the devices; the sub-mesh shape then follows)."""
+
+    num_stages: int | None = None
+    submesh_physical_shape: tuple[int, int] | None = None
+    submesh_logical_shape: tuple[int, ...] | None = None
+    submesh_autosharding_option: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ManualStageOption:
+    """Stages given by hand: the forward layer ids of each stage, and each stage's sub-mesh
+    (physical shape (hosts, devices per host), logical shape, auto-sharding option overrides)."""
+
+    forward_stage_layer_ids: tuple[tuple[int, ...], ...]
+    submesh_physical_shapes: tuple[tuple[int, int], ...]
+    submesh_logical_shapes: tuple[tuple[int, ...], ...] | None = None
+    submesh_autosharding_option_dicts: tuple[dict, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PipeshardParallel(ParallelMethod):
+    """Inter-operator (pipeline stages on sub-meshes) + intra-operator parallelism (Alpa's PipeshardParallel).
+
+    The step's forward pass is cut into layers (`layer_option`), layers are grouped into stages
+    placed on disjoint sub-meshes (`stage_option`: "auto" runs the stage DP), each stage is
+    auto-sharded on its sub-mesh, and micro-batches flow through the stages per
+    `pipeline_schedule` ("1f1b" or "gpipe"). The step must compute gradients with
+    `meshweave.grad` / `meshweave.value_and_grad` when `num_micro_batches > 1`.
+    """
+
+    num_micro_batches: int = 1
+    layer_option: ManualLayerOption | AutoLayerOption = field(default_factory=ManualLayerOption)
+    stage_option: object = "auto"
+    pipeline_schedule: str = "1f1b"
+    default_auto_sharding_option: AutoShardingOption = field(default_factory=AutoShardingOption)
+    num_hosts: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.num_micro_batches, int) or self.num_micro_batches < 1:
+            raise MethodError(f"PipeshardParallel.num_micro_batches must be a positive int, got "
+                              f"{self.num_micro_batches!r}")
+        if not isinstance(self.layer_option, (ManualLayerOption, AutoLayerOption)):
+            raise MethodError("PipeshardParallel.layer_option must be ManualLayerOption() or AutoLayerOption(n)")
+        if not (self.stage_option == "auto" or isinstance(self.stage_option, (UniformStageOption, ManualStageOption))):
+            raise MethodError(f"PipeshardParallel.stage_option must be 'auto', UniformStageOption(...) or "
+                              f"ManualStageOption(...), got {self.stage_option!r}")
+        if self.pipeline_schedule not in ("1f1b", "gpipe"):
+            raise MethodError(f"PipeshardParallel.pipeline_schedule={self.pipeline_schedule!r}: expected '1f1b' "
+                              "or 'gpipe'")
+        if not isinstance(self.default_auto_sharding_option, AutoShardingOption):
+            raise MethodError("PipeshardParallel.default_auto_sharding_option must be an AutoShardingOption")
+
+    def pipeline_for(self, spec: MeshSpec) -> str:
+        return f"inline-calls,cse,layer-clustering{{micro-batches={self.num_micro_batches}}}"
+
+    def describe(self) -> str:
+        return f"PipeshardParallel({self.pipeline_schedule}, {self.num_micro_batches} micro-batches)"

@@ -38,6 +38,8 @@ class Plan:
     objective: float | None = None       # solver objective, when a solver ran
     predicted_costs: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
+    pipeline: dict = field(default_factory=dict)         # layers, stages, fragments, instruction lists
+    warnings: list = field(default_factory=list)   # what the passes warned about (fallbacks, limits)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,4 +66,6 @@ class Plan:
                 lines.append("  compiled collectives: none")
         if self.objective is not None:
             lines.append(f"objective: {self.objective:.6g}")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
         return "\n".join(lines)

@@ -6,12 +6,11 @@ come from the cluster's link latency and bandwidth, so the objective is a commun
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from meshweave.dialects.sharding import MeshSpec
-from meshweave.passes.pipeline import Pipeline, PipelineState
-from meshweave.plugin.lowering import trace
 
 
 @dataclass(frozen=True)
@@ -60,52 +59,63 @@ class PlanResult:
     objective: float                 # the solver's objective (communication time, s)
     predicted_step_time: float       # communication + compute estimate (s)
     compute_time: float
-    report: dict = field(default_factory=dict)     # the auto-sharding pass report (solver, graph, explain)
+    auto_sharding: object = None     # passes.auto_sharding.AutoShardingResult (problem, graph, solver, explain)
     arg_shardings: list = field(default_factory=list)
     ir_text: str = ""
-    problem: object = None           # the auto-sharding ShardingProblem (re-solve it, or write it as IOPDDL)
+    warnings: list = field(default_factory=list)
+    stages: object = None            # PipeshardParallel: passes.stage_construction.StageConstructionResult
+    layers: object = None            # PipeshardParallel: passes.layer_clustering.LayerClusteringResult
+
+    @property
+    def problem(self):
+        """The auto-sharding ShardingProblem (re-solve it, or write it as IOPDDL)."""
+        return self.auto_sharding.problem if self.auto_sharding is not None else None
 
     def explain(self) -> str:
         return (f"mesh {self.mesh}\npipeline {self.pipeline}\npredicted step time {self.predicted_step_time:.6g} s "
                 f"(communication {self.objective:.6g} s, compute {self.compute_time:.6g} s)\n"
-                + self.report.get("explain", ""))
+                + (self.auto_sharding.explain() if self.auto_sharding is not None else "")
+                + (self.layers.explain() + "\n" if self.layers is not None else "")
+                + (self.stages.explain() if self.stages is not None else "")
+                + "".join(f"\nwarning: {w}" for w in self.warnings))
 
 
 def plan(fun, *args, method=None, cluster: ClusterSpec | None = None, static_argnums=(), donate_argnums=(),
-         batch_argnums=(1,), **kwargs) -> PlanResult:
+         batch_argnums=(1,), batch_argnames=(), **kwargs) -> PlanResult:
     """Plan `fun(*args, **kwargs)` for `cluster` with `method` (ShardParallel by default); runs nothing."""
-    from meshweave.methods import AutoShardingOption, ShardParallel
-    from meshweave.passes.install_mesh import read_mesh
+    from meshweave.driver import plan_step
+    from meshweave.methods import ShardParallel
+    from meshweave.plugin.arguments import ArgumentSpec
     from meshweave.plugin.compile import arg_shardings
-
-    import dataclasses
+    from meshweave.passes.pipeline import module_text
 
     cluster = cluster or ClusterSpec()
     method = method or ShardParallel()
+    from meshweave.methods import PipeshardParallel
+
+    if isinstance(method, PipeshardParallel):
+        from meshweave.pipeshard import plan_pipeline
+
+        call = ArgumentSpec.create(fun, static_argnums=static_argnums, donate_argnums=donate_argnums,
+                                   batch_argnums=batch_argnums, batch_argnames=batch_argnames).bind(args, kwargs)
+        return plan_pipeline(fun, call, method, cluster)
     shape, alpha, beta = cluster.logical_mesh()
     if method.mesh_shape is not None:
         shape = tuple(method.mesh_shape)
         if math.prod(shape) != cluster.num_devices:
             raise ValueError(f"method mesh_shape {shape} does not have the cluster's {cluster.num_devices} devices")
-        _, alpha, beta = ClusterSpec(cluster.num_hosts, cluster.devices_per_host, cluster.inter_host_bandwidth,
-                                     cluster.intra_host_bandwidth, cluster.latency, cluster.device_flops,
-                                     shape).logical_mesh()
+        _, alpha, beta = dataclasses.replace(cluster, mesh_shape=shape).logical_mesh()
     opt = getattr(method, "auto_sharding", None)
     if opt is not None and opt.alpha is None and opt.beta is None:
         method = dataclasses.replace(method, auto_sharding=dataclasses.replace(opt, alpha=alpha, beta=beta))
     spec = MeshSpec.from_shape(shape, method.axis_names)
-    step = trace(fun, args, kwargs, static_argnums=static_argnums, donate_argnums=donate_argnums,
-                 batch_argnums=batch_argnums, mesh=None)
-    module = step.module()
-    state = PipelineState(mesh=spec, options={"method": method})
-    pipeline = Pipeline(method.pipeline_for(spec))
-    pipeline.run(module, state, record_ir=False)
-    report = state.reports.get("auto-sharding", {})
-    flops = sum(r.flops for r in state.options["auto_sharding_graph"].ops) if "auto_sharding_graph" in state.options else 0.0
+    call = ArgumentSpec.create(fun, static_argnums=static_argnums, donate_argnums=donate_argnums,
+                               batch_argnums=batch_argnums, batch_argnames=batch_argnames).bind(args, kwargs)
+    planned = plan_step(fun, call, method, spec, mesh=None, record_ir=False)
+    auto = planned.state.results.get("auto-sharding")
+    flops = sum(r.flops for r in auto.graph.ops) if auto is not None else 0.0
     compute = flops / cluster.num_devices / cluster.device_flops
-    objective = float(report.get("objective", 0.0))
-    from meshweave.passes.pipeline import module_text
-
-    return PlanResult(spec, pipeline.spec(), objective, objective + compute, compute, report,
-                      [s.short() if s else None for s in arg_shardings(module)], module_text(module),
-                      state.options.get("auto_sharding_problem"))
+    objective = float(auto.objective) if auto is not None else 0.0
+    return PlanResult(spec, planned.pipeline.spec(), objective, objective + compute, compute, auto,
+                      [s.short() if s else None for s in arg_shardings(planned.module)], module_text(planned.module),
+                      list(planned.state.warnings))

@@ -1,30 +1,80 @@
-// RUN: meshweave-opt %s --pass-pipeline='install-mesh{shape=4},auto-sharding' | FileCheck %s
-// RUN: meshweave-opt %s --pass-pipeline='install-mesh{shape=2x2},auto-sharding{batch-axes=y}' | FileCheck %s --check-prefix=FORCED
-// RUN: expect-exit 1 meshweave-opt %s --pass-pipeline='install-mesh{shape=4},auto-sharding{batch-axes=z}' 2>&1 | FileCheck %s --check-prefix=BADAXIS
-// RUN: expect-exit 2 meshweave-opt %s --pass-pipeline='auto-sharding{solver=glpk time-limit=x}' 2>&1 | FileCheck %s --check-prefix=BADOPT
+// RUN: meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=4},auto-sharding' | FileCheck %s
+// RUN: meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=2x2},auto-sharding{batch-axes=y}' | FileCheck %s --check-prefix=FORCED
+// RUN: expect-exit 1 meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=4},auto-sharding{memory-budget=100000}' 2>&1 | FileCheck %s --check-prefix=BUDGET
+// RUN: expect-exit 1 meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=4},auto-sharding{batch-axes=z}' 2>&1 | FileCheck %s --check-prefix=BADAXIS
+// RUN: expect-exit 2 meshweave-opt %s --split-input-file --pass-pipeline='auto-sharding{solver=glpk time-limit=x}' 2>&1 | FileCheck %s --check-prefix=BADOPT
 
-// A forward pass: splitting the batch needs no communication, so the ILP shards the batch
-// argument and every dot along it; the weights stay whole. Every planned op carries its
-// chosen strategy and an sdy sharding.
-// CHECK: func.func public @main(%arg0: tensor<256x256xf32> {{{.*}}sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>}
-// CHECK-SAME: %arg2: tensor<32x256xf32> {{{.*}}sdy.sharding = #sdy.sharding<@mesh, [{"x"}, {}]>}
-// CHECK: stablehlo.dot_general {{.*}}mw.strategy = "[x,-] x [-,-] -> [x,-]"{{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{"x"}, {}]>]>
-// CHECK: stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{"x"}, {}]>]>
-// CHECK: stablehlo.dot_general {{.*}}mw.strategy = "[x,-] x [-,-] -> [x,-]"
-// CHECK-NOT: sdy.sharding_rule
+// Each case is its own module (split-input-file); the entry function is the only public one.
 
-// Forcing the batch onto mesh axis y (Alpa's force_batch_dim_to_mesh_dim).
-// FORCED: %arg2: tensor<32x256xf32> {{{.*}}sdy.sharding = #sdy.sharding<@mesh, [{"y"{{.*}}}, {{.*}}]>}
-
-// BADAXIS: batch-axes: 'z' is not an axis of mesh
-// BADOPT: bad value 'x' for option 'time-limit'
-module {
-  func.func public @main(%w1: tensor<256x256xf32> {mw.arg_path = "params['w1']"},
-                         %w2: tensor<256x256xf32> {mw.arg_path = "params['w2']"},
-                         %x: tensor<32x256xf32> {mw.arg_path = "batch['x']", mw.batch_dim = 0 : i64}) -> tensor<32x256xf32> {
-    %0 = stablehlo.dot_general %x, %w1, contracting_dims = [1] x [0] : (tensor<32x256xf32>, tensor<256x256xf32>) -> tensor<32x256xf32>
-    %1 = stablehlo.tanh %0 : tensor<32x256xf32>
-    %2 = stablehlo.dot_general %1, %w2, contracting_dims = [1] x [0] : (tensor<32x256xf32>, tensor<256x256xf32>) -> tensor<32x256xf32>
-    return %2 : tensor<32x256xf32>
-  }
+// A forward layer: with no memory limit the ILP splits the weight's output dimension; every
+// planned op carries its chosen strategy and a closed sdy sharding, and no rule is left behind.
+// CHECK-LABEL: func.func public @forward_layer
+// CHECK-SAME:    %arg0: tensor<256x256xf32> {mw.arg_path = "w1", sdy.sharding = #sdy.sharding<@mesh, [{}, {"x"}]>}
+// CHECK-SAME:    -> (tensor<32x256xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {"x"}]>})
+// CHECK-NEXT:  stablehlo.dot_general
+// CHECK-SAME:    mw.strategy = "[-,-] x [-,x] -> [-,x]"
+// CHECK-SAME:    sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{}, {"x"}]>]>
+// CHECK-NEXT:  stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{}, {"x"}]>]>
+// CHECK-NOT:   sdy.sharding_rule
+// Forced batch axis (Alpa's force_batch_dim_to_mesh_dim): the batch argument splits on y.
+// FORCED-LABEL: func.func public @forward_layer
+// FORCED-SAME:    %arg1: tensor<32x256xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64, sdy.sharding = #sdy.sharding<@mesh, [{"y"{{.*}}}, {{.*}}]>}
+// Under a memory budget the only plan that fits splits the weight and the batch.
+// BUDGET-LABEL: func.func public @forward_layer
+// BUDGET-SAME:    sdy.sharding = #sdy.sharding<@mesh, [{}, {"x"}]>
+// BUDGET-SAME:    sdy.sharding = #sdy.sharding<@mesh, [{"x"}, {}]>
+func.func public @forward_layer(%w1: tensor<256x256xf32> {mw.arg_path = "w1"},
+                                %x: tensor<32x256xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64}) -> tensor<32x256xf32> {
+  %0 = stablehlo.dot_general %x, %w1, contracting_dims = [1] x [0] : (tensor<32x256xf32>, tensor<256x256xf32>) -> tensor<32x256xf32>
+  %1 = stablehlo.tanh %0 : tensor<32x256xf32>
+  return %1 : tensor<32x256xf32>
 }
+
+// -----
+
+// A weight gradient (contraction over the batch): the plan splits the output rows, taking the
+// x operand split on its feature dimension, so no all-reduce over the batch is needed.
+// CHECK-LABEL: func.func public @weight_gradient
+// CHECK-SAME:    %arg0: tensor<64x512xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64, sdy.sharding = #sdy.sharding<@mesh, [{}, {"x"}]>}
+// CHECK:       stablehlo.dot_general
+// CHECK-SAME:    mw.strategy = "[-,x] x [-,-] -> [x,-]"
+// The 1 MiB result cannot fit 100 kB per device whatever the plan: the error names the floor.
+// BUDGET: error: [auto-sharding] no sharding plan fits memory-budget=100000 bytes per device; the smallest budget the planner can meet is {{[0-9]+}} bytes (raise memory_budget_per_device to at least that, or use more devices)
+func.func public @weight_gradient(%x: tensor<64x512xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64},
+                                  %dy: tensor<64x512xf32> {mw.arg_path = "dy", mw.batch_dim = 0 : i64}) -> tensor<512x512xf32> {
+  %0 = stablehlo.dot_general %x, %dy, contracting_dims = [0] x [0] : (tensor<64x512xf32>, tensor<64x512xf32>) -> tensor<512x512xf32>
+  return %0 : tensor<512x512xf32>
+}
+
+// -----
+
+// A counted while loop (fori_loop, 5 trips): ops in the body are planned like any other, and the
+// carry keeps the batch split through the loop (the body's cost is paid per trip).
+// CHECK-LABEL: func.func public @counted_loop
+// CHECK-SAME:    %arg1: tensor<32x64xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64, sdy.sharding = #sdy.sharding<@mesh, [{"x"}, {}]>}
+// CHECK:       stablehlo.while
+// CHECK:       } do {
+// CHECK:         stablehlo.dot_general
+// CHECK-SAME:      mw.strategy = "[x,-] x [-,-] -> [x,-]"
+// CHECK-NEXT:    stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{"x"}, {}]>]>
+func.func public @counted_loop(%w: tensor<64x64xf32> {mw.arg_path = "w"},
+                               %x: tensor<32x64xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64}) -> tensor<32x64xf32> {
+  %one = stablehlo.constant dense<1> : tensor<i32>
+  %n = stablehlo.constant dense<5> : tensor<i32>
+  %zero = stablehlo.constant dense<0> : tensor<i32>
+  %0:3 = stablehlo.while(%wi = %w, %i = %zero, %h = %x) : tensor<64x64xf32>, tensor<i32>, tensor<32x64xf32>
+  cond {
+    %c = stablehlo.compare LT, %i, %n, SIGNED : (tensor<i32>, tensor<i32>) -> tensor<i1>
+    stablehlo.return %c : tensor<i1>
+  } do {
+    %d = stablehlo.dot_general %h, %wi, contracting_dims = [1] x [0] : (tensor<32x64xf32>, tensor<64x64xf32>) -> tensor<32x64xf32>
+    %t = stablehlo.tanh %d : tensor<32x64xf32>
+    %next = stablehlo.add %i, %one : tensor<i32>
+    stablehlo.return %wi, %next, %t : tensor<64x64xf32>, tensor<i32>, tensor<32x64xf32>
+  }
+  return %0#2 : tensor<32x64xf32>
+}
+
+// Error cases: a batch axis the mesh does not have; bad option values.
+// BADAXIS: error: [auto-sharding] batch-axes: 'z' is not an axis of mesh
+// BADOPT: bad value 'x' for option 'time-limit'

@@ -1,0 +1,139 @@
+"""Pricing stage candidates for the auto stage DP with the intra-op planner.
+
+Each layer's forward and backward ops are outlined on a copy of the module (one stage per
+layer) and auto-sharded on every logical shape of every candidate sub-mesh; a candidate's
+latency is the planner's communication time (α-β of the cluster, `planning.ClusterSpec`) plus
+its FLOPs at the device's rate. Layers whose fragments print identically (identical blocks
+up to parameters) share one solve. A range of layers costs the sum of its layers (intra-stage
+resharding between layers is not priced: an approximation, documented in docs/architecture.md).
+Transfers between stages cost the bytes crossing the cut over the inter-stage link, forward
+and backward.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+
+from jaxlib.mlir import ir
+
+from meshweave.dialects import meshweave as mw
+from meshweave.dialects.context import parse_module
+from meshweave.dialects.sharding import MeshSpec
+from meshweave.dialects.sharding import default_axis_names
+from meshweave.passes.stage_construction import StageConstructionResult, StageSpec
+from meshweave.runtime.program import MeshDesc
+
+
+def _flops(module) -> float:
+    total = 0.0
+    for line in str(module).splitlines():
+        if "stablehlo.dot_general" not in line:
+            continue
+        m = re.search(r"contracting_dims = \[([\d, ]*)\] x", line)
+        types = re.findall(r"tensor<([\dx]+)x[a-z]+\d*>", line)
+        if not m or len(types) < 3:
+            continue
+        lhs = [int(x) for x in types[0].split("x")]
+        out = [int(x) for x in types[-1].split("x")]
+        contracted = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d.strip())
+        total += 2.0 * math.prod(out) * contracted
+    return total
+
+
+def _tensor_bytes(t) -> int:
+    rt = ir.RankedTensorType(t)
+    width = getattr(rt.element_type, "width", 32)
+    return math.prod(rt.shape) * max(width // 8, 1)
+
+
+def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host: int, device_ids=None):
+    from meshweave.methods import _auto_sharding_pipeline
+    from meshweave.passes.pipeline import Pipeline, PipelineState, module_text
+    from meshweave.passes.stage_dp import StageCandidate, logical_shape_choices, solve_stages
+    from meshweave.passes.stage_outlining import outline
+    from meshweave.planning import ClusterSpec
+
+    t0 = time.perf_counter()
+    method = state.options.get("method")
+    opt = method.default_auto_sharding_option if method is not None else None
+    k = state.options.get("micro_batches", 1)
+    schedule = getattr(method, "pipeline_schedule", "1f1b")
+    cluster = state.options.get("cluster") or ClusterSpec(num_hosts, devices_per_host)
+    copy = parse_module(module_text(module))
+    per_layer = outline(copy, list(range(num_layers)), [f"layer{i}" for i in range(num_layers)])
+    funcs = mw.funcs(copy)
+    texts: dict[int, list[str]] = {i: [] for i in range(num_layers)}
+    act_bytes = [0] * num_layers
+    param_bytes = [0] * num_layers
+    cross_bytes = [0] * (num_layers + 1)
+    for f in per_layer.fragments:
+        fn = funcs[f.name]
+        text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
+        if f.phase != "apply":
+            texts[f.stage].append("module {\n" + text + "\n}")
+        ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
+        for src, t in zip(f.inputs, ftype.inputs):
+            if src.arg is not None and not src.batch_dependent:
+                param_bytes[f.stage] += _tensor_bytes(t)
+            elif src.fragment is not None and f.phase == "backward" and src.fragment.endswith("forward"):
+                act_bytes[f.stage] += _tensor_bytes(t)
+            elif src.fragment is not None and f.phase == "forward":
+                producer = int(src.fragment[1:].split("_")[0])
+                for b in range(producer + 1, f.stage + 1):
+                    cross_bytes[b] += _tensor_bytes(t)
+    solves: dict[tuple[str, tuple], float] = {}
+
+    def layer_cost(layer: int, logical: tuple[int, ...]) -> float:
+        import dataclasses
+
+        n = math.prod(logical)
+        spec = MeshSpec.from_shape(logical)
+        hosts, per_host = max(1, n // cluster.devices_per_host), min(n, cluster.devices_per_host)
+        c = dataclasses.replace(cluster, num_hosts=hosts, devices_per_host=per_host, mesh_shape=tuple(logical))
+        _, alpha, beta = c.logical_mesh()       # an axis spanning hosts uses the inter-host link
+        total = 0.0
+        for text in texts[layer]:
+            key = (text, logical)
+            if key not in solves:
+                o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
+                m = parse_module(text)
+                st = PipelineState(mesh=spec)
+                Pipeline(_auto_sharding_pipeline(o, len(logical))).run(m, st, record_ir=False)
+                report = _auto_report(st)
+                solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops
+            total += solves[key]
+        return total
+
+    def stage_cost(start, end, submesh):
+        out = []
+        for logical in logical_shape_choices(submesh):
+            logical = tuple(x for x in logical if x > 1) or (1,)
+            n = submesh.num_devices
+            lat = sum(layer_cost(i, logical) for i in range(start, end))
+            mem = 4.0 * sum(param_bytes[start:end]) / n          # params, grads, two Adam moments
+            act = float(sum(act_bytes[start:end])) / n
+            out.append(StageCandidate(logical, lat, mem, act))
+        return out
+
+    def transfer_cost(boundary, before, after):
+        bw = cluster.inter_host_bandwidth if (before.num_hosts > 1 or after.num_hosts > 1) \
+            else cluster.intra_host_bandwidth
+        return 2.0 * cross_bytes[boundary] / k / bw
+
+    memory = getattr(opt, "memory_budget_per_device", None)
+    sol = solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost, transfer_cost=transfer_cost,
+                       memory_capacity=memory, schedule=schedule if schedule in ("1f1b", "gpipe") else "1f1b")
+    ids = list(device_ids) if device_ids is not None else list(range(num_hosts * devices_per_host))
+    stages = []
+    for i, s in enumerate(sol.stages):     # the DP packs sub-meshes into hosts (first fit), not in stage order
+        logical = tuple(s.logical_shape)
+        mesh = MeshDesc(f"mesh{i}", logical, default_axis_names(len(logical)), tuple(ids[d] for d in s.device_ids))
+        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, {}, s.latency))
+    return StageConstructionResult("auto", num_layers, stages, objective=sol.objective,
+                                   seconds=time.perf_counter() - t0, candidates=len(solves))
+
+
+def _auto_report(state) -> dict:
+    r = state.results.get("auto-sharding")
+    return {"objective": r.objective if r is not None else 0.0}

@@ -1,0 +1,384 @@
+"""Compiling a PipeshardParallel step: trace at micro-batch size, cut into stages, shard and compile
+each fragment on its sub-mesh, emit the per-mesh instruction lists, run them.
+
+    trace (markers: layers, loss, grad) -> inline-calls, cse, layer-clustering, stage-construction,
+    stage-outlining -> per fragment: install-mesh + auto-sharding on its sub-mesh, XLA compile
+    -> insert-transfers (mpmd form of @main, for dumps) -> schedule -> Program -> executor
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jaxlib.mlir import ir
+
+from meshweave.dialects import meshweave as mw
+from meshweave.dialects.context import parse_module
+from meshweave.dialects.sharding import MeshSpec
+from meshweave.markers import pipeline_tracing
+from meshweave.passes.pipeline import PassResult, Pipeline, PipelineState, module_text
+from meshweave.plugin.compile import arg_shardings, named_sharding, result_shardings
+from meshweave.plugin.jax_adapter import replace_lowered_module
+from meshweave.plugin.lowering import trace
+from meshweave.runtime.pipeline_emitter import FragmentIO, emit, value_name
+from meshweave.runtime.program import (FragmentDesc, InputBinding, MeshDesc, OutputBinding, Program, TensorSig,
+                                       key_for)
+
+
+class PipeshardError(ValueError):
+    """The step cannot be pipelined as asked; the message says what to change."""
+
+
+@dataclass
+class CompiledFragment:
+    desc: FragmentDesc
+    compiled: object              # jax.stages.Compiled
+    records: list                 # pass records of the fragment's own pipeline
+    state: PipelineState
+
+
+def _micro_batch_call(call, k: int):
+    """The call with every batch leaf at micro-batch size (abstract), for tracing one micro-batch."""
+    if k == 1:
+        return call
+    roles = call.leaf_roles()
+    sizes = {x.shape[0] for x, r in zip(call.leaves, roles) if r[1] and len(getattr(x, "shape", ())) >= 1}
+    if not sizes:
+        raise PipeshardError(f"num_micro_batches={k} but no batch argument (batch_argnums="
+                             f"{call.spec.batch_argnums}) carries arrays; name the batch argument with batch_argnums")
+    for b in sorted(sizes):
+        if b % k:
+            raise PipeshardError(f"batch size {b} is not divisible by num_micro_batches={k}; use a batch size that "
+                                 f"is a multiple of {k} or another micro-batch count")
+    leaves = [jax.ShapeDtypeStruct((x.shape[0] // k,) + tuple(x.shape[1:]), x.dtype)
+              if r[1] and len(getattr(x, "shape", ())) >= 1 else x for x, r in zip(call.leaves, roles)]
+    return dataclasses.replace(call, leaves=leaves)
+
+
+_DTYPES = {"f32": "float32", "f64": "float64", "bf16": "bfloat16", "f16": "float16", "i32": "int32", "i64": "int64",
+           "i8": "int8", "i16": "int16", "ui8": "uint8", "ui32": "uint32", "ui64": "uint64", "i1": "bool"}
+
+
+def _dtype(t):
+    et = str(ir.RankedTensorType(t).element_type)
+    if et not in _DTYPES:
+        raise PipeshardError(f"fragment value of element type {et} is not supported by the pipeline runtime")
+    return jnp.dtype(_DTYPES[et])
+
+
+def _sig(ts, aval) -> TensorSig:
+    dims = tuple(tuple(d) for d in ts.dims) if ts is not None else tuple(() for _ in aval.shape)
+    return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims)
+
+
+def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int]) -> str:
+    """The private fragment function as a standalone module with a public @main."""
+    fn = mw.funcs(module)[name]
+    text = str(fn.operation)
+    text = re.sub(r"^func\.func private @" + re.escape(name) + r"\(", "func.func @main(", text, count=1)
+    m = parse_module("module @" + name + " {\n" + text + "\n}")
+    main = mw.main_func(m)
+    with m.context:
+        attrs = mw.arg_attr_dicts(main)
+        for d, n in zip(attrs, arg_names):
+            d[mw.ARG_PATH] = mw.string_attr(n)
+        mw.set_arg_attr_dicts(main, attrs)
+        res = mw.result_attr_dicts(main)
+        for r, a in keeps.items():
+            res[r][mw.KEEPS_ARG] = mw.i64_attr(a)
+        mw.set_result_attr_dicts(main, res)
+    return module_text(m)
+
+
+def _compile(module, mesh: Mesh, in_avals, out_avals):
+    in_sh = [named_sharding(ts, mesh) for ts in arg_shardings(module)]
+    res = result_shardings(module)
+    out_sh = [named_sharding(ts, mesh) for ts in res] if all(r is not None for r in res) else None
+
+    def placeholder(*xs):
+        return tuple(jnp.zeros(a.shape, a.dtype) for a in out_avals)
+
+    lowered = jax.jit(placeholder, keep_unused=True, in_shardings=tuple(in_sh)).lower(
+        *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals])
+    return replace_lowered_module(lowered, module, in_sh, out_sh).compile()
+
+
+def _with_transfer_layouts(instructions, descs):
+    """Give every SEND the producer's layout and every RECV the first reader's layout (the receiver
+    reshards on arrival, once)."""
+    import dataclasses
+
+    produced, read = {}, {}
+    for mesh, lst in instructions.items():
+        for ins in lst:
+            if ins.op == "run":
+                d = descs[ins.fragment]
+                for k, sg in zip(ins.outputs, d.outputs):
+                    produced[(mesh, k)] = sg
+                    produced[(mesh, "acc:" + k.split("#")[0])] = sg
+                for k, sg in zip(ins.inputs, d.inputs):
+                    read.setdefault((mesh, k), sg)
+    out = {}
+    for mesh, lst in instructions.items():
+        new = []
+        for ins in lst:
+            if ins.op == "send":
+                ins = dataclasses.replace(ins, sig=produced.get((mesh, ins.inputs[0])))
+            elif ins.op == "recv":
+                ins = dataclasses.replace(ins, sig=read.get((mesh, ins.outputs[0])))
+            new.append(ins)
+        out[mesh] = new
+    return out
+
+
+def _insert_transfers(module, state, compiled):
+    """Record each fragment's layouts on its function, then run insert-transfers (recorded like any pass)."""
+    import time
+
+    from meshweave.passes.insert_transfers import SHARDING
+    from meshweave.passes.pipeline import PassRecord
+    from meshweave.passes.registry import create_pass
+
+    funcs = mw.funcs(module)
+    with module.context:
+        for name, c in compiled.items():
+            fn = funcs[name]
+            for getter, setter, sigs in ((mw.arg_attr_dicts, mw.set_arg_attr_dicts, c.desc.inputs),
+                                         (mw.result_attr_dicts, mw.set_result_attr_dicts, c.desc.outputs)):
+                dicts = getter(fn)
+                for d, sg in zip(dicts, sigs):
+                    d[SHARDING] = mw.string_attr(str([list(x) for x in sg.sharding]))
+                setter(fn, dicts)
+    p = create_pass("insert-transfers")
+    t0 = time.perf_counter()
+    p.run(module, state)
+    state.records.append(PassRecord(len(state.records), p.name, p.spec(), time.perf_counter() - t0,
+                                    module_text(module)))
+    return state.results[p.name]
+
+
+def compile_pipeshard(fun, call, method):
+    """Compile `fun` for one bound call under a PipeshardParallel method."""
+    from meshweave.executable import Executable
+    from meshweave.methods import _auto_sharding_pipeline
+    from meshweave.parallel_plan import Plan, StagePlan, TensorPlacement
+
+    devices = list(np.asarray(method.devices, dtype=object).flat) if method.devices is not None else jax.devices()
+    if len(devices) % method.num_hosts:
+        raise PipeshardError(f"PipeshardParallel.num_hosts={method.num_hosts} does not divide the {len(devices)} devices")
+    dph = len(devices) // method.num_hosts
+    k = method.num_micro_batches
+    micro_call = _micro_batch_call(call, k)
+    import time
+
+    clock = time.perf_counter
+    timings = {"trace": 0.0, "passes": 0.0, "stage_construction": 0.0, "fragment_ilps": 0.0, "xla_compile": 0.0}
+    t = clock()
+    with pipeline_tracing(method.layer_option) as cfg:
+        step = trace(fun, micro_call, mesh=None)
+    if k > 1 and cfg["used"] == 0:
+        raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
+                             "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
+    module = step.module()
+    state = PipelineState(mesh=MeshSpec.from_shape((len(devices),)),
+                          options={"stage_option": method.stage_option, "device_ids": [d.id for d in devices],
+                                   "auto_layer_clustering": cfg["clustering"], "method": method,
+                                   "micro_batches": k})
+    pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},"
+                        f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},stage-outlining")
+    timings["trace"] = clock() - t
+    t = clock()
+    pipeline.run(module, state, record_ir=True)
+    timings["passes"] = clock() - t
+    stages = state.results["stage-construction"]
+    outlined = state.results["stage-outlining"]
+    main = mw.main_func(module)
+    arg_paths = step.arg_paths
+    flat_batch = [d is not None for d in step.batch_dims]
+    batch_flat = {i for i, b in enumerate(flat_batch) if b}
+    keeps_arg = step.keeps_arg
+    by_id = {d.id: d for d in devices}
+    mesh_of_stage = [s.mesh.name for s in stages.stages]
+    meshes = {s.mesh.name: s.mesh for s in stages.stages}
+    jmeshes = {n: Mesh(np.array([by_id[i] for i in m.device_ids]).reshape(m.shape), m.axis_names)
+               for n, m in meshes.items()}
+    funcs = mw.funcs(module)
+    compiled: dict[str, CompiledFragment] = {}
+    for f in outlined.fragments:
+        fn = funcs[f.name]
+        ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
+        names = [arg_paths[s.arg] if s.arg is not None else value_name(s) for s in f.inputs]
+        keeps = {}
+        for r, src in enumerate(outlined.results):
+            if src.fragment == f.name and keeps_arg[r] is not None:
+                for j, s in enumerate(f.inputs):
+                    if s.arg == keeps_arg[r]:
+                        keeps[src.index] = j
+        text = _fragment_module(module, f.name, names, keeps)
+        stage = stages.stages[f.stage]
+        opt = method.default_auto_sharding_option
+        if stage.auto_sharding:
+            import dataclasses
+
+            opt = dataclasses.replace(opt, **stage.auto_sharding)
+        spec = MeshSpec.from_shape(stage.mesh.shape, stage.mesh.axis_names)
+        fmod = parse_module(text)
+        fstate = PipelineState(mesh=spec)
+        t = clock()
+        Pipeline(_auto_sharding_pipeline(opt, len(spec.shape))).run(fmod, fstate, record_ir=True)
+        timings["fragment_ilps"] += clock() - t
+        in_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.inputs]
+        out_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.results]
+        t = clock()
+        exe = _compile(fmod, jmeshes[stage.mesh.name], in_avals, out_avals)
+        timings["xla_compile"] += clock() - t
+        in_sigs = tuple(_sig(ts, a) for ts, a in zip(arg_shardings(fmod), in_avals))
+        out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
+        desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
+        compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate)
+    transfers = _insert_transfers(module, state, compiled)
+    # Inputs: each argument goes to every mesh whose fragments read it, in the first reader's layout.
+    inputs, seen = [], set()
+    for f in outlined.fragments:
+        for j, s in enumerate(f.inputs):
+            if s.arg is not None and (s.arg, f.mesh) not in seen:
+                seen.add((s.arg, f.mesh))
+                inputs.append(InputBinding(s.arg, f.mesh, f"arg{s.arg}", compiled[f.name].desc.inputs[j],
+                                           k if s.arg in batch_flat else 1))
+    outputs, keep = [], set()
+    frag = {f.name: f for f in outlined.fragments}
+    for r, src in enumerate(outlined.results):
+        if src.arg is not None:
+            b = next((b for b in inputs if b.index == src.arg), None)
+            if b is None:
+                raise PipeshardError(f"step result {step.result_paths[r]} returns argument {arg_paths[src.arg]} "
+                                     "unchanged, but no stage reads it; return a value the step computes")
+            outputs.append(OutputBinding(r, b.mesh, b.key, b.sig))
+            continue
+        f = frag[src.fragment]
+        if f.phase == "apply":
+            key = value_name(src)
+        elif src.batch_dependent and k > 1:
+            raise PipeshardError(f"step result {step.result_paths[r]} depends on the batch but is not an output of "
+                                 "meshweave.value_and_grad; with num_micro_batches > 1 return per-example values "
+                                 "through value_and_grad's aux output")
+        else:
+            key = key_for(value_name(src), 0)
+        keep.add((f.mesh, key))
+        outputs.append(OutputBinding(r, f.mesh, key, compiled[f.name].desc.outputs[src.index]))
+    from meshweave.runtime.schedules import make_schedule
+
+    schedule = make_schedule(method.pipeline_schedule, len(stages.stages), k)
+    orders = {s: [(t.kind, t.micro_batch) for t in schedule.tasks[s]] for s in range(len(stages.stages))}
+    ios = [FragmentIO(f.name, f.stage, f.phase, f.mesh, tuple(f.inputs), f.num_outputs) for f in outlined.fragments]
+    instructions = emit(ios, orders, mesh_of_stage, {s for s in range(len(arg_paths)) if s in batch_flat}, k, keep)
+    instructions = _with_transfer_layouts(instructions, {n: c.desc for n, c in compiled.items()})
+    program = Program(tuple(meshes.values()), tuple(c.desc for c in compiled.values()),
+                      {m: tuple(v) for m, v in instructions.items()}, tuple(inputs), tuple(outputs),
+                      schedule=method.pipeline_schedule, num_micro_batches=k)
+    timings["stage_construction"] = next(r.seconds for r in state.records if r.name == "stage-construction")
+    timings["passes"] -= timings["stage_construction"]
+    program.notes["timings"] = timings
+    return program, compiled, state, step, pipeline, schedule, stages
+
+
+def compile_pipeline_step(fun, call, method):
+    """Compile and wrap as a meshweave Executable (plan, dump, explain, plot_schedule)."""
+    from meshweave.cluster import current_backend
+    from meshweave.dumping import dump_dir_from_env, write_dump
+    from meshweave.executable import Executable
+    from meshweave.parallel_plan import Plan, StagePlan, TensorPlacement
+    from meshweave.plugin import hlo_stats
+    from meshweave.runtime.executor import StepArtifacts
+
+    program, compiled, state, step, pipeline, schedule, stages = compile_pipeshard(fun, call, method)
+    executor = current_backend().executor(
+        StepArtifacts(program, tuple(c.compiled for c in compiled.values()), step.lowered.out_tree))
+    stage_plans = []
+    for idx, (name, c) in enumerate(compiled.items()):
+        mesh = program.mesh(c.desc.mesh)
+
+        def places(sigs, prefix):
+            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, str(sg.sharding),
+                                    str(tuple(sg.sharding))) for i, sg in enumerate(sigs)]
+
+        text = c.compiled.as_text()
+        sp = StagePlan(idx, list(mesh.shape), list(mesh.axis_names), list(mesh.device_ids),
+                       places(c.desc.inputs, f"{name}.in"), places(c.desc.outputs, f"{name}.out"),
+                       hlo_stats.summarize(hlo_stats.collectives(text)), {})
+        stage_plans.append(sp)
+    pipeline_info = {
+        "fragments": [{"name": c.desc.name, "mesh": c.desc.mesh, "kind": c.desc.kind, "stage": c.desc.stage}
+                      for c in compiled.values()],
+        "stages": [{"index": s.index, "layers": list(s.layers), "mesh": s.mesh.name, "physical_shape":
+                    list(s.physical_shape), "logical_shape": list(s.mesh.shape), "device_ids": list(s.mesh.device_ids),
+                    "predicted_latency": s.latency} for s in stages.stages],
+        "instructions": {m: [i.describe() for i in ins] for m, ins in program.instructions.items()},
+        "bubble_fraction": getattr(schedule, "bubble_fraction", None),
+        "timings": program.notes.get("timings", {}),
+    }
+    plan = Plan(method=method.describe(), pass_pipeline=pipeline.spec(),
+                logical_mesh={"shape": [len(program.meshes)], "axis_names": ["stage"], "alpha": None, "beta": None},
+                stages=stage_plans, schedule=program.schedule, num_micro_batches=program.num_micro_batches)
+    plan.pipeline = pipeline_info
+    state.results["pipeline-schedule"] = ScheduleResult(schedule, program)
+    exe = Executable(plan=plan, executor=executor, records=state.records, state=state, traced=step,
+                     argument_spec=call.spec)
+    exe.schedule = schedule
+    exe.program = program
+    exe.fragment_records = {name: c.records for name, c in compiled.items()}
+    path = dump_dir_from_env()
+    if path:
+        write_dump(exe, path)
+    return exe
+
+
+@dataclass
+class ScheduleResult(PassResult):
+    """The pipeline schedule the runtime follows (explain() shows it per mesh)."""
+
+    schedule: object
+    program: Program
+
+    def explain(self) -> str:
+        s = self.schedule
+        lines = [f"{s.kind}, {s.num_micro_batches} micro-batch(es), bubble fraction {s.bubble_fraction:.3f} "
+                 "(1 forward : 2 backward time units)"]
+        for m, tasks in enumerate(s.tasks):
+            lines.append(f"  mesh{m}: " + " ".join(str(t) for t in tasks))
+        n = sum(1 for lst in self.program.instructions.values() for i in lst if i.op == "send")
+        lines.append(f"  {n} send(s) per step")
+        return "\n".join(lines)
+
+
+def plan_pipeline(fun, call, method, cluster):
+    """Plan (no devices, no compile) a pipelined step for `cluster`: layers, stages and sub-meshes,
+    and the predicted step time (the stage DP's objective when stage_option="auto")."""
+    import time
+
+    from meshweave.planning import PlanResult
+
+    k = method.num_micro_batches
+    t0 = time.perf_counter()
+    with pipeline_tracing(method.layer_option) as cfg:
+        step = trace(fun, _micro_batch_call(call, k), mesh=None)
+    if k > 1 and cfg["used"] == 0:
+        raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
+                             "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
+    module = step.module()
+    state = PipelineState(mesh=MeshSpec.from_shape((cluster.num_devices,)),
+                          options={"stage_option": method.stage_option, "method": method, "cluster": cluster,
+                                   "auto_layer_clustering": cfg["clustering"], "micro_batches": k})
+    pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
+                        f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}")
+    pipeline.run(module, state, record_ir=False)
+    stages = state.results["stage-construction"]
+    objective = float(stages.objective) if stages.objective is not None else float("nan")
+    shape = (len(stages.stages),)
+    return PlanResult(MeshSpec.from_shape(shape, ("stage",)), pipeline.spec(), objective, objective, 0.0,
+                      warnings=list(state.warnings), stages=stages, layers=state.results["layer-clustering"])
