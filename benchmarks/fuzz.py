@@ -76,18 +76,23 @@ def main(argv=None):
             results.append(r)
             if r.outcome != "equal":
                 print(f"seed {seed} {method}: {r.outcome} {r.message or r.max_abs_error}", flush=True)
+        summary = write(args, argv, results, seed - args.seed + 1)    # after every program: a partial run still reports
         if (seed - args.seed + 1) % 10 == 0:
             print(f"{seed - args.seed + 1} programs done", flush=True)
+    print(json.dumps(summary))
+    return 0 if summary["mismatch"] == summary["crash"] == 0 else 1
+
+
+def write(args, argv, results, programs_done) -> dict:
     counts = {k: sum(r.outcome == k for r in results) for k in ("equal", "mismatch", "clear-error", "crash")}
-    summary = {"programs": args.programs, "runs": len(results), **counts}
+    summary = {"programs": programs_done, "programs_requested": args.programs, "runs": len(results), **counts}
     out = {"command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__},
            "summary": summary, "results": [dataclasses.asdict(r) for r in results]}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
-    print(json.dumps(summary))
-    return 0 if counts["mismatch"] == counts["crash"] == 0 else 1
+    return summary
 
 
 if __name__ == "__main__":
