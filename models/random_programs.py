@@ -29,15 +29,14 @@ class Program:
 
 def program(seed: int, length: int = 6) -> Program:
     rng = random.Random(seed)
-    key = jax.random.PRNGKey(seed)
+    values = np.random.default_rng(seed)        # numpy: building a program dispatches nothing
     params, layers = {}, []
     shape = (BATCH, rng.choice(WIDTHS))        # the running activation: batch first, rank 2 or 3
     in_width = shape[1]
 
     def new_param(name, shp, scale=None):
-        nonlocal key
-        key, sub = jax.random.split(key)
-        params[name] = jax.random.normal(sub, shp) * (scale if scale is not None else 1 / np.sqrt(shp[0]))
+        scale = scale if scale is not None else 1 / np.sqrt(shp[0])
+        params[name] = (values.standard_normal(shp) * scale).astype(np.float32)
         return name
 
     for i in range(length):
@@ -135,6 +134,6 @@ def program(seed: int, length: int = 6) -> Program:
         new = jax.tree.map(lambda p, g: p - 0.05 * g, state["params"], grads)
         return {"params": new}, loss
 
-    key, sub = jax.random.split(key)
-    x = jax.random.normal(sub, (BATCH, in_width))
+    x = jnp.asarray(values.standard_normal((BATCH, in_width)).astype(np.float32))
+    params = {k: jnp.asarray(v) for k, v in params.items()}
     return Program(seed, [k for k, _, _ in layers], step, {"params": params}, {"x": x}, params)
