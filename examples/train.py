@@ -1,10 +1,12 @@
 """The main job: parallelize real training steps over 8 simulated CPU devices with meshweave.
 
 For each model (an MLP with Adam; a small GPT with Adam) the ILP plans the step on a 2x4 logical
-mesh, XLA compiles it, and a few training steps run; after every step the loss and every
-updated parameter are compared with single-device `jax.jit` on the same inputs.
+mesh, XLA compiles it, and a few training steps run; then a 4-layer GPT runs as a pipeline
+(PipeshardParallel: 2 stages on two 4-device sub-meshes, each stage auto-sharded on its own,
+4 micro-batches, 1F1B). After every step the loss and every updated parameter are compared with
+single-device `jax.jit` on the same inputs.
 
-    python examples/train.py [--steps 3] [--mesh 2x4] [--dump-dir DIR] [--model mlp|gpt|all]
+    python examples/train.py [--steps 3] [--mesh 2x4] [--dump-dir DIR] [--model mlp|gpt|pipeline|all]
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def close(a, b) -> bool:
 
 
 def train(name, step, state, batches, method, dump_dir):
-    print(f"\n=== {name}: {method.describe()} on a {'x'.join(map(str, method.mesh_shape))} mesh ===")
+    where = f"a {'x'.join(map(str, method.mesh_shape))} mesh" if method.mesh_shape else f"{len(jax.devices())} devices"
+    print(f"\n=== {name}: {method.describe()} on {where} ===")
     ref_step = jax.jit(step)
     par_step = mw.parallelize(step, method=method)
     t0 = time.perf_counter()
@@ -54,6 +57,9 @@ def train(name, step, state, batches, method, dump_dir):
         print(auto.explain().split("heavy ops")[0].strip())
         print("plan fidelity (predicted vs compiled collectives):")
         print(fidelity.report(exe.plan.stages[0].fidelity, exe.collectives()))
+    for key in ("layer-clustering", "stage-construction", "insert-transfers", "pipeline-schedule"):
+        if key in exe.state.results:
+            print(exe.state.results[key].explain())
     if dump_dir:
         path = os.path.join(dump_dir, name)
         exe.dump(path)
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--mesh", default="2x4")
-    p.add_argument("--model", choices=("mlp", "gpt", "all"), default="all")
+    p.add_argument("--model", choices=("mlp", "gpt", "pipeline", "all"), default="all")
     p.add_argument("--dump-dir", default=None)
     args = p.parse_args(argv)
     shape = tuple(int(s) for s in args.mesh.split("x"))
@@ -92,6 +98,14 @@ def main(argv=None) -> int:
         state = gpt.init_state(jax.random.PRNGKey(1), cfg, opt)
         batches = [gpt.synthetic_batch(jax.random.PRNGKey(20 + i), cfg, 16) for i in range(args.steps)]
         ok &= train("gpt", gpt.make_train_step(opt), state, batches, method, args.dump_dir)
+    if args.model in ("pipeline", "all"):
+        cfg = gpt.GPTConfig(vocab=512, seq_len=64, d_model=256, heads=8, layers=4)
+        state = gpt.init_state(jax.random.PRNGKey(2), cfg, opt)
+        batches = [gpt.synthetic_batch(jax.random.PRNGKey(30 + i), cfg, 16) for i in range(args.steps)]
+        pipe = mw.PipeshardParallel(num_micro_batches=4, stage_option=mw.UniformStageOption(num_stages=2),
+                                    pipeline_schedule="1f1b")
+        ok &= train("gpt-pipeline", gpt.make_train_step(opt, grad_fn=mw.value_and_grad), state, batches, pipe,
+                    args.dump_dir)
     print("\nRESULT:", "all steps match jax.jit" if ok else "MISMATCH against jax.jit")
     return 0 if ok else 1
 

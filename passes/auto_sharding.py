@@ -294,7 +294,7 @@ class AutoSharding(Pass):
         Option("allow-mixed-mesh-shape", "bool", False,
                "let ops split a non-batch dim over several mesh axes (the mesh as 1-D) beside 2-D ops"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
-        Option("time-limit", "float", 60.0, "solver time limit in seconds"),
+        Option("time-limit", "float", 10.0, "solver time limit in seconds (it stops earlier at a proven optimum)"),
     )
 
     def run(self, module, state):
@@ -334,7 +334,7 @@ class AutoSharding(Pass):
                     f"or use more devices)", floor)
             raise PassError(self.name, f"the solver found no plan ({sol.status})")
         if sol.status == "timeout" or sol.status == "feasible":
-            state.warn(f"auto-sharding: solver stopped at its {self.time_limit:.0f} s limit; using the best plan "
+            state.warn(f"auto-sharding: solver stopped at its {self.time_limit:g} s limit; using the best plan "
                        f"found (status {sol.status})")
         choice = [int(x) for x in sol.assignment[: len(graph.groups)]]
         objective = lmesh.to_user_units(sol.cost / COST_SCALE)

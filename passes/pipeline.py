@@ -44,6 +44,11 @@ class PipelineState:
     warnings: list[str] = field(default_factory=list)
     records: list[PassRecord] = field(default_factory=list)
 
+    @property
+    def reports(self) -> dict[str, PassResult]:
+        """The same mapping as `results` (the name passes of the pipeline builder use)."""
+        return self.results
+
     def warn(self, message: str) -> None:
         import warnings
 

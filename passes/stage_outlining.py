@@ -82,7 +82,7 @@ def _small(value) -> bool:
 
 def rematerializable(ops, producer, returned) -> set[int]:
     """Ops cheaper to recompute in every fragment that reads them than to transfer: constants,
-    iotas, and broadcasts / reshapes / converts of those or of small values (Adam's bias
+    iotas, ops computed from those alone, and broadcasts / reshapes / converts of small values (Adam's bias
     correction broadcast from a scalar). CSE shares such ops across layers; rematerializing them
     keeps each layer's copy on the layer's own mesh."""
     out = set()
@@ -94,6 +94,8 @@ def rematerializable(ops, producer, returned) -> set[int]:
             continue
         if name in _SOURCES and len(op.operands) == 0:
             out.add(i)
+        elif len(op.operands) and all(producer.get(v) in out for v in op.operands):
+            out.add(i)                  # computed from constants only (a causal mask from iotas)
         elif name in _CHEAP and all(producer.get(v) in out or _small(v) for v in op.operands):
             out.add(i)
     return out

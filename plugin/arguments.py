@@ -9,7 +9,7 @@ keeps the role its parameter has (`batch_argnums=(1,)` covers `step(state, batch
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import numpy as np
@@ -55,6 +55,25 @@ def is_traceable(x) -> bool:
             or hasattr(x, "__jax_array__") or isinstance(x, jax.ShapeDtypeStruct))
 
 
+_ARRAY_TYPE: list = []     # jax's concrete array class (ArrayImpl), found on first use
+
+
+def array_type() -> type:
+    if not _ARRAY_TYPE:
+        _ARRAY_TYPE.append(type(jax.numpy.zeros(())))
+    return _ARRAY_TYPE[0]
+
+
+def fast_signature(leaves) -> int:
+    """A hash of the leaves' avals (cached on each jax array, so cheap to read and hash; they
+    also name the abstract mesh an array lives on). Comparing avals costs more than the rest
+    of a call, so the per-call cache is keyed by this hash: a collision cannot run the wrong
+    program, because the compiled executable checks argument types before running, and the
+    caller then falls back to the exact key (BoundCall.key)."""
+    arr = _ARRAY_TYPE[0] if _ARRAY_TYPE else array_type()
+    return hash(tuple(x.aval if type(x) is arr else leaf_signature(x) for x in leaves))
+
+
 def leaf_signature(x) -> tuple:
     """(shape, dtype, weak_type): what a trace depends on. Placement is not part of it: the
     plan chooses layouts, and the runner moves an argument whose layout differs."""
@@ -85,6 +104,8 @@ class ArgumentSpec:
     batch_argnums: tuple[int, ...] = ()
     batch_argnames: tuple[str, ...] = ()
     donate_argnames: tuple[str, ...] = ()
+    # (number of positional args, keyword names) -> the roles of every argument (see _layout)
+    _layouts: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def create(cls, fun, *, static_argnums=(), donate_argnums=(), batch_argnums=(), batch_argnames=(),
@@ -120,9 +141,9 @@ class ArgumentSpec:
     def _names_of(self, positions) -> set[str]:
         return {self.params[i] for i in positions if i < len(self.params) and self.params[i]}
 
-    def bind(self, args: tuple, kwargs: dict) -> "BoundCall":
-        """Split one call into static values and flat dynamic leaves with their roles."""
-        n = len(args)
+    def _layout(self, n: int, kwnames: tuple) -> tuple:
+        """Static, batch and donated positions and names for calls with `n` positional arguments
+        and keyword arguments `kwnames` (checked once, then cached: calls repeat their shape)."""
         static = self._positions(self.static_argnums, "static_argnums", n, True)
         donate = self._positions(self.donate_argnums, "donate_argnums", n, False)
         batch = self._positions(self.batch_argnums, "batch_argnums", n, False)
@@ -132,25 +153,30 @@ class ArgumentSpec:
         batch |= {i for i in range(n) if i < len(self.params) and self.params[i] in set(self.batch_argnames)}
         donate |= {i for i in range(n) if i < len(self.params) and self.params[i] in set(self.donate_argnames)}
         missing = [a for a in self.donate_argnums if not (-n <= a < n) and
-                   not (0 <= a < len(self.params) and self.params[a] in kwargs)]
+                   not (0 <= a < len(self.params) and self.params[a] in kwnames)]
         if missing:
             raise ArgumentError(
                 f"donate_argnums={self.donate_argnums} names argument {missing[0]}, but {self.fun_name} was called "
                 f"with {n} positional argument(s) and no keyword argument for it")
-        statics = tuple((i, args[i]) for i in sorted(static))
-        for i, v in statics:
-            try:
-                hash(v)
-            except TypeError:
-                raise ArgumentError(
-                    f"static argument {self.arg_name(i)} (static_argnums includes {i}) has unhashable type "
-                    f"{type(v).__name__}; pass a hashable value (e.g. a tuple instead of a list), "
-                    f"or remove {i} from static_argnums if it is an array") from None
-        dyn = tuple(a for i, a in enumerate(args) if i not in static)
         positions = tuple(i for i in range(n) if i not in static)
+        return (tuple(sorted(static)), positions, frozenset(batch), frozenset(batch_names), frozenset(donate),
+                frozenset(donate_names))
+
+    def bind(self, args: tuple, kwargs: dict) -> "BoundCall":
+        """Split one call into static values and flat dynamic leaves with their roles."""
+        shape = (len(args), tuple(kwargs))
+        layout = self._layouts.get(shape)
+        if layout is None:
+            layout = self._layouts[shape] = self._layout(len(args), tuple(kwargs))
+        static, positions, batch, batch_names, donate, donate_names = layout
+        if static:
+            statics = tuple((i, args[i]) for i in static)
+            dyn = tuple(args[i] for i in positions)
+        else:
+            statics, dyn = (), args
         leaves, treedef = jax.tree.flatten((dyn, kwargs))
-        return BoundCall(self, args, kwargs, statics, positions, leaves, treedef,
-                         frozenset(batch), frozenset(batch_names), frozenset(donate), frozenset(donate_names))
+        return BoundCall(self, args, kwargs, statics, positions, leaves, treedef, batch, batch_names, donate,
+                         donate_names)
 
     def arg_name(self, i: int) -> str:
         return self.params[i] if i < len(self.params) and self.params[i] else f"args[{i}]"
@@ -180,7 +206,23 @@ class BoundCall:
     donate_names: frozenset
 
     def key(self) -> tuple:
+        """The compile cache key: structure, (shape, dtype, weak type) per leaf, static values."""
+        self.check_statics()
         return (self.treedef, tuple(leaf_signature(x) for x in self.leaves), self.statics)
+
+    def fast_key(self) -> tuple:
+        """The per-call key (see fast_signature); one signature may have several fast keys."""
+        return (self.treedef, fast_signature(self.leaves), self.statics)
+
+    def check_statics(self) -> None:
+        for i, v in self.statics:
+            try:
+                hash(v)
+            except TypeError:
+                raise ArgumentError(
+                    f"static argument {self.spec.arg_name(i)} (static_argnums includes {i}) has unhashable type "
+                    f"{type(v).__name__}; pass a hashable value (e.g. a tuple instead of a list), "
+                    f"or remove {i} from static_argnums if it is an array") from None
 
     def leaf_roles(self) -> list[tuple[str, bool, bool]]:
         """Per leaf: (path for messages and plan.json, carries the batch, donated)."""

@@ -17,7 +17,7 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
-from meshweave.plugin.arguments import ArgumentError, BoundCall, abstract  # noqa: F401 (ArgumentError re-exported)
+from meshweave.plugin.arguments import ArgumentError, ArgumentSpec, BoundCall, abstract  # noqa: F401 (ArgumentError re-exported)
 from meshweave.plugin.jax_adapter import lowered_module_text
 from meshweave.plugin.markers import marker_names
 
@@ -40,10 +40,25 @@ class TracedStep:
         return m
 
 
-def trace(fun, call: BoundCall, *, mesh=None, batch_dim: int = 0) -> TracedStep:
+def check_call(fun, args, kwargs, static_argnums, donate_argnums, batch_argnums):
+    """(static, donate, batch, names): the call's argument numbers, checked (arguments.py)."""
+    call = ArgumentSpec.create(fun, static_argnums=static_argnums, donate_argnums=donate_argnums,
+                               batch_argnums=batch_argnums).bind(tuple(args), kwargs)
+    call.check_traceable()
+    return (tuple(i for i, _ in call.statics), tuple(sorted(call.donate)), tuple(sorted(call.batch)),
+            [call.spec.arg_name(i) for i in range(len(args))])
+
+
+def trace(fun, call, kwargs=None, *, static_argnums=(), donate_argnums=(), batch_argnums=(), mesh=None,
+          batch_dim: int = 0) -> TracedStep:
     """Lower `fun` for the call's abstract values (shape, dtype, weak type; never its placement),
     so an argument placed anywhere traces the same. The lowered function takes the call's flat
-    leaves; on `mesh` every input is replicated until the passes decide."""
+    leaves; on `mesh` every input is replicated until the passes decide.
+
+    `call` is a BoundCall, or positional arguments with `kwargs` and the argument numbers."""
+    if not isinstance(call, BoundCall):
+        call = ArgumentSpec.create(fun, static_argnums=static_argnums, donate_argnums=donate_argnums,
+                                   batch_argnums=batch_argnums).bind(tuple(call), kwargs or {})
     call.check_traceable()
     roles = call.leaf_roles()
     jit_kwargs = dict(donate_argnums=tuple(i for i, r in enumerate(roles) if r[2]), keep_unused=True)

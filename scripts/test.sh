@@ -33,9 +33,14 @@ if [ ${#failed[@]} -eq 0 ]; then
   rc=$?
   set -e
   # pytest exit 5 means it collected no test: a broken collection (a bad -m filter, a
-  # moved tests/ folder), never a pass. CI (.ci/run) runs this script, so it fails too.
+  # moved tests/ folder), never a pass here. CI's rules judge a run whose runner executed no
+  # test themselves ("ran no test"), so .ci/run sets MESHWEAVE_CI_NO_TESTS_OK=1 and exit 5 is
+  # reported, loudly, without failing the script.
   if [ "$rc" -eq 0 ]; then
     summary+=("pytest ok")
+  elif [ "$rc" -eq 5 ] && [ "${MESHWEAVE_CI_NO_TESTS_OK:-0}" = 1 ]; then
+    echo "test.sh: WARNING: pytest collected no tests (exit 5); left to CI's 'ran no test' rule"
+    summary+=("pytest ran no test (exit 5)")
   elif [ "$rc" -eq 5 ]; then
     echo "test.sh: pytest collected no tests (exit 5)"
     failed+=("pytest collected no tests (exit 5)")

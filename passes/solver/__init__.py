@@ -11,7 +11,9 @@ reductions + Lagrangian/message-passing search + ILP neighbourhoods for big ones
 
 from .evaluate import Evaluation, evaluate
 from .iopddl import read_iopddl, write_iopddl
+from .cache import SolveCache
 from .problem import INF_COST, ShardingProblem
+from .portfolio import WorkerReport
 from .solve import Solution, min_peak_usage, solve
 
 __all__ = [
@@ -24,4 +26,6 @@ __all__ = [
     "Solution",
     "solve",
     "min_peak_usage",
+    "SolveCache",
+    "WorkerReport",
 ]

@@ -76,8 +76,11 @@ def solve_ilp(cm: CoreModel, time_limit: float, backend: str = "highs", *, seed:
 
 
 def _solve_highs(cm: CoreModel, time_limit: float, seed: int, threads: int) -> ILPResult:
+    t0 = time.monotonic()
     sub = SubILP(cm, np.arange(cm.m), np.zeros(cm.m, dtype=np.int64), None)
-    res = sub.solve(time_limit, seed=seed, threads=threads, max_rounds=1 << 30)
+    # building the model counts against the limit too
+    res = sub.solve(max(0.0, time_limit - (time.monotonic() - t0)), seed=seed, threads=threads,
+                    max_rounds=1 << 30)
     if res.x is not None:
         status = "optimal" if res.optimal else "feasible"
     else:

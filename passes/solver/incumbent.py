@@ -10,14 +10,26 @@ from .core import CoreModel
 
 
 class Incumbent:
-    def __init__(self, cm: CoreModel, t_start: float, progress=None):
+    def __init__(self, cm: CoreModel, t_start: float, progress=None, stop=None, on_bound=None):
         self.cm = cm
+        self.on_bound = on_bound  # (value) -> None: a proven lower bound on the core optimum
+        self.bound = -np.inf
+        self.stop = stop          # () -> bool: the caller already holds a proven optimum
         self.t_start = t_start
         self.x: np.ndarray | None = None
         self.cost = np.inf
         self.first_feasible: float | None = None
         self.progress = progress
         self.updates = 0
+
+    def offer_bound(self, value: float) -> None:
+        if value > self.bound:
+            self.bound = value
+            if self.on_bound is not None:
+                self.on_bound(value)
+
+    def stop_requested(self) -> bool:
+        return self.stop is not None and self.stop()
 
     def offer(self, x: np.ndarray, cost: float | None = None, load: np.ndarray | None = None,
               source: str = "") -> bool:

@@ -54,3 +54,25 @@ TEST_VECTORS = {
     "V": {"all_zero": (9_000_000_000_774_208_499, 80_075_852, False),
           "min_usage": (42_000_000_002_060_978_388, 13_139_244, True)},
 }
+
+IOPDDL_DIR_ENV = "MESHWEAVE_IOPDDL_DIR"
+
+
+def search_dirs(repo) -> list:
+    """Where the instance files are looked for: ``$MESHWEAVE_IOPDDL_DIR``, the repository's
+    ``tests/data/iopddl`` (example, B and G only) and ``../shared/iopddl`` beside it."""
+    import os
+    from pathlib import Path
+
+    repo = Path(repo)
+    dirs = [Path(os.environ[IOPDDL_DIR_ENV])] if os.environ.get(IOPDDL_DIR_ENV) else []
+    return dirs + [repo / "tests" / "data" / "iopddl", repo.parent / "shared" / "iopddl"]
+
+
+def find_instance(name: str, repo):
+    """Path of instance ``name`` (a letter, or a file name) or None when no search dir has it."""
+    fname = name if "." in name else FILE.format(name)
+    for d in search_dirs(repo):
+        if (d / fname).is_file():
+            return d / fname
+    return None

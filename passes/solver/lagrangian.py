@@ -68,6 +68,9 @@ class LagrangianSearch:
             return
         energy, x = relaxed
         self.xrel = x
+        # min over x of the priced problem, minus the prices' share of the capacities, bounds
+        # the true optimum from below for any prices mu >= 0
+        self.inc.offer_bound(self.trws.lower_bound(theta) - float(self.mu @ self.capf))
         load = cm.load_of(x)
         g = (load - cm.cap).astype(np.float64)
         cost = cm.cost_of(x)
@@ -118,5 +121,5 @@ class LagrangianSearch:
         self.inc.offer(x, None, load, "lagrangian+repair")
 
     def run(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.inc.stop_requested():
             self.step(deadline)

@@ -103,7 +103,7 @@ class LNS:
         load = cm.load_of(x)
         while True:
             left = deadline - time.monotonic()
-            if left < 0.3:
+            if left < 0.3 or self.inc.stop_requested():
                 return
             free, cands = self.neighbourhood(self._seed(load), x)
             sub = SubILP(cm, free, x, load, cands)

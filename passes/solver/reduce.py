@@ -486,6 +486,18 @@ class Reducer:
                     terms_out[j].append((r0, r1, u.astype(np.int64)))
         return seg_slack[segs], terms_out
 
+    def project(self, assignment) -> np.ndarray:
+        """A core assignment that picks ``assignment``'s strategy wherever the core still offers
+        it (a warm start; where a reduction removed that strategy, the core node's first one)."""
+        ids = np.nonzero(self.alive)[0]
+        x = np.zeros(len(ids), dtype=np.int64)
+        full = np.asarray(assignment, dtype=np.int64)
+        for i, v in enumerate(ids):
+            hit = np.nonzero(self.tab[v] == full[v])[0]
+            if hit.size:
+                x[i] = hit[0]
+        return x
+
     def expand(self, core_assignment) -> np.ndarray:
         """Input-problem assignment from a core assignment."""
         s = np.zeros(self.n0, dtype=np.int64)

@@ -3,12 +3,17 @@
 1. Infeasible limit? The least-usage assignment reaches the smallest load at
    every time point at once, so if its peak exceeds the limit nothing fits
    (reported with that smallest peak). Otherwise it is also the fallback answer.
+   A ``SolveCache`` returns a proven plan of the identical problem at once and
+   starts from the previous plan of the same graph otherwise.
 2. Exact reductions (``reduce.py``) shrink the problem to its core, treating
    forbidden (INF_COST) entries as impossible.
-3. Small core: exact ILP (HiGHS through highspy, or CBC through PuLP) -- proven optimal
-   when it finishes; on a multi-core machine a heuristic search runs beside it
-   as insurance and is stopped once the ILP proves optimality.
-   Large core: the anytime heuristic search (``heuristic.py``), one per core.
+3. The core goes to a set of jobs (``plan_jobs``): the anytime search
+   (``heuristic.py``), a lower bound from the LP relaxation (``bound.py``) and
+   the exact ILP (``ilp.py``) when the core is small enough. With several cores
+   (and a core big enough to pay for the processes) they run in forked workers
+   that stream every improvement back (``portfolio.py``); otherwise one after
+   another in this process. Everything stops once the best plan is proven
+   optimal: the ILP finished, or the bound meets the plan's cost.
 4. If no solution avoids every forbidden entry, the same runs again with
    forbidden entries as large finite costs (fewest forbidden entries first).
 5. The core answer is expanded back and scored by the exact evaluator.
@@ -16,25 +21,32 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .bound import lp_bound
+from .cache import SolveCache
 from .core import CoreModel
 from .evaluate import Evaluation, evaluate
-from .heuristic import default_workers, fork_is_safe, run_portfolio, run_search
+from .heuristic import run_search
 from .ilp import BACKENDS, ilp_size, solve_ilp
 from .local_search import greedy_sweeps, least_memory
+from .portfolio import Channel, Collector, Job, WorkerReport, default_workers, fork_is_safe, run_forked, run_inline
 from .problem import FlatProblem, ShardingProblem, flatten
 from .reduce import Infeasible, Reducer, ReductionTimeout
 
 METHODS = ("auto", "ilp", "heuristic")
 AUTO_ILP_MAX_COLUMNS = 120_000
-"""Cores whose full ILP has at most this many columns go to the exact path in "auto"."""
+"""Cores whose full ILP has at most this many columns get the exact ILP in "auto"."""
 SIDE_SEARCH_MIN_COLUMNS = 5_000
-"""Below this ILP size the exact path alone is fast; no heuristic runs beside it."""
+"""Below this ILP size the exact ILP alone is fast: one job, no worker processes."""
+BOUND_MAX_COLUMNS = 400_000
+"""The LP bound is computed for cores up to this size (its model alone costs seconds beyond)."""
+DEFAULT_REL_GAP = 1e-9
+"""A plan within this relative distance of the proven bound counts as optimal (integer costs:
+within one unit always does)."""
 
 
 @dataclass
@@ -48,6 +60,10 @@ class Solution:
     time_to_first_feasible: float | None
     method: str
     stats: dict = field(default_factory=dict)
+    workers: list[WorkerReport] = field(default_factory=list)
+    """One report per job: finished, failed (with the exception and where), late, died."""
+    lower_bound: int | None = None
+    """Proven lower bound on the optimum (input-problem cost), when one was computed."""
 
 
 def min_peak_usage(problem: ShardingProblem) -> int:
@@ -64,16 +80,81 @@ class _Found:
     first: float | None
 
 
+def plan_jobs(cm: CoreModel, *, method: str, backend: str, seed: int, workers: int, forked: bool,
+              t0: float, deadline: float, start: np.ndarray | None, collector: Collector
+              ) -> list[tuple[str, Job]]:
+    """The jobs for one core; forked jobs run side by side, inline ones one after another."""
+    size = ilp_size(cm)
+    exact = method == "ilp" or (method == "auto" and size <= AUTO_ILP_MAX_COLUMNS)
+    bound = method == "auto" and SIDE_SEARCH_MIN_COLUMNS <= size <= BOUND_MAX_COLUMNS
+    stop = (lambda: collector.optimal) if not forked else None
+
+    def search(s: int, until: float | None = None) -> Job:
+        def job(ch: Channel) -> None:
+            x0 = collector.x if collector.x is not None else start
+            res = run_search(cm, t0, deadline if until is None else min(until, deadline), s,
+                             lambda src, c, x: ch.improved(x, c, src), start=x0, stop=stop,
+                             on_bound=ch.bound)
+            if res.optimal and res.x is not None:
+                ch.improved(res.x, res.cost, "exact", optimal=True)
+        return job
+
+    def ilp(ch: Channel) -> None:
+        # HiGHS checks its clock between steps: keep a tenth back for its overshoot
+        res = solve_ilp(cm, max(0.0, 0.9 * (deadline - time.monotonic())), backend, seed=seed)
+        if res.x is not None:
+            ch.improved(res.x, cm.cost_of(res.x), f"ilp-{backend}", optimal=res.optimal)
+        if res.bound is not None and np.isfinite(res.bound):
+            ch.bound(res.bound)
+
+    def lower_bound(ch: Channel) -> None:
+        b = lp_bound(cm, min(max(0.0, deadline - time.monotonic()),
+                             max(1.0, 0.3 * (deadline - time.monotonic()))))
+        if b.value is not None:
+            ch.bound(b.value)
+
+    def greedy(ch: Channel) -> None:
+        x = least_memory(cm)
+        load = cm.load_of(x)
+        if (load <= cm.cap).all():
+            greedy_sweeps(cm, x, load, time.monotonic() + min(2.0, 0.05 * (deadline - t0)),
+                          np.random.default_rng(seed))
+            ch.improved(x, cm.cost_of(x), "greedy")
+
+    if method == "heuristic":
+        return [(f"search-{i}", search(seed + i)) for i in range(workers if forked else 1)]
+    if not forked:
+        if exact and size < SIDE_SEARCH_MIN_COLUMNS:
+            return [("greedy", greedy), ("ilp", ilp)]
+        if exact:   # search first (its dual bound may prove it); what is left goes to the ILP
+            mid = time.monotonic() + 0.3 * max(0.0, deadline - time.monotonic())
+            return [("search", search(seed, mid)), ("ilp", ilp)]
+        return [("search", search(seed))]
+
+    def bound_then(rest: Job) -> Job:
+        def job(ch: Channel) -> None:
+            lower_bound(ch)
+            rest(ch)
+        return job
+
+    # the second core: the exact ILP (which solves the LP itself), or the LP bound and a search
+    second = ilp if exact else (bound_then(search(seed + 1)) if bound else search(seed + 1))
+    jobs = [("search-0", search(seed)), ("exact" if exact else "search-1", second)]
+    jobs += [(f"search-{i}", search(seed + i)) for i in range(2, workers)]
+    return jobs
+
+
 class _Run:
     """One solve() call: its clock, options, fallback and progress reporting."""
 
     def __init__(self, fp: FlatProblem, t0: float, deadline: float, method: str, backend: str,
-                 seed: int, workers: int, progress):
+                 seed: int, workers: int, progress, rel_gap: float, start: np.ndarray | None):
         self.fp, self.t0, self.deadline = fp, t0, deadline
         self.method, self.backend, self.seed, self.workers = method, backend, seed, workers
-        self.progress = progress
+        self.progress, self.rel_gap, self.start = progress, rel_gap, start
         self.stats: dict = {}
-        self.core_bound: float | None = None
+        self.reports: list[WorkerReport] = []
+        self.lower_bound: int | None = None
 
     def emit(self, cost, peak, message):
         if self.progress is not None:
@@ -99,84 +180,38 @@ class _Run:
             ev = evaluate(fp, x)
             return _Found(x, ev, True, "reduction", time.monotonic() - self.t0) if ev.feasible else None
         report = _Reporter(self, reducer, cm)
-        use_ilp = self.method == "ilp" or (self.method == "auto" and ilp_size(cm) <= AUTO_ILP_MAX_COLUMNS)
-        if use_ilp:
-            cands = self._exact(cm, report, key)
+        collector = Collector(report, lambda msg: self.emit(None, None, msg), self.rel_gap)
+        collector.bound_offset = report.const or 0     # progress lines show input-problem costs
+        start = reducer.project(self.start) if self.start is not None else None
+        if start is not None and (cm.load_of(start) <= cm.cap).all():
+            collector.offer(start, cm.cost_of(start), "warm start", False)
+        forked = self.workers >= 2 and ilp_size(cm) >= SIDE_SEARCH_MIN_COLUMNS and fork_is_safe()
+        jobs = plan_jobs(cm, method=self.method, backend=self.backend, seed=self.seed,
+                         workers=self.workers, forked=forked, t0=self.t0,
+                         deadline=self.deadline - self.margin(), start=start, collector=collector)
+        if forked:
+            reports = run_forked(jobs, collector, self.deadline - 0.5 * self.margin())
         else:
-            res = run_portfolio(cm, self.t0, self.deadline - self.margin(),
-                                [self.seed + i for i in range(self.workers)], report)
-            self.stats[key + "search"] = res.stats
-            cands = [] if res.x is None else [(res.cost, res.x, res.first_feasible, "heuristic",
-                                               res.optimal)]
-        if not cands:
+            reports = run_inline(jobs, collector)
+        self.reports += reports
+        self.stats[key + "jobs"] = [f"{r.name}:{r.status}" for r in reports]
+        if collector.x is None or not np.isfinite(collector.cost):
             return None
-        cost, xc, _, used, optimal = min(cands, key=lambda c: (c[0], not c[4]))
-        firsts = [c[2] for c in cands if c[2] is not None and np.isfinite(c[0])]
-        first = min(firsts) if firsts else None
-        if not np.isfinite(cost) and hard:
-            return None
-        x = reducer.expand(xc)
+        x = reducer.expand(collector.x)
         ev = evaluate(fp, x)
         if not ev.feasible:
             return None
-        if optimal:
-            self.stats["lower_bound"] = ev.cost
-        elif self.core_bound is not None and hard and np.isfinite(cost):
+        first = None if collector.first is None else collector.first - self.t0
+        if collector.optimal:
+            self.lower_bound = ev.cost
+        elif collector.bound is not None and hard:
             # core costs differ from full costs by the constant the reductions folded away
-            self.stats["lower_bound"] = int(np.ceil(self.core_bound - 0.5)) + ev.cost - int(round(cost))
-        return _Found(x, ev, optimal, used, first)
-
-    def _exact(self, cm: CoreModel, report, key: str) -> list:
-        """Exact ILP of the core, a greedy start before it, a heuristic beside it."""
-        side = None
-        if (self.workers >= 2 and self.method == "auto" and ilp_size(cm) >= SIDE_SEARCH_MIN_COLUMNS
-                and fork_is_safe()):
-            ctx = mp.get_context("fork")
-            parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_search_worker,
-                               args=(child, cm, self.t0, self.deadline - self.margin(), self.seed),
-                               daemon=True)
-            proc.start()
-            child.close()
-            side = (proc, parent)
-        cands = []
-        xg = least_memory(cm)
-        load = cm.load_of(xg)
-        if (load <= cm.cap).all():
-            greedy_sweeps(cm, xg, load, time.monotonic() + min(2.0, 0.05 * (self.deadline - self.t0)),
-                          np.random.default_rng(self.seed))
-            cg = cm.cost_of(xg)
-            if np.isfinite(cg):
-                report("greedy", cg, xg)
-                cands.append((cg, xg, time.monotonic() - self.t0, "greedy", False))
-        # No start solution: with one, memory rows near its peak are added up front, which
-        # made IOPDDL A slower (26 s -> no proof in 60 s) and the GPT problems no faster.
-        res = solve_ilp(cm, max(0.0, self.deadline - self.margin() - time.monotonic()), self.backend,
-                        seed=self.seed)
-        name = f"ilp-{self.backend}"
-        self.stats[key + "ilp"] = dict(status=res.status, rounds=res.rounds,
-                                       variables=res.num_variables, constraints=res.num_constraints)
-        if res.x is not None:
-            c = cm.cost_of(res.x)
-            report(name, c, res.x)
-            cands.append((c, res.x, time.monotonic() - self.t0, name, res.optimal))
-        if res.bound is not None and np.isfinite(res.bound):
-            self.core_bound = res.bound
-        if side is not None:
-            proc, conn = side
-            if res.optimal:
-                proc.kill()
-            elif conn.poll(max(0.05, self.deadline - 0.5 * self.margin() - time.monotonic())):
-                try:
-                    sx, scost, sfirst = conn.recv()
-                    if sx is not None:
-                        cands.append((scost, sx, sfirst, "heuristic", False))
-                except EOFError:
-                    pass
-            proc.join(timeout=0.05)
-            if proc.is_alive():
-                proc.kill()
-        return cands
+            self.lower_bound = int(np.ceil(collector.bound - 1e-6)) + ev.cost - int(round(collector.cost))
+        if self.lower_bound is not None:
+            self.stats["lower_bound"] = self.lower_bound
+        method = collector.source.split("@")[0]
+        return _Found(x, ev, collector.optimal, "heuristic" if method not in ("ilp-highs", "ilp-cbc")
+                      else method, first)
 
 
 class _Reporter:
@@ -205,23 +240,16 @@ class _Reporter:
         self.run.emit(cost, peak, source)
 
 
-def _search_worker(conn, cm, t0, deadline, seed):
-    try:
-        res = run_search(cm, t0, deadline, seed, None)
-        conn.send((res.x, res.cost, res.first_feasible))
-    except BaseException:
-        conn.send((None, np.inf, None))
-    finally:
-        conn.close()
-
-
 def solve(problem: ShardingProblem, time_limit: float = 60.0, *, method: str = "auto",
           backend: str = "highs", seed: int = 0, workers: int | None = None,
-          progress=None) -> Solution:
+          progress=None, start: np.ndarray | None = None, cache: SolveCache | None = None,
+          rel_gap: float = DEFAULT_REL_GAP) -> Solution:
     """Find a cheap assignment meeting the usage limit within ``time_limit`` seconds.
 
-    ``progress(elapsed_s, cost, peak_or_None, message)`` is called on improvements
-    (from worker processes too, when several run).
+    Stops early once the plan is proven optimal (within ``rel_gap``, or one cost unit).
+    ``progress(elapsed_s, cost, peak_or_None, message)`` is called on every improvement
+    (streamed from worker processes as they find it) and on worker failures.
+    ``start``: an assignment to begin from. ``cache``: see ``SolveCache``.
     """
     t0 = time.monotonic()
     deadline = t0 + max(0.0, float(time_limit))
@@ -232,17 +260,38 @@ def solve(problem: ShardingProblem, time_limit: float = 60.0, *, method: str = "
     workers = default_workers() if workers is None else max(1, int(workers))
     problem.validate()
     fp = flatten(problem)
-    run = _Run(fp, t0, deadline, method, backend, seed, workers, progress)
+    if start is not None:
+        start = np.asarray(start, dtype=np.int64)
+        if start.shape != (fp.num_nodes,) or (start < 0).any() or (start >= fp.ks).any():
+            raise ValueError(f"start: expected one strategy index per node ({fp.num_nodes} values "
+                             f"within each node's strategy count)")
+    cached, same = (None, False) if cache is None else cache.lookup(fp)
+    if cached is not None and same and cached.optimal:
+        cache.hits += 1
+        ev = evaluate(fp, cached.assignment)
+        return Solution(assignment=cached.assignment.copy(), cost=ev.cost, peak_usage=ev.peak_usage,
+                        feasible=ev.feasible, status="optimal", solve_time=time.monotonic() - t0,
+                        time_to_first_feasible=time.monotonic() - t0, method="cache",
+                        stats={"cache": "hit"}, lower_bound=ev.cost)
+    if start is None and cached is not None:
+        start = cached.assignment
+        cache.warm_starts += 1
+    run = _Run(fp, t0, deadline, method, backend, seed, workers, progress, rel_gap, start)
     stats = run.stats
     stats.update(nodes=fp.num_nodes, edges=fp.num_edges, strategies=int(fp.ks.sum()), workers=workers)
+    if cache is not None:
+        stats["cache"] = "warm start" if cached is not None else "miss"
 
     def finish(found: _Found, status: str | None = None) -> Solution:
         stats["num_forbidden"] = found.ev.num_forbidden
         if status is None:
             status = "optimal" if found.optimal else "feasible"
+        if cache is not None and found.ev.feasible:
+            cache.store(fp, found.x, found.ev.cost, status == "optimal")
         return Solution(assignment=found.x, cost=found.ev.cost, peak_usage=found.ev.peak_usage,
                         feasible=found.ev.feasible, status=status, solve_time=time.monotonic() - t0,
-                        time_to_first_feasible=found.first, method=found.method, stats=stats)
+                        time_to_first_feasible=found.first, method=found.method, stats=stats,
+                        workers=run.reports, lower_bound=run.lower_bound)
 
     x_min = problem.min_usage_assignment()
     ev_min = evaluate(fp, x_min)
@@ -255,6 +304,10 @@ def solve(problem: ShardingProblem, time_limit: float = 60.0, *, method: str = "
                         time_to_first_feasible=None, method="none", stats=stats)
     fallback = _Found(x_min, ev_min, False, "least-usage", time.monotonic() - t0)
     run.emit(ev_min.cost, ev_min.peak_usage, "least-usage assignment")
+    if start is not None:
+        ev_start = evaluate(fp, start)
+        if ev_start.feasible and ev_start.cost < ev_min.cost:
+            fallback = _Found(start.copy(), ev_start, False, "warm start", time.monotonic() - t0)
 
     found = None
     try:
@@ -268,7 +321,7 @@ def solve(problem: ShardingProblem, time_limit: float = 60.0, *, method: str = "
             found = run.reduced(hard=False)
         except (Infeasible, ReductionTimeout):
             found = None
-    if found is None or found.ev.cost > ev_min.cost:
+    if found is None or found.ev.cost > fallback.ev.cost:
         # only the fallback: "timeout" when it still picks forbidden entries
-        return finish(fallback, "timeout" if ev_min.num_forbidden else "feasible")
+        return finish(fallback, "timeout" if fallback.ev.num_forbidden else "feasible")
     return finish(found)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 
+import jax
+
 from meshweave.driver import ParallelizeError, compile_step  # noqa: F401 (ParallelizeError is public)
 from meshweave.executable import Executable
 from meshweave.methods import DataParallel, ParallelMethod
-from meshweave.plugin.arguments import ArgumentSpec
+from meshweave.plugin.arguments import ArgumentSpec, fast_signature
 
 
 def parallelize(fun=None, *, method: ParallelMethod | None = None, static_argnums=(), donate_argnums=(),
@@ -45,7 +47,8 @@ class ParallelizedFunc:
             raise TypeError(f"method must be a meshweave method (ShardParallel, DataParallel, ...), "
                             f"got {type(self.method).__name__}")
         self.argument_spec = argument_spec
-        self._cache: dict = {}
+        self._cache: dict = {}        # signature (BoundCall.key) -> Executable
+        self._fast: dict = {}         # BoundCall.fast_key -> Executable (the per-call path)
         self.last_executable: Executable | None = None
         functools.update_wrapper(self, fun)
 
@@ -62,9 +65,37 @@ class ParallelizedFunc:
         return self.argument_spec.batch_argnums
 
     def __call__(self, *args, **kwargs):
-        call = self.argument_spec.bind(args, kwargs)
-        exe = self._executable_for(call)
+        # The per-call path (a training loop's steady state): flatten, look the signature up,
+        # run. Everything else (argument roles, error messages) is built only when needed.
+        layout = self.argument_spec._layouts.get((len(args), tuple(kwargs)))
+        if layout is not None and not layout[0]:            # no static arguments
+            leaves, treedef = jax.tree.flatten((args, kwargs))
+            exe = self._fast.get((treedef, fast_signature(leaves), ()))
+            if exe is not None:
+                try:
+                    out = exe.run_leaves(leaves, lambda: self.argument_spec.bind(args, kwargs))
+                except TypeError:
+                    # Only a hash collision of fast_signature gets here: jax's own argument check
+                    # refused the types before running anything. The exact lookup below decides.
+                    pass
+                else:
+                    self.last_executable = exe
+                    return out
+        exe, call = self.lookup(args, kwargs)
         return exe.run(call)
+
+    def lookup(self, args, kwargs):
+        """(Executable, bound call) for a call: the fast path of every call after the first."""
+        call = self.argument_spec.bind(args, kwargs)
+        try:
+            exe = self._fast.get(call.fast_key())
+        except TypeError:       # an unhashable static value: the slow path names it
+            exe = None
+        if exe is None:
+            exe = self._executable_for(call)
+        else:
+            self.last_executable = exe
+        return exe, call
 
     def _executable_for(self, call) -> Executable:
         key = call.key()
@@ -72,6 +103,7 @@ class ParallelizedFunc:
         if exe is None:
             exe = compile_step(self.fun, call, self.method)
             self._cache[key] = exe
+        self._fast[call.fast_key()] = exe
         self.last_executable = exe
         return exe
 

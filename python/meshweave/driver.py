@@ -4,6 +4,7 @@ the selected runtime backend and writes the dump directory once."""
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 from meshweave.dumping import dump_dir_from_env, write_dump
@@ -126,13 +127,12 @@ def _accumulation(method, call: BoundCall, spec):
 
 
 def _warn_if_replicated(module, call: BoundCall, spec, state: PipelineState) -> None:
-    """A plan on more than one device that shards no argument at all is a fallback to
-    replication: say so (a warning, kept in the plan and shown by explain())."""
+    """A plan on more than one device that shards no tensor at all (no argument, no op result)
+    is a fallback to replication: say so (a warning, kept in the plan and shown by explain())."""
     if spec.num_devices == 1 or not call.leaves:
         return
-    from meshweave.plugin.compile import arg_shardings
-
-    if all(ts is None or ts.is_replicated for ts in arg_shardings(module)):
+    text = state.records[-1].ir_text if state.records and state.records[-1].ir_text else module_text(module)
+    if re.search(r'<@[\w.]+, \[[^\]]*\{"', text) is None:      # no dimension split on any mesh axis
         sizes = sorted({x.shape[0] for x in call.batch_leaves() if len(getattr(x, "shape", ())) >= 1})
         state.warn(f"the plan is fully replicated over the {spec.num_devices}-device mesh {spec}: every device "
                    f"computes the whole step" + (f" (batch size(s) {sizes} could not be split)" if sizes else "")

@@ -8,9 +8,15 @@ from meshweave.runtime.executor import Executor
 
 
 class Executable:
-    def __init__(self, *, plan, executor: Executor, records, state, traced, argument_spec: ArgumentSpec):
+    def __init__(self, *, plan, records, state, traced, executor: Executor | None = None,
+                 argument_spec: ArgumentSpec | None = None, runner=None):
+        """`executor` (the runtime interface, with the `argument_spec` that flattens calls for it),
+        or `runner`: a callable taking the step's own arguments (the pipeline's multi-mesh runner)."""
+        if (executor is None) == (runner is None):
+            raise ValueError("Executable needs exactly one of executor= and runner=")
         self.plan = plan
         self.executor = executor
+        self.runner = runner
         self.pass_records = records
         self.state = state
         self.traced = traced
@@ -18,17 +24,31 @@ class Executable:
         self._donated = tuple(i for i, d in enumerate(traced.donated) if d)
 
     def __call__(self, *args, **kwargs):
+        if self.runner is not None:
+            return self.runner(*args, **kwargs)
         return self.run(self.argument_spec.bind(args, kwargs))
 
     def run(self, call: BoundCall):
-        """Execute on an already-bound call (the fast path of ParallelizedFunc)."""
+        """Execute on an already-bound call."""
         if self._donated:
             check_donation(call, self._donated)
+        if self.runner is not None:
+            return self.runner(*call.args, **call.kwargs)
         return self.executor.run(call.leaves)
+
+    def run_leaves(self, leaves, bind):
+        """Execute on the flat leaves of a call (`bind()` makes the BoundCall, only if needed)."""
+        if self.runner is not None:
+            return self.run(bind())
+        if self._donated and len({id(x) for x in leaves}) < len(leaves):
+            check_donation(bind(), self._donated)
+        return self.executor.run(leaves)
 
     # ------------------------------------------------------------------ inspection
     def hlo_text(self, stage: int = 0) -> str:
         """Compiled, SPMD-partitioned HLO of a stage (per-device shapes)."""
+        if self.runner is not None:
+            return self.runner.compiled_text(stage)
         return self.executor.stage_text(stage)
 
     def collectives(self, stage: int = 0) -> list[hlo_stats.Collective]:
@@ -54,7 +74,7 @@ class Executable:
         for r in self.pass_records[1:]:
             lines.append(f"  {r.index:02d} {r.spec:50s} {r.seconds * 1e3:8.1f} ms")
         for name, result in self.state.results.items():
-            text = result.explain()
+            text = result.get("explain", "") if isinstance(result, dict) else getattr(result, "explain", lambda: "")()
             if text:
                 lines += ["", f"== {name} ==", text]
         for stage in self.plan.stages:

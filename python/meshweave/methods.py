@@ -30,7 +30,7 @@ class AutoShardingOption:
     allow_mixed_mesh_shape: let one op use a multi-axis mesh as 1-D (several axes on one tensor
     dimension other than the batch, e.g. Megatron over all devices) while others use it as 2-D,
     paying the resharding between the two; off (Alpa's default): only the batch is split that way.
-    solver: "highs" or "cbc"; time_limit in seconds.
+    solver: "highs" or "cbc"; time_limit in seconds (the solver stops earlier once its plan is proven optimal).
     """
 
     alpha: tuple[float, ...] | None = None
@@ -42,7 +42,7 @@ class AutoShardingOption:
     prefer_reduce_scatter: bool = False
     allow_mixed_mesh_shape: bool = False
     solver: str = "highs"
-    time_limit: float = 60.0
+    time_limit: float = 10.0
 
     def __post_init__(self):
         if self.solver not in ("highs", "cbc"):
@@ -131,7 +131,7 @@ def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_
         o.append("allow-mixed-mesh-shape=true")
     if opt.solver != "highs":
         o.append(f"solver={opt.solver}")
-    if opt.time_limit != 60.0:
+    if opt.time_limit != 10.0:
         o.append(f"time-limit={opt.time_limit}")
     return f"{_FRONT},auto-sharding" + ("{" + " ".join(o) + "}" if o else "")
 

@@ -71,6 +71,15 @@ def _dtype(t):
     return jnp.dtype(_DTYPES[et])
 
 
+def _sdy_text(dims, mesh: str) -> str:
+    return f"#sdy.sharding<@{mesh}, [" + ", ".join("{" + ", ".join(f'"{a}"' for a in d) + "}" for d in dims) + "]>"
+
+
+def _spec_text(dims) -> str:
+    return "PartitionSpec(" + ", ".join("None" if not d else repr(d[0]) if len(d) == 1 else repr(tuple(d))
+                                        for d in dims) + ")"
+
+
 def _sig(ts, aval) -> TensorSig:
     dims = tuple(tuple(d) for d in ts.dims) if ts is not None else tuple(() for _ in aval.shape)
     return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims)
@@ -304,8 +313,8 @@ def compile_pipeline_step(fun, call, method):
         mesh = program.mesh(c.desc.mesh)
 
         def places(sigs, prefix):
-            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, str(sg.sharding),
-                                    str(tuple(sg.sharding))) for i, sg in enumerate(sigs)]
+            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, _sdy_text(sg.sharding, mesh.name),
+                                    _spec_text(sg.sharding)) for i, sg in enumerate(sigs)]
 
         text = c.compiled.as_text()
         sp = StagePlan(idx, list(mesh.shape), list(mesh.axis_names), list(mesh.device_ids),

@@ -1,5 +1,6 @@
 // RUN: meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=4},auto-sharding' | FileCheck %s
 // RUN: meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=2x2},auto-sharding{batch-axes=y}' | FileCheck %s --check-prefix=FORCED
+// RUN: meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=4},auto-sharding{batch-axes=x zero-stage=2 prefer-reduce-scatter=true}' | FileCheck %s --check-prefix=ZERO
 // RUN: expect-exit 1 meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=4},auto-sharding{memory-budget=100000}' 2>&1 | FileCheck %s --check-prefix=BUDGET
 // RUN: expect-exit 1 meshweave-opt %s --split-input-file --pass-pipeline='install-mesh{shape=4},auto-sharding{batch-axes=z}' 2>&1 | FileCheck %s --check-prefix=BADAXIS
 // RUN: expect-exit 2 meshweave-opt %s --split-input-file --pass-pipeline='auto-sharding{solver=glpk time-limit=x}' 2>&1 | FileCheck %s --check-prefix=BADOPT
@@ -73,6 +74,47 @@ func.func public @counted_loop(%w: tensor<64x64xf32> {mw.arg_path = "w"},
     stablehlo.return %wi, %next, %t : tensor<64x64xf32>, tensor<i32>, tensor<32x64xf32>
   }
   return %0#2 : tensor<32x64xf32>
+}
+
+// -----
+
+// ZeRO-2 on a momentum step: the weight gradient (a sum over the batch) becomes a manual
+// computation with an explicit reduce-scatter (its channel id numbered from the module), the
+// momentum buffer is sharded, and the replicated parameter update pins its operand with a
+// sharding constraint (the all-gather the plan paid for).
+// ZERO-LABEL: func.func public @zero2_momentum_step
+// ZERO-SAME:    %arg1: tensor<64x64xf32> {mw.arg_path = "m", sdy.sharding = #sdy.sharding<@mesh, [{}, {"x"}]>}
+// ZERO:         sdy.manual_computation(%{{.*}}, %arg2) in_shardings=[<@mesh, [{"x"}, {}]>, <@mesh, [{"x"}, {}]>] out_shardings=[<@mesh, [{"x"}, {}]>] manual_axes={"x"}
+// ZERO-NEXT:      stablehlo.dot_general {{.*}} -> tensor<64x64xf32>
+// ZERO-NEXT:      "stablehlo.reduce_scatter"{{.*}}channel_handle = #stablehlo.channel_handle<handle = 1, type = 1>{{.*}}scatter_dimension = 0
+// ZERO:           sdy.return {{.*}} : tensor<16x64xf32>
+// ZERO:         sdy.sharding_constraint {{.*}} <@mesh, [{}, {}]> : tensor<64x64xf32>
+// CHECK-LABEL: func.func public @zero2_momentum_step
+func.func public @zero2_momentum_step(%arg0: tensor<64x64xf32> {mw.arg_path = "p"}, %arg1: tensor<64x64xf32> {mw.arg_path = "m"}, %arg2: tensor<32x64xf32> {mw.arg_path = "b", mw.batch_dim = 0 : i64}) -> (tensor<64x64xf32> {mw.keeps_arg = 0 : i64, mw.result_path = "result[0]"}, tensor<64x64xf32> {mw.keeps_arg = 1 : i64, mw.result_path = "result[1]"}, tensor<f32> {mw.result_path = "result[2]"}) {
+  %cst = stablehlo.constant dense<1.000000e-01> : tensor<f32>
+  %cst_0 = stablehlo.constant dense<0.899999976> : tensor<f32>
+  %cst_1 = stablehlo.constant dense<1.000000e+00> : tensor<f32>
+  %cst_2 = stablehlo.constant dense<2.048000e+03> : tensor<f32>
+  %cst_3 = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+  %cst_4 = stablehlo.constant dense<2.000000e+00> : tensor<f32>
+  %0 = stablehlo.dot_general %arg2, %arg0, contracting_dims = [1] x [0], precision = [DEFAULT, DEFAULT] : (tensor<32x64xf32>, tensor<64x64xf32>) -> tensor<32x64xf32>
+  %1 = stablehlo.multiply %0, %0 : tensor<32x64xf32>
+  %2 = stablehlo.broadcast_in_dim %cst_4, dims = [] : (tensor<f32>) -> tensor<32x64xf32>
+  %3 = stablehlo.multiply %2, %0 : tensor<32x64xf32>
+  %4 = stablehlo.reduce(%1 init: %cst_3) applies stablehlo.add across dimensions = [0, 1] : (tensor<32x64xf32>, tensor<f32>) -> tensor<f32>
+  %5 = stablehlo.divide %4, %cst_2 : tensor<f32>
+  %6 = stablehlo.divide %cst_1, %cst_2 : tensor<f32>
+  %7 = stablehlo.broadcast_in_dim %6, dims = [] : (tensor<f32>) -> tensor<32x64xf32>
+  %8 = stablehlo.multiply %7, %3 : tensor<32x64xf32>
+  %9 = stablehlo.dot_general %8, %arg2, contracting_dims = [0] x [0], precision = [DEFAULT, DEFAULT] : (tensor<32x64xf32>, tensor<32x64xf32>) -> tensor<64x64xf32>
+  %10 = stablehlo.transpose %9, dims = [1, 0] : (tensor<64x64xf32>) -> tensor<64x64xf32>
+  %11 = stablehlo.broadcast_in_dim %cst_0, dims = [] : (tensor<f32>) -> tensor<64x64xf32>
+  %12 = stablehlo.multiply %11, %arg1 : tensor<64x64xf32>
+  %13 = stablehlo.add %12, %10 : tensor<64x64xf32>
+  %14 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<64x64xf32>
+  %15 = stablehlo.multiply %14, %13 : tensor<64x64xf32>
+  %16 = stablehlo.subtract %arg0, %15 : tensor<64x64xf32>
+  return %16, %13, %5 : tensor<64x64xf32>, tensor<64x64xf32>, tensor<f32>
 }
 
 // Error cases: a batch axis the mesh does not have; bad option values.

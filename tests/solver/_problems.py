@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from meshweave.passes.solver import INF_COST, ShardingProblem
+from meshweave.passes.solver.iopddl_data import find_instance, search_dirs
 
-EXAMPLE = "/work/shared/iopddl/example.json"
-BUNDLE = "/work/shared/iopddl"
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
+EXAMPLE = str(DATA / "iopddl" / "example.json")
+GPT2 = str(DATA / "gpt2_h256_2x4.json.gz")
+"""The auto-sharding problem of a 2-layer GPT (hidden 256) on a 2x4 mesh (tests/data/iopddl/README.md)."""
+
+
+def instance(name: str) -> str:
+    """Path of a bundled IOPDDL instance; skips the test (naming where it looked) when absent."""
+    path = find_instance(name, REPO)
+    if path is None:
+        pytest.skip(f"IOPDDL instance {name} not found in " + ", ".join(map(str, search_dirs(REPO)))
+                    + " (set MESHWEAVE_IOPDDL_DIR to the bundle)")
+    return str(path)
 
 
 def random_problem(rng: np.random.Generator, n: int, kmax: int = 3, *, forbid: float = 0.15,

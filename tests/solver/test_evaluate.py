@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from _problems import BUNDLE, EXAMPLE, random_problem
+from _problems import EXAMPLE, instance, random_problem
 from meshweave.passes.solver import evaluate, read_iopddl
 from meshweave.passes.solver.iopddl_data import TEST_VECTORS
 
@@ -65,7 +65,7 @@ def test_matches_brute_force_definition():
 
 
 def _check_vectors(name):
-    p = read_iopddl(f"{BUNDLE}/asplos-2025-iopddl-{name}.json.gz")
+    p = read_iopddl(instance(name))
     want = TEST_VECTORS[name]
     ev = evaluate(p, np.zeros(p.num_nodes, dtype=np.int64))
     assert (ev.cost, ev.peak_usage, ev.feasible) == want["all_zero"]

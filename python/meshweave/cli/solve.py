@@ -1,6 +1,7 @@
 """``meshweave-solve PROBLEM.json[.gz] TIMEOUT_SECONDS`` -- the IOPDDL contest interface.
 
-Progress goes to stdout as ``# ...`` lines; the last line printed is the chosen
+Progress goes to stdout as ``# ...`` lines (every improvement as a worker finds it, lower
+bounds, a worker's failure with its exception and where); the last line printed is the chosen
 strategy per node as a bracketed list (``[0, 0, 2, 1, 0]``), or ``[]`` when the
 usage limit cannot be met. The whole run, file loading included, stays within
 the timeout.
@@ -99,9 +100,10 @@ def _main(argv: list[str] | None) -> int:
         return 1
     first = sol.time_to_first_feasible
     first_s = "none" if first is None else f"{loaded + first:.2f}s"
+    workers = ",".join(f"{w.name}:{w.status}" for w in sol.workers) or "none"
     say(f"# done: cost={sol.cost} peak={sol.peak_usage} limit={problem.usage_limit} "
         f"status={sol.status} method={sol.method} first_feasible={first_s} "
-        f"total={time.monotonic() - t_start:.2f}s")
+        f"lower_bound={sol.lower_bound} workers={workers} total={time.monotonic() - t_start:.2f}s")
     print("[" + ", ".join(map(str, sol.assignment.tolist())) + "]", flush=True)
     return 0
 

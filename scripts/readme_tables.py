@@ -1,0 +1,125 @@
+"""Regenerate the benchmark tables in README.md and passes/solver/README.md from the JSON results.
+
+Each table sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers and is
+rewritten from ``benchmarks/results/*.json``; nothing in those blocks is edited by hand.
+
+    python scripts/readme_tables.py           # rewrite the blocks
+    python scripts/readme_tables.py --check   # exit 1 if a block is stale (CI / tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+FILES = [REPO / "README.md", REPO / "passes" / "solver" / "README.md"]
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _n(x) -> str:
+    return "–" if x is None else f"{x:,}"
+
+
+def _source(d: dict, name: str) -> str:
+    load = d.get("load_average_before") or d.get("machine", {}).get("load_average")
+    load_s = f"; load average at start {load[0]:.1f}" if load else ""
+    return f"\n`{d['command']}` → `benchmarks/results/{name}`{load_s}.\n"
+
+
+def iopddl_table() -> str:
+    d = _load("iopddl.json")
+    if d is None:
+        return "(no benchmarks/results/iopddl.json yet)\n"
+    rows = ["| instance | cost | best known | points | vs XLA | first feasible | time used / limit | status |",
+            "|---|---:|---:|---:|---|---:|---:|---|"]
+    for r in d["instances"]:
+        vs = {"lower": f"{r.get('xla_over_ours', 0):.2f}x lower", "equal": "equal",
+              "higher": f"higher ({r.get('xla_over_ours', 0):.3f})"}.get(r.get("vs_xla"), "XLA: no plan")
+        ff = r.get("time_to_first_feasible_s")
+        rows.append(f"| {r['instance']} | {_n(r.get('cost'))} | {_n(r['best_known_cost'])} | "
+                    f"{r['points']:.4f} | {vs} | {'–' if ff is None else f'{ff:.1f} s'} | "
+                    f"{r['time_used_s']:.1f} / {r['time_limit_s']:g} s | {r.get('status')} |")
+    rows.append(f"| total | | | {d['total_points']:.4f} of {d['max_points']} | | | | |")
+    return "\n".join(rows) + "\n" + _source(d, "iopddl.json")
+
+
+def yardstick_table() -> str:
+    d = _load("yardstick.json")
+    if d is None:
+        return "(no benchmarks/results/yardstick.json yet)\n"
+    rows = ["| instance | cost | best known | points | status | time used / limit |",
+            "|---|---:|---:|---:|---|---:|"]
+    for r in d["instances"]:
+        bk = _n(r["best_known_cost"]) + ("" if r.get("best_known_proven") else " (not proven)")
+        rows.append(f"| {r['instance']} | {_n(r.get('cost'))} | {bk} | {r['points']:.4f} | "
+                    f"{r.get('status')} | {r['time_used_s']:.1f} / {r['time_limit_s']:g} s |")
+    rows.append(f"| average | | | {d['average_points']:.4f} (min {d['min_points']:.4f}) | | |")
+    return "\n".join(rows) + "\n" + _source(d, "yardstick.json")
+
+
+def scaling_table() -> str:
+    d = _load("ilp_scaling.json")
+    if d is None:
+        return "(no benchmarks/results/ilp_scaling.json yet)\n"
+    rows = ["| layers | hidden | mesh | ILP nodes / edges | strategies | graph build | solve | status |",
+            "|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in d["rows"]:
+        rows.append(f"| {r['layers']} | {r['hidden']} | {'x'.join(map(str, r['mesh']))} | "
+                    f"{r['ilp_nodes']:,} / {r['ilp_edges']:,} | {r['strategy_choices']:,} | "
+                    f"{r['build_time_s']:.2f} s | {r['solve_time_s']:.2f} s | {r['status']} |")
+    return "\n".join(rows) + "\n" + _source(d, "ilp_scaling.json")
+
+
+def first_call_table() -> str:
+    d = _load("first_call.json")
+    if d is None:
+        return "(no benchmarks/results/first_call.json yet)\n"
+    rows = ["| model | mesh | first call | of which auto-sharding pass | solve | solver status | load |",
+            "|---|---|---:|---:|---:|---|---:|"]
+    for r in d["rows"]:
+        rows.append(f"| GPT {r['layers']} layers, hidden {r['hidden']} | {r['mesh']} | {r['first_call_s']:.2f} s | "
+                    f"{r['passes_s'].get('auto-sharding', 0):.2f} s | {r['solve_time_s']:.2f} s | "
+                    f"{r['solver_status']} | {r['load_average_before'][0]:.1f} |")
+    return "\n".join(rows) + "\n" + _source(d, "first_call.json")
+
+
+BLOCKS = {"iopddl-table": iopddl_table, "yardstick-table": yardstick_table,
+          "ilp-scaling-table": scaling_table, "first-call-table": first_call_table}
+
+
+def rewrite(text: str) -> str:
+    for name, make in BLOCKS.items():
+        pat = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        text = pat.sub(lambda m, make=make: m.group(1) + make() + m.group(2), text)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only report stale blocks")
+    args = ap.parse_args(argv)
+    stale = []
+    for path in FILES:
+        old = path.read_text()
+        new = rewrite(old)
+        if new != old:
+            stale.append(str(path.relative_to(REPO)))
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print("stale benchmark tables in: " + ", ".join(stale) + " (run python scripts/readme_tables.py)")
+        return 1
+    print(("rewrote " if stale else "up to date: ") + ", ".join(stale or [str(p.relative_to(REPO)) for p in FILES]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
