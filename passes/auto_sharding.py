@@ -324,7 +324,8 @@ class AutoSharding(Pass):
         budget = self.memory_budget or None
         problem = build_problem(graph, budget)
         t_build = time.perf_counter() - t0
-        sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver)
+        sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,
+                    cache=state.options.get("solve_cache"))   # a SolveCache shared by repeated planning
         if not sol.feasible:
             if budget is not None:
                 floor = sol.stats.get("min_peak_usage")

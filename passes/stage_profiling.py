@@ -83,6 +83,9 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 for b in range(producer + 1, f.stage + 1):
                     cross_bytes[b] += _tensor_bytes(t)
     solves: dict[tuple[str, tuple], float] = {}
+    from meshweave.passes.solver.cache import SolveCache
+
+    cache = state.options.get("solve_cache") or SolveCache()
 
     def layer_cost(layer: int, logical: tuple[int, ...]) -> float:
         import dataclasses
@@ -98,7 +101,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             if key not in solves:
                 o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
                 m = parse_module(text)
-                st = PipelineState(mesh=spec)
+                st = PipelineState(mesh=spec, options={"solve_cache": cache})
                 Pipeline(_auto_sharding_pipeline(o, len(logical))).run(m, st, record_ir=False)
                 report = _auto_report(st)
                 solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops

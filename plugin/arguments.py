@@ -50,9 +50,15 @@ def param_names(fun) -> list[str | None]:
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def is_remote(x) -> bool:
+    """A handle to an array another process holds (runtime/ray's RemoteArray): its shape and
+    dtype are known here, its value is not; the backend that made it takes it back as input."""
+    return getattr(type(x), "__meshweave_remote__", False)
+
+
 def is_traceable(x) -> bool:
     return (isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
-            or hasattr(x, "__jax_array__") or isinstance(x, jax.ShapeDtypeStruct))
+            or hasattr(x, "__jax_array__") or isinstance(x, jax.ShapeDtypeStruct) or is_remote(x))
 
 
 _ARRAY_TYPE: list = []     # jax's concrete array class (ArrayImpl), found on first use
@@ -77,7 +83,7 @@ def fast_signature(leaves) -> int:
 def leaf_signature(x) -> tuple:
     """(shape, dtype, weak_type): what a trace depends on. Placement is not part of it: the
     plan chooses layouts, and the runner moves an argument whose layout differs."""
-    if isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct):
+    if isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct) or is_remote(x):
         return (x.shape, x.dtype, bool(getattr(x, "weak_type", False)))
     if isinstance(x, (np.ndarray, np.generic)):
         return (x.shape, x.dtype, False)
@@ -85,7 +91,7 @@ def leaf_signature(x) -> tuple:
 
 
 def abstract(x) -> jax.ShapeDtypeStruct:
-    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)) or is_remote(x):
         shape, dtype, weak = leaf_signature(x)
     else:
         aval = jax.typeof(x)

@@ -51,3 +51,42 @@ def replace_lowered_module(lowered: jax.stages.Lowered, module: ir.Module, in_sh
 def lowered_module_text(lowered: jax.stages.Lowered) -> str:
     """StableHLO text of a lowering without touching jit's cached module object."""
     return lowered.as_text(debug_info=True)   # keep locations: XLA metadata then names the source op
+
+
+def compile_text_for_devices(mlir_text: str, devices) -> object:
+    """Compile a StableHLO module (text, sdy shardings, `num_partitions == len(devices)`) for
+    `devices`, in the order of the module's mesh; returns a PJRT `LoadedExecutable`.
+
+    Used where a program arrives as text in another process (Ray workers): the executable is
+    built for that process's device ids. Private: `xla_client.DeviceList`.
+    """
+    import numpy as np
+    import jax.extend.backend as jeb
+    from jax._src.lib import xla_client as xc
+
+    devices = tuple(devices)
+    opts = jeb.get_compile_options(num_replicas=1, num_partitions=len(devices),
+                                   device_assignment=np.array([d.id for d in devices]).reshape(1, -1))
+    opts.executable_build_options.use_spmd_partitioning = True
+    opts.executable_build_options.use_shardy_partitioner = True
+    return devices[0].client.compile_and_load(mlir_text, xc.DeviceList(devices), opts)
+
+
+def executable_shardings(executable, devices, named: list, ndims: list[int], *, outputs: bool) -> list:
+    """The jax shardings of a raw executable's parameters (or outputs): `named[i]` (a
+    NamedSharding the caller expects) where XLA agrees, else the sharding XLA chose.
+
+    Private: `xla_client.HloSharding`, `NamedSharding._to_xla_hlo_sharding`, `GSPMDSharding`.
+    """
+    from jax._src import sharding_impls
+    from jax._src.lib import xla_client as xc
+
+    protos = executable.get_output_shardings() if outputs else executable.get_parameter_shardings()
+    result = []
+    for proto, ns, nd in zip(protos, named, ndims):
+        hlo = xc.HloSharding.from_proto(proto)
+        if ns is not None and ns._to_xla_hlo_sharding(nd) == hlo:
+            result.append(ns)
+        else:
+            result.append(sharding_impls.GSPMDSharding(tuple(devices), hlo))
+    return result

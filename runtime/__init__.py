@@ -1,1 +1,2 @@
-"""Executors for compiled stages: in-process now; Ray actors per mesh for multi-host later."""
+"""Executors for compiled steps: in-process (`local`, `local_pipeline`) and on Ray actors, one
+per mesh and host (`ray/`); `program.py` is the hand-off they all execute."""

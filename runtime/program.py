@@ -67,7 +67,8 @@ class Instruction:
 
     run:        fragment, inputs (keys, positional), outputs (keys, positional)
     send:       inputs=(key,), peer = destination mesh
-    recv:       outputs=(key,), peer = source mesh, sig = the destination layout
+    recv:       outputs=(key,), peer = source mesh, sig = the destination layout (None: the layout
+                of the first fragment on this mesh that reads the key)
     accumulate: inputs=(src key,), outputs=(dst key,): dst = src if absent, else dst + src
     free:       inputs = keys whose last use has passed
     """
@@ -90,7 +91,8 @@ class Instruction:
 @dataclass(frozen=True)
 class InputBinding:
     """Where flat step argument `index` goes: onto `mesh` as `key` (split into `micro_batches` along
-    dimension 0, keys `key#0..`, when micro_batches > 1)."""
+    dimension 0, keys `key#0..`, when micro_batches > 1). `sig` is the layout of what lands under
+    one key: for a split argument, one micro-batch's shape and sharding."""
 
     index: int
     mesh: str

@@ -5,9 +5,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
@@ -18,3 +20,15 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
     for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
                                    err_msg=f"leaf {i} of {a_tree}")
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """meshweave's Ray runtime (a private local Ray: 2 simulated hosts x 4 CPU devices), started
+    once per pytest session by the first test that asks for it."""
+    pytest.importorskip("ray")
+    from meshweave.runtime import ray as mw_ray
+
+    cluster = mw_ray.start(num_hosts=2, devices_per_host=4)
+    yield cluster
+    mw_ray.shutdown()

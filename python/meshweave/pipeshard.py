@@ -194,10 +194,13 @@ def compile_pipeshard(fun, call, method):
         raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
                              "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
     module = step.module()
+    from meshweave.passes.solver.cache import SolveCache
+
+    cache = SolveCache()          # identical layers / fragments are solved once
     state = PipelineState(mesh=MeshSpec.from_shape((len(devices),)),
                           options={"stage_option": method.stage_option, "device_ids": [d.id for d in devices],
                                    "auto_layer_clustering": cfg["clustering"], "method": method,
-                                   "micro_batches": k})
+                                   "micro_batches": k, "solve_cache": cache})
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},"
                         f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},stage-outlining")
     timings["trace"] = clock() - t
@@ -237,7 +240,7 @@ def compile_pipeshard(fun, call, method):
             opt = dataclasses.replace(opt, **stage.auto_sharding)
         spec = MeshSpec.from_shape(stage.mesh.shape, stage.mesh.axis_names)
         fmod = parse_module(text)
-        fstate = PipelineState(mesh=spec)
+        fstate = PipelineState(mesh=spec, options={"solve_cache": cache})
         t = clock()
         Pipeline(_auto_sharding_pipeline(opt, len(spec.shape))).run(fmod, fstate, record_ir=True)
         timings["fragment_ilps"] += clock() - t
