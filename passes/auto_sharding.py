@@ -23,7 +23,7 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
-from meshweave.passes.explicit_collectives import channel_ids, wrap_reduce_scatter
+from meshweave.passes.explicit_collectives import channel_ids, explicit_all_to_all, wrap_local, wrap_reduce_scatter
 from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 
@@ -113,13 +113,22 @@ def build_problem(graph: CostGraph, memory_budget: float | None, name: str = "me
 
 
 def predicted_collectives(graph: CostGraph, choice) -> list[tuple[str, tuple, float, str]]:
-    """The collectives the plan pays for, as (kind, axes, per-device bytes, why)."""
+    """The collectives the plan pays for, as (kind, axes, per-device bytes, why); an operand
+    resharded alike for several consumers counts once, as the annotation inserts it once."""
     out = []
     for g in graph.groups:
         out += g.node_plans[choice[g.id]]
     for e in graph.edges:
+        if e.operand:
+            continue
         src, dst = e.src[choice[e.src_group]], e.dst[choice[e.dst_group]]
         out += [(k, ax, b, e.why) for k, ax, b in graph.lmesh.reshard_plan(e.nbytes, src, dst)]
+    for rec, k, tid, req, first in graph.operand_reshards(choice):
+        if first:
+            t = graph.tensors[tid]
+            why = f"operand {k} of {graph.groups[rec.group].name}"
+            out += [(kind, ax, b, why) for kind, ax, b in
+                    graph.lmesh.reshard_plan(t.nbytes, t.shardings[choice[t.group]], req)]
     return out
 
 
@@ -157,7 +166,7 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
             res_attrs[r][mw.SDY_SHARDING] = ts.to_attr()
         mw.set_result_attr_dicts(func, res_attrs)
         n_constraints = 0
-        scatters = []
+        scatters, locals_ = [], []
         for rec in graph.ops:
             if rec.group < 0:
                 continue
@@ -170,18 +179,28 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 st = graph.groups[rec.group].op_strategies[s]
                 if st is not None and st.scatter is not None:
                     scatters.append((rec, s, st))
-            # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays.
-            for k, (tid, req) in enumerate(zip(rec.operand_tensors, rec.operand_reqs)):
-                if tid is None or graph.tensors[tid].group < 0 or req is None:
-                    continue
+                elif st is not None and rec.op.operation.name == "stablehlo.scatter" and local_scatter(st.a, rec.op):
+                    locals_.append((rec, s))
+        # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays;
+        # one constraint per value and layout within a block, shared by its consumers.
+        pinned = {}
+        channels = channel_ids(module)     # derived from the module: identical compiles, identical IR
+        for rec, k, tid, req, first in graph.operand_reshards(choice):
+            key = (tid, rec.scope, req)
+            if first:
                 t = graph.tensors[tid]
-                if t.shardings[choice[t.group]] == req[s]:
-                    continue
+                src = t.shardings[choice[t.group]]
+                plan = graph.lmesh.reshard_plan(t.nbytes, src, req)
                 with ir.InsertionPoint(rec.op):
-                    c = sdy.ShardingConstraintOp(rec.op.operands[k], req[s].to_attr())
-                rec.op.operands[k] = c.result
+                    moved = None
+                    if [kind for kind, _, _ in plan] == ["all-to-all"]:
+                        moved = explicit_all_to_all(rec.op.operands[k], src, req, graph.mesh, next(channels))
+                    pinned[key] = moved or sdy.ShardingConstraintOp(rec.op.operands[k], req.to_attr()).result
                 n_constraints += 1
-        channels = channel_ids(module) if scatters else None
+            rec.op.operands[k] = pinned[key]
+        for rec, s in locals_:
+            wrap_local(rec.op, [req[s] for req in rec.operand_reqs],
+                       [graph.tensors[t].shardings[s] for t in rec.results], graph.mesh)
         for rec, s, st in scatters:   # after the constraints: the manual computation takes the op's operands
             rule = st.rule
             partial = sr.tensor_sharding(rule.results[0], st.a, graph.mesh)
@@ -190,6 +209,41 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
             wrap_reduce_scatter(rec.op, [req[s] for req in rec.operand_reqs], partial, result,
                                 sr.reduced_axes(rule, st.a), dim, graph.mesh, next(channels))
     return n_constraints
+
+
+def local_scatter(a, op) -> bool:
+    """Whether a scatter under assignment `a` is purely local: the dims it scatters into (operand
+    factors its updates lack) are whole on every device and nothing is summed across devices."""
+    rule = sr.Rule.from_attr(op.attributes[RULE_ATTR])
+    n = len(rule.operands) // 2
+    in_updates = {f for dims in rule.operands[n + 1:] for fs in dims for f in fs}
+    scattered = {f for dims in rule.operands[:n] for fs in dims for f in fs} - in_updates
+    return not sr.reduced_axes(rule, a) and not any(a[f] for f in scattered)
+
+
+@dataclass(frozen=True)
+class ReplicatedFallback:
+    """An op with no sharding rule: it runs replicated and its operands are gathered first."""
+
+    name: str
+    op_name: str
+    gathered_bytes: float       # per device, summed over the operands the plan gathers
+    cost: float                 # in the logical mesh's units
+
+
+def replicated_fallbacks(graph: CostGraph, choice) -> list[ReplicatedFallback]:
+    out = []
+    for g in graph.groups:
+        if g.kind != "replicated":
+            continue
+        plans = [p for p in g.node_plans[choice[g.id]]]
+        for e in graph.edges:
+            if e.dst_group == g.id:
+                src, dst = e.src[choice[e.src_group]], e.dst[choice[e.dst_group]]
+                plans += [(k, ax, b, e.why) for k, ax, b in graph.lmesh.reshard_plan(e.nbytes, src, dst)]
+        out.append(ReplicatedFallback(g.name, g.op.operation.name, sum(b for _, _, b, _ in plans),
+                                      graph.lmesh.plan_cost([(k, ax, b) for k, ax, b, _ in plans])))
+    return out
 
 
 def _explain(graph: CostGraph, choice, colls, info) -> str:
@@ -206,6 +260,11 @@ def _explain(graph: CostGraph, choice, colls, info) -> str:
         lines.append(f"  {g.name:24s} {rec.descriptions[s]:48s} cost {g.node_cost[s]:.6g}")
     if len(heavy) > 40:
         lines.append(f"  ... {len(heavy) - 40} more")
+    fallbacks = replicated_fallbacks(graph, choice)
+    if fallbacks:
+        lines.append("ops without a sharding rule (run replicated; what gathering their operands costs):")
+        for fb in fallbacks:
+            lines.append(f"  {fb.name:24s} {fb.op_name:28s} gathers {fb.gathered_bytes:12.0f} B/device   cost {fb.cost:.6g}")
     by_kind = defaultdict(lambda: [0, 0.0, 0.0])
     for kind, axes, nbytes, _ in colls:
         by_kind[kind][0] += 1
@@ -232,6 +291,8 @@ class AutoSharding(Pass):
         Option("allow-all-gather", "bool", True, "allow all-gather when resharding"),
         Option("allow-all-to-all", "bool", True, "allow all-to-all when resharding"),
         Option("prefer-reduce-scatter", "bool", False, "offer reduce-scatter variants of summing ops"),
+        Option("allow-mixed-mesh-shape", "bool", False,
+               "let ops split a non-batch dim over several mesh axes (the mesh as 1-D) beside 2-D ops"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
         Option("time-limit", "float", 10.0, "solver time limit in seconds (it stops earlier at a proven optimum)"),
     )
@@ -251,11 +312,15 @@ class AutoSharding(Pass):
             raise PassError(self.name, f"zero-stage={self.zero_stage}: expected 0, 2 or 3")
         state.logical_mesh = lmesh
         func = mw.main_func(module)
-        PassManager.parse("builtin.module(func.func(sdy-populate-op-sharding-rules))",
+        # CHLO ops (chlo.square, chlo.erf, chlo.top_k, ...) have no Shardy rule: decompose them into
+        # StableHLO ops that do (XLA would legalize them the same way before partitioning).
+        PassManager.parse("builtin.module(func.func(chlo-legalize-to-stablehlo),"
+                          "func.func(sdy-populate-op-sharding-rules))",
                           context=module.context).run(module.operation)
         t0 = time.perf_counter()
         graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
-                          zero_stage=self.zero_stage, warn=state.warn).build(func)
+                          zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
+                          warn=state.warn).build(func)
         budget = self.memory_budget or None
         problem = build_problem(graph, budget)
         t_build = time.perf_counter() - t0

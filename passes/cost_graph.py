@@ -31,14 +31,29 @@ ANCHORS = HEAVY | {"stablehlo.gather", "stablehlo.scatter"}
 PASS_THROUGH = {"stablehlo.optimization_barrier"}
 RULE_ATTR = "sdy.sharding_rule"
 MEMORY_TIE = 1e-4          # cost per byte held per device by an argument (a tie-breaker, << any collective)
-_DTYPE_BYTES = {"f64": 8, "i64": 8, "ui64": 8, "c64": 8, "c128": 16, "f32": 4, "i32": 4, "ui32": 4,
-                "bf16": 2, "f16": 2, "i16": 2, "ui16": 2, "i8": 1, "ui8": 1, "i1": 1}
+class UnknownDtypeError(ValueError):
+    """A tensor's element type has no known size; costs and memory would be wrong."""
+
+
+def element_bits(et: ir.Type) -> int:
+    """Storage bits of one element (i1/pred: one byte, as XLA stores it)."""
+    for cls in (ir.FloatType, ir.IntegerType):
+        try:
+            width = cls(et).width
+        except (ValueError, TypeError):
+            continue
+        return 8 if width == 1 else width
+    try:
+        return 2 * element_bits(ir.ComplexType(et).element_type)
+    except (ValueError, TypeError):
+        pass
+    raise UnknownDtypeError(f"auto-sharding: element type '{et}' has no known size, so its tensors cannot be "
+                            "costed; use a float, integer or complex dtype (or cast before this op)")
 
 
 def tensor_bytes(t: ir.Type) -> int:
     rt = ir.RankedTensorType(t)
-    et = str(rt.element_type)
-    return math.prod(rt.shape) * _DTYPE_BYTES.get(et, 4)
+    return -(-math.prod(rt.shape) * element_bits(rt.element_type) // 8)
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,7 @@ class OpRecord:
     flops: float = 0.0
     descriptions: list[str] | None = None
     loop: bool = False                      # a while op: results annotated per carried value
+    scope: str = ""                         # the enclosing while loop's label ("" in @main's body)
 
 
 @dataclass
@@ -97,6 +113,7 @@ class EdgeTerm:
     nbytes: int
     why: str
     scale: float = 1.0                      # loop trip count when inside a while body
+    operand: bool = False                   # an op's operand (the plan pins it with a sharding constraint)
 
 
 class CostGraphError(ValueError):
@@ -105,12 +122,15 @@ class CostGraphError(ValueError):
 
 class CostGraph:
     def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
-                 warn=None):
+                 mixed_mesh_shape: bool = False, warn=None):
         self.lmesh = lmesh
         self.mesh = lmesh.mesh
         self.prefer_reduce_scatter = prefer_reduce_scatter
         self.batch_axes = tuple(batch_axes)   # batch arguments split their batch dim over these axes first
         self.zero_stage = zero_stage          # 2: optimizer state sharded; 3: parameters sharded too
+        # Off (Alpa's default): on a mesh of several axes, only a batch dimension (or a ZeRO-sharded
+        # argument) takes more than one axis; on: any dimension may use the mesh as 1-D.
+        self.mixed_mesh_shape = mixed_mesh_shape or sum(n > 1 for n in lmesh.mesh.shape) < 2
         self.parameters: set[int] = set()
         self.warn = warn or (lambda msg: None)
         self.groups: list[Group] = []
@@ -122,6 +142,7 @@ class CostGraph:
         self.num_steps = 0
         self.scale = 1.0                      # cost multiplier (a loop body runs trip-count times)
         self.loops: list[tuple[str, int]] = []
+        self.scope = ""                       # label of the while loop being built
         self.unhandled: dict[str, int] = {}
 
     # ----------------------------------------------------------------- building
@@ -141,10 +162,13 @@ class CostGraph:
             self.groups[group].members.append(tid)
         return tid
 
-    def _charge(self, group: Group, s: int, plan, why: str):
+    def _charge(self, group: Group, s: int, plan, why: str, record: bool = True):
+        """Add `plan`'s cost to strategy s; `record` lists it among the group's own collectives
+        (operand resharding is listed per op instead: see `operand_reshards`)."""
         cost = self.lmesh.plan_cost(plan) * self.scale
         group.node_cost[s] += cost
-        group.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
+        if record:
+            group.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
 
     def build(self, func) -> "CostGraph":
         block = mw.entry_block(func)
@@ -176,6 +200,8 @@ class CostGraph:
         elif self.zero_stage and batch_dim is None:
             replicate = i in self.parameters and self.zero_stage < 3
             tries.insert(0, (lambda a: used(a) == 0) if replicate else (lambda a: used(a) == len(all_axes)))
+        if not (self.zero_stage and batch_dim is None):     # ZeRO's sharded state may use the mesh as 1-D
+            tries = [lambda a, ok=ok: ok(a) and self._mesh_shape_ok(a, batch_dim) for ok in tries] + tries
         assigns = []
         for allowed in tries:       # the policy if any layout meets it, else every layout
             assigns = sr.enumerate_assignments(rule, self.mesh, allowed=allowed)
@@ -222,7 +248,7 @@ class CostGraph:
                 self._edge_or_node(tid, self.tensors[arg_t].group, self.tensors[arg_t].shardings,
                                    f"result {r} keeps {self.tensors[arg_t].name}'s sharding")
 
-    def _edge_or_node(self, src_tid, dst_group, dst_shardings, why):
+    def _edge_or_node(self, src_tid, dst_group, dst_shardings, why, operand=False):
         """Charge resharding src tensor -> dst_shardings (indexed by dst_group's strategies)."""
         src = self.tensors[src_tid]
         if src.group < 0:
@@ -232,10 +258,10 @@ class CostGraph:
             for s in range(len(g.strategies)):
                 plan = self.lmesh.reshard_plan(src.nbytes, src.shardings[s], dst_shardings[s])
                 if plan:
-                    self._charge(g, s, plan, why)
+                    self._charge(g, s, plan, why, record=not operand)
         else:
             self.edges.append(EdgeTerm(src.group, dst_group, src.shardings, dst_shardings, src.nbytes, why,
-                                       self.scale))
+                                       self.scale, operand))
 
     def _add_op(self, op, step, sub: int | None = None):
         name = op.operation.name
@@ -262,11 +288,17 @@ class CostGraph:
             return
         rule = sr.Rule.from_attr(op.attributes[RULE_ATTR])
         if name in ANCHORS or (name == "stablehlo.broadcast_in_dim" and
-                               tensor_bytes(results[0].type) > 2 * tensor_bytes(op.operands[0].type)):
+                               tensor_bytes(results[0].type) > 2 * tensor_bytes(op.operands[0].type)) \
+                or (self.prefer_reduce_scatter and is_sum_reduce(op, rule)):
             # A broadcast is planned on its own: resharding its small input beats resharding its output.
+            # With reduce-scatter preferred, a sum (a bias's or a norm's gradient) may scatter its result.
             self._add_anchor(op, step, rule, operand_tids, label, heavy=name in HEAVY)
         else:
             self._add_follower(op, step, rule, operand_tids, live, label)
+
+    def _mesh_shape_ok(self, a, batch_factor) -> bool:
+        """Without mixed mesh shapes, only the batch factor may take several mesh axes."""
+        return self.mixed_mesh_shape or all(len(axes) < 2 for f, axes in enumerate(a) if f != batch_factor)
 
     def _batch_factor(self, rule, operand_tids) -> int | None:
         """The rule factor that carries the batch (from operands' batch dims), if any."""
@@ -301,9 +333,12 @@ class CostGraph:
         bf = self._batch_factor(rule, operand_tids)
         assigns = []
         forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
+        shape_ok = lambda a: self._mesh_shape_ok(a, bf)
         if bf is not None and forced:   # data-parallel forcing: the batch factor keeps the batch axes
             assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy,
-                                               allowed=lambda a: a[bf][:len(forced)] == forced)
+                                               allowed=lambda a: a[bf][:len(forced)] == forced and shape_ok(a))
+        if not assigns:
+            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy, allowed=shape_ok)
         if not assigns:
             assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy)
         strategies = [OpStrategy(a) for a in assigns]
@@ -319,7 +354,7 @@ class CostGraph:
         reqs = self._charge_op(op, g, rule, strategies, operand_tids, label)
         self._set_result_batch_dims(rule, res_tids, bf)
         flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
-        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names))
+        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names, scope=self.scope))
 
     def _charge_op(self, op, g, rule, strategies, operand_tids, label):
         """Charge an op's partial-sum reductions and its operands' resharding, per strategy of its
@@ -338,7 +373,7 @@ class CostGraph:
             req = [sr.tensor_sharding(rule.operands[k], st.a, self.mesh) for st in strategies]
             reqs.append(req)
             if tid is not None:
-                self._edge_or_node(tid, g.id, req, f"operand {k} of {label}")
+                self._edge_or_node(tid, g.id, req, f"operand {k} of {label}", operand=True)
         return reqs
 
     def _scatter_variants(self, rule, assigns):
@@ -369,7 +404,7 @@ class CostGraph:
             res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
         self._set_result_batch_dims(rule, res_tids, self._batch_factor(rule, operand_tids))
         reqs = self._charge_op(op, g, rule, induced, operand_tids, label)
-        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs))
+        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, scope=self.scope))
 
     def _add_while(self, op, step, operand_tids, label):
         """Plan a loop body once: carried values keep one layout through every iteration (the body's
@@ -384,6 +419,7 @@ class CostGraph:
             self.warn(f"auto-sharding: the trip count of stablehlo.while ({label}) is not a constant; "
                       "its body is costed as running once")
         outer_scale, self.scale = self.scale, self.scale * trip
+        outer_scope, self.scope = self.scope, label
         try:
             for k, inner in enumerate(body.operations):
                 if inner.operation.name == "stablehlo.return":
@@ -404,7 +440,7 @@ class CostGraph:
                     continue
                 self._add_op(inner, step, sub=k)
         finally:
-            self.scale = outer_scale
+            self.scale, self.scope = outer_scale, outer_scope
         res = [self._alias_tensor(v, f"{label}.{r}", ct, step)
                for r, (v, ct) in enumerate(zip(op.results, carried))]
         self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids), loop=True))
@@ -441,8 +477,8 @@ class CostGraph:
             req = [TensorSharding.replicated(rank, self.mesh.name)]
             reqs.append(req)
             if tid is not None:
-                self._edge_or_node(tid, g.id, req, f"operand {k} of {label} (replicated)")
-        self.ops.append(OpRecord(op, g.id, res, operand_tids, reqs))
+                self._edge_or_node(tid, g.id, req, f"operand {k} of {label} (replicated)", operand=True)
+        self.ops.append(OpRecord(op, g.id, res, operand_tids, reqs, scope=self.scope))
 
     # ----------------------------------------------------------------- costs
     def _ids(self, shardings) -> np.ndarray:
@@ -466,16 +502,35 @@ class CostGraph:
             self._intern, self._by_object, self._alive, self._by_id, self._affine = {}, {}, [], [], {}
         su, si = np.unique(self._ids(e.src), return_inverse=True)
         du, di = np.unique(self._ids(e.dst), return_inverse=True)
-        c0 = np.empty((len(su), len(du)))
-        c1 = np.empty_like(c0)
+        small = np.empty((len(su), len(du)))
         for i, a in enumerate(su.tolist()):
             for j, b in enumerate(du.tolist()):
-                hit = self._affine.get((a, b))
-                if hit is None:
-                    hit = self._affine[(a, b)] = self.lmesh.reshard_affine(self._by_id[a], self._by_id[b])
-                c0[i, j], c1[i, j] = hit
-        small = (c0 + c1 * e.nbytes) * e.scale
+                terms = self._affine.get((a, b))
+                if terms is None:
+                    terms = self._affine[(a, b)] = self.lmesh.reshard_terms(self._by_id[a], self._by_id[b])
+                small[i, j] = min(c0 + c1 * e.nbytes for c0, c1 in terms)
+        small = small * e.scale
         return small[np.ix_(si, di)]
+
+    def operand_reshards(self, choice):
+        """Per op (in program order) and operand: the layout the plan pins the operand to, when it
+        differs from its producer's, as (record, operand index, tensor id, sharding, first). One
+        value resharded to one layout within one block is done once (XLA CSEs the copies), so
+        `first` is False for the repeats; the ILP's edges still charge every consumer."""
+        seen = set()
+        for rec in self.ops:
+            if rec.group < 0:
+                continue
+            s = choice[rec.group]
+            for k, (tid, req) in enumerate(zip(rec.operand_tensors, rec.operand_reqs)):
+                if tid is None or req is None or self.tensors[tid].group < 0:
+                    continue
+                t = self.tensors[tid]
+                if t.shardings[choice[t.group]] == req[s]:
+                    continue
+                key = (tid, rec.scope, req[s])
+                yield rec, k, tid, req[s], key not in seen
+                seen.add(key)
 
     def memory_terms(self):
         """(group, start, end, per-strategy bytes per device) for every non-free tensor."""
@@ -494,6 +549,17 @@ class CostGraph:
                 "strategies": int(sum(len(g.strategies) for g in self.groups)),
                 "heavy_ops": sum(1 for o in self.ops if o.heavy), "steps": self.num_steps,
                 "unhandled_ops": dict(self.unhandled)}
+
+
+def is_sum_reduce(op, rule: sr.Rule) -> bool:
+    """A single-result stablehlo.reduce with an add body and a non-scalar result: its partial sums
+    may be reduce-scattered (max/min/... reductions may not)."""
+    if op.operation.name != "stablehlo.reduce" or len(op.results) != 1 or not rule.reduction:
+        return False
+    if not ir.RankedTensorType(op.results[0].type).shape:
+        return False
+    body = [o.operation.name for o in op.regions[0].blocks[0].operations]
+    return body == ["stablehlo.add", "stablehlo.return"]
 
 
 def _constant_int(v) -> int | None:

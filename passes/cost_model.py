@@ -109,30 +109,61 @@ class LogicalMesh:
 
         Per dimension, the axes both shardings share as a common prefix stay; further
         splitting by dst is a free local slice. Axes src has but dst does not keep are
-        all-gathered, or moved to another dimension with an all-to-all when that is cheaper.
-        Returns [(kind, axes, per-device bytes)], empty when slicing suffices.
+        all-gathered, or moved to another dimension with an all-to-all when that is cheaper
+        for this size. Returns [(kind, axes, per-device bytes)], empty when slicing suffices.
+        Its cost is exactly `reshard(nbytes, src, dst)`, the term the solver's edges use.
         """
-        if src == dst or src.rank == 0:
+        shapes = self._reshard_shapes(src, dst)
+        if not shapes:
             return []
-        kept, gathered, dst_extra = [], [], []
-        for s, d in zip(src.dims, dst.dims):
-            k = 0
-            while k < len(s) and k < len(d) and s[k] == d[k]:
-                k += 1
-            kept += s[:k]
-            gathered += s[k:]
-            dst_extra += d[k:]
-        if not gathered:
-            return []
-        gather = [("all-gather", tuple(gathered), nbytes / self.mesh.axes_size(kept))]
-        moved = [a for a in gathered if a in dst_extra]
-        if not moved:
-            return gather
-        rest = [a for a in gathered if a not in moved]
-        a2a = [("all-to-all", tuple(moved), nbytes / self.mesh.axes_size(src.used_axes()))]
-        if rest:
-            a2a.append(("all-gather", tuple(rest), nbytes / self.mesh.axes_size(kept + moved)))
-        return a2a if self.plan_cost(a2a) < self.plan_cost(gather) else gather
+        terms = self.reshard_terms(src, dst)
+        best = min(range(len(shapes)), key=lambda k: (terms[k][0] + terms[k][1] * nbytes, k))
+        return [(kind, axes, nbytes * frac) for kind, axes, frac in shapes[best]]
+
+    def _reshard_shapes(self, src: TensorSharding, dst: TensorSharding) -> tuple:
+        """The candidate plans for one byte, each ((kind, axes, fraction of the global bytes per
+        device), ...): gather everything, or (when an axis moves between dims) all-to-all it."""
+        cache = self.__dict__.setdefault("_shape_cache", {})
+        key = (src, dst)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        hit = ()
+        if src != dst and src.rank:
+            kept, gathered, dst_extra = [], [], []
+            for s, d in zip(src.dims, dst.dims):
+                k = 0
+                while k < len(s) and k < len(d) and s[k] == d[k]:
+                    k += 1
+                kept += s[:k]
+                gathered += s[k:]
+                dst_extra += d[k:]
+            if gathered:
+                hit = ((("all-gather", tuple(gathered), 1 / self.mesh.axes_size(kept)),),)
+                moved = [a for a in gathered if a in dst_extra]
+                if moved:
+                    rest = [a for a in gathered if a not in moved]
+                    a2a = (("all-to-all", tuple(moved), 1 / self.mesh.axes_size(src.used_axes())),)
+                    if rest:
+                        a2a += (("all-gather", tuple(rest), 1 / self.mesh.axes_size(kept + moved)),)
+                    hit += (a2a,)
+        cache[key] = hit
+        return hit
+
+    def reshard_terms(self, src: TensorSharding, dst: TensorSharding) -> tuple[tuple[float, float], ...]:
+        """((c0, c1), ...): resharding n bytes costs min_k c0_k + c1_k * n, each term the cost of one
+        candidate plan of `reshard_plan` (which picks the cheapest for its n); memoized."""
+        cache = self.__dict__.setdefault("_terms_cache", {})
+        key = (src, dst)
+        hit = cache.get(key)
+        if hit is None:
+            hit = []
+            for shape in self._reshard_shapes(src, dst) or ((),):
+                c0 = self.plan_cost([(k, ax, 0.0) for k, ax, _ in shape])
+                c1 = 0.0 if math.isinf(c0) else self.plan_cost(shape) - c0
+                hit.append((c0, c1))
+            hit = cache[key] = tuple(hit)
+        return hit
 
     def plan_cost(self, plan) -> float:
         cost = {"all-gather": self.all_gather, "all-to-all": self.all_to_all,
@@ -141,19 +172,7 @@ class LogicalMesh:
 
     def reshard(self, nbytes: float, src: TensorSharding, dst: TensorSharding) -> float:
         """Cost of `reshard_plan` (0 when dst only slices src further)."""
-        const, coef = self.reshard_affine(src, dst)
-        return const + coef * nbytes
-
-    def reshard_affine(self, src: TensorSharding, dst: TensorSharding) -> tuple[float, float]:
-        """(c0, c1) with reshard cost = c0 + c1 * nbytes; memoized (the graph asks for few distinct pairs)."""
-        cache = self.__dict__.setdefault("_affine", {})
-        key = (src, dst)
-        hit = cache.get(key)
-        if hit is None:
-            c0 = self.plan_cost(self.reshard_plan(0.0, src, dst))
-            c1 = 0.0 if math.isinf(c0) else self.plan_cost(self.reshard_plan(1.0, src, dst)) - c0
-            hit = cache[key] = (c0, c1)
-        return hit
+        return min(c0 + c1 * nbytes for c0, c1 in self.reshard_terms(src, dst))
 
     def shard_bytes(self, nbytes: float, sharding: TensorSharding) -> float:
         return nbytes / self.mesh.axes_size(sharding.used_axes())

@@ -34,7 +34,7 @@ def replica_groups(mesh: MeshSpec, axes) -> np.ndarray:
     ids = np.arange(mesh.num_devices).reshape(mesh.shape)
     idx = [mesh.axis_names.index(a) for a in axes]
     rest = [i for i in range(len(mesh.shape)) if i not in idx]
-    return ids.transpose(rest + idx).reshape(-1, int(np.prod([mesh.shape[i] for i in idx])))
+    return np.ascontiguousarray(ids.transpose(rest + idx).reshape(-1, int(np.prod([mesh.shape[i] for i in idx]))))
 
 
 def _local_type(t: ir.Type, sharding: TensorSharding, mesh: MeshSpec) -> ir.Type:
@@ -57,14 +57,18 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
         mc = sdy.ManualComputationOp([op.result.type], list(op.operands), _per_value(operand_shardings),
                                      _per_value([result]), manual)
     block = mc.regions[0].blocks.append(*[_local_type(v.type, s, mesh) for v, s in zip(op.operands, operand_shardings)])
-    keep = {k: op.attributes[k] for k in [op.attributes[i].name for i in range(len(op.attributes))]
-            if not k.startswith("sdy.") and not k.startswith("mw.")}
     with ir.InsertionPoint(block):
-        local = ir.Operation.create(op.operation.name, results=[_local_type(op.result.type, partial, mesh)],
-                                    operands=list(block.arguments), attributes=keep)
+        # A clone keeps the op's regions (a reduce's body) and attributes; sdy/mw annotations go.
+        local = op.operation.clone()
+        for k, arg in enumerate(block.arguments):
+            local.operands[k] = arg
+        local.results[0].set_type(_local_type(op.result.type, partial, mesh))
+        for name in [local.attributes[i].name for i in range(len(local.attributes))]:
+            if name.startswith("sdy.") or name.startswith("mw."):
+                del local.attributes[name]
         groups = replica_groups(mesh, reduced_axes)
         rs = hlo.ReduceScatterOp(
-            _local_type(op.result.type, result, mesh), local.result, scatter_dim,
+            _local_type(op.result.type, result, mesh), local.results[0], scatter_dim,
             ir.DenseElementsAttr.get(groups.astype(np.int64)),
             channel_handle=ir.Attribute.parse(f"#stablehlo.channel_handle<handle = {channel}, type = 1>"),
             use_global_device_ids=True)
@@ -75,6 +79,68 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
         sdy.ReturnOp([rs.result])
     op.result.replace_all_uses_with(mc.result)
     op.operation.erase()
+    return mc.result
+
+
+def wrap_local(op, operand_shardings, result_shardings, mesh: MeshSpec) -> None:
+    """Replace `op` by a manual computation running it on each device's shards: for an op whose
+    plan needs no collective (e.g. a scatter into unsplit rows of window-split operands), so that
+    XLA's partitioner cannot add any."""
+    manual = ir.Attribute.parse("#sdy<manual_axes{" + ", ".join(f'"{a}"' for a in mesh.axis_names) + "}>")
+    with ir.InsertionPoint(op):
+        mc = sdy.ManualComputationOp([r.type for r in op.results], list(op.operands), _per_value(operand_shardings),
+                                     _per_value(result_shardings), manual)
+    block = mc.regions[0].blocks.append(*[_local_type(v.type, s, mesh) for v, s in zip(op.operands, operand_shardings)])
+    with ir.InsertionPoint(block):
+        local = op.operation.clone()
+        for k, arg in enumerate(block.arguments):
+            local.operands[k] = arg
+        for r, sh in zip(local.results, result_shardings):
+            r.set_type(_local_type(r.type, sh, mesh))
+        for name in [local.attributes[i].name for i in range(len(local.attributes))]:
+            if name.startswith("sdy.") or name.startswith("mw."):
+                del local.attributes[name]
+        sdy.ReturnOp(list(local.results))
+    for old, new in zip(op.results, mc.results):
+        old.replace_all_uses_with(new)
+    op.operation.erase()
+
+
+def all_to_all_dims(src: TensorSharding, dst: TensorSharding) -> tuple[int, int, tuple] | None:
+    """(from dim, to dim, axes) when dst is src with trailing axes of one dim moved to the end of
+    another -- the layouts one stablehlo.all_to_all connects; None otherwise."""
+    diff = [d for d, (a, b) in enumerate(zip(src.dims, dst.dims)) if a != b]
+    if len(diff) != 2:
+        return None
+    for i, j in (diff, diff[::-1]):
+        s_i, s_j, d_i, d_j = src.dims[i], src.dims[j], dst.dims[i], dst.dims[j]
+        moved = s_i[len(d_i):]
+        if moved and s_i[:len(d_i)] == d_i and d_j == s_j + moved:
+            return i, j, moved
+    return None
+
+
+def explicit_all_to_all(value: ir.Value, src: TensorSharding, dst: TensorSharding, mesh: MeshSpec,
+                        channel: int) -> ir.Value | None:
+    """`value` (laid out as src) resharded to dst by one explicit all-to-all in a manual
+    computation, inserted at the current insertion point; None when one all-to-all cannot do it.
+    XLA's partitioner, given only a sharding constraint, may instead gather the producer's
+    operands and recompute; spelling the collective out makes it do what the plan priced."""
+    dims = all_to_all_dims(src, dst)
+    if dims is None:
+        return None
+    concat_dim, split_dim, axes = dims
+    manual = ir.Attribute.parse("#sdy<manual_axes{" + ", ".join(f'"{a}"' for a in mesh.axis_names) + "}>")
+    mc = sdy.ManualComputationOp([value.type], [value], _per_value([src]), _per_value([dst]), manual)
+    block = mc.regions[0].blocks.append(_local_type(value.type, src, mesh))
+    with ir.InsertionPoint(block):
+        groups = replica_groups(mesh, axes)
+        a2a = hlo.AllToAllOp([block.arguments[0]], split_dim, concat_dim, groups.shape[1],
+                             ir.DenseElementsAttr.get(groups.astype(np.int64)),
+                             channel_handle=ir.Attribute.parse(
+                                 f"#stablehlo.channel_handle<handle = {channel}, type = 1>"),
+                             results=[_local_type(value.type, dst, mesh)])
+        sdy.ReturnOp([a2a.results[0]])
     return mc.result
 
 
@@ -97,6 +163,10 @@ def shardy_collectives(module_text: str, mesh: MeshSpec) -> dict:
             s = out.setdefault(kind, {"count": 0, "bytes": 0})
             s["count"] += 1
             s["bytes"] += int(round(tensor_bytes(op.results[0].type) / mesh.axes_size(ts.used_axes())))
+        elif op.name == "stablehlo.all_to_all":
+            s = out.setdefault("all-to-all", {"count": 0, "bytes": 0})
+            s["count"] += 1
+            s["bytes"] += tensor_bytes(op.results[0].type)   # inside a manual computation: local type
         elif op.name == "stablehlo.reduce_scatter":
             s = out.setdefault("reduce-scatter", {"count": 0, "bytes": 0})
             s["count"] += 1

@@ -40,8 +40,15 @@ def _group_size(rest: str) -> int | None:
         return len(m.group(1).split(","))
     if m := re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\((?:[^()]|\([^()]*\))*\))?\s*\{([^}]*)\}", rest):
         sizes = {k.strip("' "): int(v) for k, v in (kv.split("=") for kv in m.group(1).split(","))}
-        return int(np.prod([sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip()]))
+        return int(np.prod([_axis_size(a, sizes) for a in m.group(2).split(",") if a.strip()]))
     return None
+
+
+def _axis_size(axis: str, sizes: dict) -> int:
+    """A mesh axis's size, or a sub-axis's: 'axis_1':(2)2 is the size-2 slice after 2 (XLA's notation)."""
+    if sub := re.fullmatch(r"'?([^':]+)'?:\((\d+)\)(\d+)", axis.strip()):
+        return int(sub.group(3))
+    return sizes[axis.strip("' ")]
 
 
 def collectives(hlo_text: str) -> list[Collective]:

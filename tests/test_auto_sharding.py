@@ -65,11 +65,18 @@ def test_mlp_2x2_data_parallel_on_slow_axis_megatron_on_fast_axis():
     method = mw.ShardParallel(mesh_shape=(2, 2), devices=devices(4),
                               auto_sharding=mw.AutoShardingOption(alpha=(1, 1), beta=(1, 0.1)))
     exe = run(step, state, batch, method)
-    inputs = {p.path: p.spec for p in exe.plan.stages[0].inputs}
-    assert inputs["batch['x']"] == "P('x',)"
+    # The six forward dots take the batch split on x (the input itself may stay replicated: slicing
+    # it is free, and the first layer's weight gradient then needs no all-to-all).
+    import re
+
+    strategies = re.findall(r'stablehlo\.dot_general .*?mw\.strategy = "([^"]+)"', exe.ir_after("auto-sharding"))
+    assert len(strategies) >= 6 and all(s.startswith("[x,") for s in strategies[:6]), strategies
+    # Layers 2-6 alternate column/row-parallel on y. The first kernel's own layout is free for the
+    # ILP: it is resharded once per step either way (to [-,y] for the forward dot), and its
+    # gradient and update land in [y,x] on both axes.
     specs = kernel_specs(exe, 6)
     col, row = "P(None, 'y')", "P('y',)"
-    assert specs in ([col, row] * 3, [row, col] * 3), specs
+    assert specs[1:] in ([row, col, row, col, row], [col, row, col, row, col]), specs
 
 
 @pytest.fixture(scope="module")

@@ -95,3 +95,49 @@ def test_trip_count_of_counted_and_data_dependent_loops():
 
     module.operation.walk(visit)
     assert trips == [5, 7, None]        # scan, fori_loop(2, 9), data-dependent
+
+
+def _layouts(rank=2):
+    """Every layout of a rank-`rank` tensor on MESH (each axis on at most one dim, both orders)."""
+    import itertools
+
+    out = set()
+    for pick in itertools.product(range(rank + 1), repeat=2):
+        for order in (("x", "y"), ("y", "x")):
+            dims = [[] for _ in range(rank)]
+            for ax in order:
+                d = pick[("x", "y").index(ax)]
+                if d < rank:
+                    dims[d].append(ax)
+            out.add(T(tuple(tuple(d) for d in dims)))
+    return sorted(out, key=str)
+
+
+@pytest.mark.parametrize("alpha,beta", [((1, 1), (1, 0.1)), ((1000, 1), (1, 1)), ((0, 0), (0.1, 1))])
+def test_edge_costs_price_the_predicted_collectives(alpha, beta):
+    # The solver prices an edge with reshard_affine; the plan reports reshard_plan's collectives.
+    # They must describe the same collectives at every size (small tensors included).
+    lm = LogicalMesh.create(MESH, alpha=alpha, beta=beta)
+    layouts = _layouts()
+    checked = 0
+    for src in layouts:
+        for dst in layouts:
+            for n in (0.0, 4.0, 512.0, 1e8):
+                assert lm.reshard(n, src, dst) == pytest.approx(lm.plan_cost(lm.reshard_plan(n, src, dst))), \
+                    (src, dst, n)
+                checked += 1
+    assert checked == len(layouts) ** 2 * 4 and len(layouts) >= 9
+
+
+def test_unknown_element_type_is_an_error_not_four_bytes():
+    from jaxlib.mlir import ir
+
+    from meshweave.passes.cost_graph import UnknownDtypeError, tensor_bytes
+
+    with ir.Context():
+        assert tensor_bytes(ir.Type.parse("tensor<8x4xbf16>")) == 64
+        assert tensor_bytes(ir.Type.parse("tensor<8xi1>")) == 8
+        assert tensor_bytes(ir.Type.parse("tensor<3xi4>")) == 2
+        assert tensor_bytes(ir.Type.parse("tensor<2xcomplex<f32>>")) == 16
+        with pytest.raises(UnknownDtypeError, match="element type 'index'"):
+            tensor_bytes(ir.Type.parse("tensor<2xindex>"))

@@ -27,6 +27,9 @@ class AutoShardingOption:
     beta 1 on axis 0 and 0.1 on the others (the last axes model faster, intra-host links).
     memory_budget_per_device: bytes, None for no limit.
     force_batch_dim_to_mesh_dim: split the batch of batch arguments over this mesh axis (None: free).
+    allow_mixed_mesh_shape: let one op use a multi-axis mesh as 1-D (several axes on one tensor
+    dimension other than the batch, e.g. Megatron over all devices) while others use it as 2-D,
+    paying the resharding between the two; off (Alpa's default): only the batch is split that way.
     solver: "highs" or "cbc"; time_limit in seconds (the solver stops earlier once its plan is proven optimal).
     """
 
@@ -37,6 +40,7 @@ class AutoShardingOption:
     allow_all_gather: bool = True
     allow_all_to_all: bool = True
     prefer_reduce_scatter: bool = False
+    allow_mixed_mesh_shape: bool = False
     solver: str = "highs"
     time_limit: float = 10.0
 
@@ -123,6 +127,8 @@ def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_
         o.append("allow-all-to-all=false")
     if opt.prefer_reduce_scatter or zero_stage:
         o.append("prefer-reduce-scatter=true")
+    if opt.allow_mixed_mesh_shape:
+        o.append("allow-mixed-mesh-shape=true")
     if opt.solver != "highs":
         o.append(f"solver={opt.solver}")
     if opt.time_limit != 10.0:
