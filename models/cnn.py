@@ -27,9 +27,7 @@ def apply(params, x):
     return h.mean(axis=(1, 2)) @ params["head"]
 
 
-def loss_fn(params, batch):
-    logp = jax.nn.log_softmax(apply(params, batch["images"]))
-    return -jnp.mean(jnp.take_along_axis(logp, batch["labels"][:, None], axis=1))
+loss_fn = training.classification_loss(apply)
 
 
 def make_train_step(optimizer: optax.GradientTransformation, grad_fn=jax.value_and_grad):

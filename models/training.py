@@ -20,5 +20,16 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, grad_fn=ja
     return train_step
 
 
+def classification_loss(apply):
+    """Mean cross-entropy of `apply(params, batch["images"])` against integer `batch["labels"]`."""
+    import jax.numpy as jnp
+
+    def loss_fn(params, batch):
+        logp = jax.nn.log_softmax(apply(params, batch["images"]))
+        return -jnp.mean(jnp.take_along_axis(logp, batch["labels"][:, None], axis=1))
+
+    return loss_fn
+
+
 def init_state(params, optimizer: optax.GradientTransformation):
     return {"params": params, "opt_state": optimizer.init(params)}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from meshweave.models import training
+from meshweave.models.cnn import synthetic_batch  # noqa: F401  (the same images and labels)
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -42,9 +43,7 @@ def apply(params, x):
     return out.mean(axis=(1, 2)) @ params["head"]
 
 
-def loss_fn(params, batch):
-    logp = jax.nn.log_softmax(apply(params, batch["images"]))
-    return -jnp.mean(jnp.take_along_axis(logp, batch["labels"][:, None], axis=1))
+loss_fn = training.classification_loss(apply)
 
 
 def make_train_step(optimizer: optax.GradientTransformation, grad_fn=jax.value_and_grad):
@@ -56,8 +55,3 @@ def init_state(key, optimizer, **kw):
     return training.init_state(init(key, **kw), optimizer)
 
 
-def synthetic_batch(key, batch_size, size=8, in_channels=8, classes=10):
-    kx, ky = jax.random.split(key)
-    images = jax.random.normal(kx, (batch_size, size, size, in_channels))
-    labels = (images.mean(axis=(1, 2, 3)) > 0).astype(jnp.int32) + jax.random.randint(ky, (batch_size,), 0, classes - 1)
-    return {"images": images, "labels": labels % classes}
