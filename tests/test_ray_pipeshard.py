@@ -84,7 +84,6 @@ def test_mw_init_ray_runs_shard_and_pipeshard_steps(ray_runtime, mlp_case):
     assert mw_ray.current() is not None
 
 
-@pytest.mark.slow
 def test_gpt_pipeshard_on_ray_matches_jit(ray_runtime):
     opt = optax.adam(1e-3)
     cfg = gpt.GPTConfig(vocab=64, seq_len=16, d_model=32, heads=4, layers=4)
