@@ -57,6 +57,8 @@ class StageConstructionResult(PassResult):
                     if self.objective is not None else "")]
         for s in self.stages:
             lat = f", predicted {s.latency * 1e3:.3f} ms/micro-batch" if s.latency is not None else ""
+            if getattr(s, "memory", None) is not None:
+                lat += f", {s.memory / 2**20:.1f} MiB/device"
             lines.append(f"  stage {s.index}: layers {s.layers[0]}..{s.layers[1] - 1} on {s.mesh.name} physical "
                          f"{s.physical_shape[0]}x{s.physical_shape[1]}, logical "
                          f"{'x'.join(map(str, s.mesh.shape))}, devices {list(s.mesh.device_ids)}{lat}")

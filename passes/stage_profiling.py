@@ -69,6 +69,7 @@ def _tensor_bytes(t) -> int:
 
 def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host: int, device_ids=None):
     from meshweave.methods import _auto_sharding_pipeline
+    from meshweave.passes.auto_sharding import MemoryBudgetError
     from meshweave.passes.pipeline import Pipeline, PipelineState, module_text
     from meshweave.passes.stage_dp import StageCandidate, logical_shape_choices, solve_stages
     from meshweave.passes.stage_outlining import outline
@@ -88,15 +89,26 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     param_bytes = [0] * num_layers
     cross_bytes = [0] * (num_layers + 1)
     seen_params: set[tuple[int, int]] = set()
+    roles: dict[str, tuple[list[int], list[int]]] = {}   # forward fragment text -> (parameter args, activations)
+    state_bytes = [0] * num_layers                        # parameters + optimizer state read by apply-grad
     for f in per_layer.fragments:
         fn = funcs[f.name]
         text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
         # The fragment's own name and stage number must not keep identical blocks apart.
         text = re.sub(r'mw\.mesh = "[^"]*"', 'mw.mesh = "layer"', text, count=1)
         text = re.sub(r"mw\.stage = \d+ : i64", "mw.stage = 0 : i64", text, count=1)
-        if f.phase != "apply":
-            texts[f.stage].append("module {\n" + text + "\n}")
         ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
+        if f.phase != "apply":
+            text = "module {\n" + text + "\n}"
+            texts[f.stage].append(text)
+            if f.phase == "forward":
+                backward = next((g for g in per_layer.fragments if g.stage == f.stage and g.phase == "backward"), None)
+                acts = sorted({s.index for s in (backward.inputs if backward else ()) if s.fragment == f.name})
+                params = [j for j, src in enumerate(f.inputs) if src.arg is not None and not src.batch_dependent]
+                roles[text] = (params, acts)
+        else:
+            state_bytes[f.stage] += sum(_tensor_bytes(t) for src, t in zip(f.inputs, ftype.inputs)
+                                        if src.arg is not None and not src.batch_dependent)
         for src, t in zip(f.inputs, ftype.inputs):
             if src.arg is not None and not src.batch_dependent:
                 # Each parameter once per layer (the forward and backward both read it; the
@@ -111,6 +123,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 for b in range(producer + 1, f.stage + 1):
                     cross_bytes[b] += _tensor_bytes(t)
     solves: dict[tuple[str, tuple], float] = {}
+    held: dict[tuple[str, tuple], tuple[float, float]] = {}   # per device, in the chosen layouts
     solve_seconds = [0.0]
     from meshweave.passes.solver.cache import SolveCache
 
@@ -132,21 +145,48 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
                 m = parse_module(text)
                 st = PipelineState(mesh=spec, options={"solve_cache": cache})
-                Pipeline(_auto_sharding_pipeline(o, len(logical))).run(m, st, record_ir=False)
+                try:
+                    Pipeline(_auto_sharding_pipeline(o, len(logical))).run(m, st, record_ir=False)
+                except MemoryBudgetError:
+                    solves[key] = None          # this layer does not fit this sub-mesh's budget
+                    solve_seconds[0] += time.perf_counter() - t_solve
+                    raise
                 report = _auto_report(st)
                 solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops
+                if text in roles:
+                    held[key] = _held_bytes(m, spec, *roles[text])
                 solve_seconds[0] += time.perf_counter() - t_solve
+            if solves[key] is None:
+                raise MemoryBudgetError("layer does not fit", None)
             total += solves[key]
         return total
+
+    def layer_held(layer: int, logical, n: int) -> tuple[float, float]:
+        """(parameter bytes, activation bytes) per device of a layer, in the planner's layouts."""
+        fwd = [t for t in texts[layer] if t in roles]
+        if not fwd:
+            return param_bytes[layer] / n, act_bytes[layer] / n
+        layer_cost(layer, logical)
+        return held[(fwd[0], logical)]
 
     def stage_cost(start, end, submesh):
         out = []
         for logical in logical_shape_choices(submesh):
             logical = tuple(x for x in logical if x > 1) or (1,)
             n = submesh.num_devices
-            lat = sum(layer_cost(i, logical) for i in range(start, end))
-            mem = 4.0 * sum(param_bytes[start:end]) / n          # params, grads, two Adam moments
-            act = float(sum(act_bytes[start:end])) / n
+            try:
+                lat = sum(layer_cost(i, logical) for i in range(start, end))
+            except MemoryBudgetError:
+                continue                        # no plan of some layer fits: not a candidate
+            mem = act = 0.0
+            for i in range(start, end):
+                params_dev, acts_dev = layer_held(i, logical, n)
+                # The planner's layout of the parameters scales everything apply-grad holds per
+                # parameter (the parameter, its gradient, the optimizer state).
+                ratio = (state_bytes[i] + param_bytes[i]) / param_bytes[i] if param_bytes[i] else 0.0
+                mem += params_dev * ratio
+                act += acts_dev
+            out.append(StageCandidate(logical, lat, mem, act))
             out.append(StageCandidate(logical, lat, mem, act))
         return out
 
@@ -168,6 +208,22 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                    seconds=time.perf_counter() - t0, candidates=len(solves),
                                    solve_seconds=solve_seconds[0], layer_param_bytes=list(param_bytes),
                                    layer_activation_bytes=list(act_bytes), micro_batches=k)
+
+
+def _held_bytes(module, spec, param_args, act_results) -> tuple[float, float]:
+    """Per-device bytes of the given arguments and results under the shardings the ILP chose."""
+    from meshweave.plugin.compile import arg_shardings, result_shardings
+
+    main = mw.main_func(module)
+    ftype = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value)
+
+    def per_device(t, ts) -> float:
+        split = math.prod(spec.axis_size(a) for d in ts.dims for a in d) if ts is not None else 1
+        return _tensor_bytes(t) / split
+
+    args, results = arg_shardings(module), result_shardings(module)
+    return (sum(per_device(ftype.inputs[j], args[j]) for j in param_args),
+            sum(per_device(ftype.results[j], results[j]) for j in act_results))
 
 
 def _auto_report(state) -> dict:

@@ -202,3 +202,27 @@ def test_replicated_destination_is_sent_once_then_gathered_inside_the_mesh():
     assert _send_once_layout((6, 4), NamedSharding(mesh, P("x")), mesh).spec == P(None, ("x", "y"))
     assert _send_once_layout((8, 4), NamedSharding(mesh, P("x", "y")), mesh) is None   # nothing replicated
     assert _send_once_layout((3, 5), NamedSharding(mesh, P()), mesh) is None            # no dimension divides
+
+
+def test_stage_memory_comes_from_the_planned_layouts_and_a_budget_moves_the_cut():
+    """Plan-only (mw.plan): each candidate's memory is what the intra-op plan leaves per device
+    (parameters in their chosen layouts, scaled by the optimizer state apply-grad holds, plus the
+    activations in flight); a per-device budget below the unconstrained plan's need reshapes it."""
+    opt = optax.adam(1e-3)
+    cfg = gpt.GPTConfig(vocab=8192, seq_len=256, d_model=512, heads=8, layers=4)
+    state = jax.eval_shape(lambda: gpt.init_state(jax.random.PRNGKey(0), cfg, opt))
+    batch = {"tokens": jax.ShapeDtypeStruct((16, 256), jnp.int32),
+             "targets": jax.ShapeDtypeStruct((16, 256), jnp.int32)}
+    step = gpt.make_train_step(opt, grad_fn=mw.value_and_grad)
+
+    def plan(budget):
+        method = mw.PipeshardParallel(num_micro_batches=4, default_auto_sharding_option=mw.AutoShardingOption(
+            memory_budget_per_device=budget))
+        return mw.plan(step, state, batch, method=method, cluster=mw.ClusterSpec.preset("h100", 8)).stages.stages
+
+    free = plan(None)
+    need = max(s.memory for s in free)
+    budget = int(0.75 * need)
+    tight = plan(budget)
+    assert all(s.memory <= budget for s in tight)
+    assert [(s.layers, s.mesh.shape) for s in tight] != [(s.layers, s.mesh.shape) for s in free]
