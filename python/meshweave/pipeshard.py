@@ -26,8 +26,7 @@ from meshweave.plugin.compile import arg_shardings, named_sharding, result_shard
 from meshweave.plugin.jax_adapter import replace_lowered_module
 from meshweave.plugin.lowering import trace
 from meshweave.runtime.pipeline_emitter import FragmentIO, emit, value_name
-from meshweave.runtime.program import (FragmentDesc, InputBinding, MeshDesc, OutputBinding, Program, TensorSig,
-                                       key_for)
+from meshweave.runtime.program import FragmentDesc, InputBinding, OutputBinding, Program, TensorSig, key_for
 
 
 class PipeshardError(ValueError):
@@ -173,9 +172,7 @@ def _insert_transfers(module, state, compiled):
 
 def compile_pipeshard(fun, call, method):
     """Compile `fun` for one bound call under a PipeshardParallel method."""
-    from meshweave.executable import Executable
     from meshweave.methods import _auto_sharding_pipeline
-    from meshweave.parallel_plan import Plan, StagePlan, TensorPlacement
 
     devices = list(np.asarray(method.devices, dtype=object).flat) if method.devices is not None else jax.devices()
     if len(devices) % method.num_hosts:
@@ -209,7 +206,6 @@ def compile_pipeshard(fun, call, method):
     timings["passes"] = clock() - t
     stages = state.results["stage-construction"]
     outlined = state.results["stage-outlining"]
-    main = mw.main_func(module)
     arg_paths = step.arg_paths
     flat_batch = [d is not None for d in step.batch_dims]
     batch_flat = {i for i, b in enumerate(flat_batch) if b}
@@ -253,7 +249,7 @@ def compile_pipeshard(fun, call, method):
         out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
         desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
         compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate)
-    transfers = _insert_transfers(module, state, compiled)
+    _insert_transfers(module, state, compiled)      # the mpmd form of @main, recorded for dumps and explain()
     # Inputs: each argument goes to every mesh whose fragments read it, in the first reader's layout.
     inputs, seen = [], set()
     for f in outlined.fragments:
