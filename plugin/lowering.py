@@ -7,7 +7,6 @@ dumps can name them.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import jax
@@ -65,10 +64,13 @@ def trace(fun, call, kwargs=None, *, static_argnums=(), donate_argnums=(), batch
     if mesh is not None:
         jit_kwargs["in_shardings"] = NamedSharding(mesh, PartitionSpec())
 
-    @functools.wraps(fun)
     def flat_step(*leaves):   # a new function object per trace: jit's cache must not skip our trace-time hooks
         args, kwargs = call.rebuild(leaves)
         return fun(*args, **kwargs)
+
+    # Name it after the step (dumps say jit_<name>), but no functools.wraps: jit would read the
+    # step's own signature through __wrapped__ and reject donate_argnums over the flat leaves.
+    flat_step.__name__ = flat_step.__qualname__ = getattr(fun, "__name__", "step")
 
     avals = [abstract(x) for x in call.leaves]
     try:

@@ -266,3 +266,19 @@ def test_fractional_memory_budget_is_refused():
     with pytest.raises(mw.MethodError, match="memory_budget_per_device=1.5: expected a positive whole number"):
         mw.AutoShardingOption(memory_budget_per_device=1.5)
     assert mw.AutoShardingOption(memory_budget_per_device=2.0**30).memory_budget_per_device == 2**30
+
+
+def test_donating_a_whole_state_pytree_works_like_jax_jit():
+    """donate_argnums names a pytree argument (a train state of many leaves), as with jax.jit."""
+    from meshweave.models import mlp
+
+    opt = optax.adam(1e-2)
+    key = jax.random.PRNGKey(0)
+    state = mlp.init_state(key, [16, 32, 8], opt)
+    batch = mlp.synthetic_batch(key, 16, 16, 8)
+    step = mlp.make_train_step(opt)
+    par = mw.parallelize(step, donate_argnums=(0,), method=mw.ShardParallel(mesh_shape=(2, 4)))
+    ref_state, ref_loss = jax.jit(step)(state, batch)
+    new_state, loss = par(jax.tree.map(jnp.copy, state), batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    assert_trees_close(new_state, ref_state)

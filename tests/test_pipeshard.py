@@ -226,3 +226,50 @@ def test_stage_memory_comes_from_the_planned_layouts_and_a_budget_moves_the_cut(
     tight = plan(budget)
     assert all(s.memory <= budget for s in tight)
     assert [(s.layers, s.mesh.shape) for s in tight] != [(s.layers, s.mesh.shape) for s in free]
+
+
+def test_a_user_model_with_auto_layers_keywords_placed_inputs_and_its_own_outputs():
+    """Not a zoo model and no hand-placed boundaries: AutoLayerOption cuts it; the step is called
+    like a jitted one (batch by keyword, a batch already placed on devices, outputs fed back)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    opt = optax.sgd(0.05, momentum=0.9)
+    key = jax.random.PRNGKey(3)
+    ks = jax.random.split(key, 4)
+    params = {"w": [jax.random.normal(k, (16, 16)) / 4 for k in ks[:3]], "out": jax.random.normal(ks[3], (16, 4))}
+
+    def loss(p, batch):
+        h = batch["x"]
+        for w in p["w"]:
+            h = jnp.tanh(h @ w)
+        return jnp.mean((h @ p["out"] - batch["y"]) ** 2)
+
+    def step(state, batch):
+        l, g = mw.value_and_grad(loss)(state["params"], batch)
+        u, o = opt.update(g, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], u), "opt": o}, l
+
+    state = {"params": params, "opt": opt.init(params)}
+    x = jax.random.normal(key, (32, 16))
+    batch = {"x": x, "y": jnp.sin(x[:, :4])}
+    mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+    placed = jax.device_put(batch, NamedSharding(mesh, P("d")))
+    par = mw.parallelize(step, method=mw.PipeshardParallel(
+        num_micro_batches=2, layer_option=mw.AutoLayerOption(2), stage_option=mw.UniformStageOption(num_stages=2)))
+    ref = jax.jit(step)
+    s1 = s2 = state
+    for b in (batch, placed, batch):
+        s1, l1 = par(s1, batch=b)
+        s2, l2 = ref(s2, b)
+        np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    assert_trees_close(s1, s2, rtol=1e-5, atol=1e-6)
+    assert par.last_executable.state.results["layer-clustering"].num_layers == 2
+
+
+def test_donation_under_pipelines_is_announced_not_silently_dropped():
+    step, state, batch = _mlp()
+    par = mw.parallelize(step, donate_argnums=(0,), method=mw.PipeshardParallel(
+        num_micro_batches=2, stage_option=mw.UniformStageOption(num_stages=2)))
+    with pytest.warns(UserWarning, match="does not donate buffers yet"):
+        _, loss = par(state, batch)
+    np.testing.assert_allclose(float(loss), float(jax.jit(step)(state, batch)[1]), rtol=1e-5)

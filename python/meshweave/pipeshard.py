@@ -191,6 +191,12 @@ def compile_pipeshard(fun, call, method):
         raise PipeshardError(f"num_micro_batches={k} needs the step to compute gradients with meshweave.grad or "
                              "meshweave.value_and_grad (they mark where compute-grad ends and apply-grad starts)")
     module = step.module()
+    if call.donate or call.donate_names:
+        import warnings
+
+        warnings.warn("PipeshardParallel does not donate buffers yet: donate_argnums/donate_argnames are "
+                      "ignored (results are correct; the donated inputs stay allocated until the step ends)",
+                      stacklevel=2)
     from meshweave.passes.solver.cache import SolveCache
 
     cache = SolveCache()          # identical layers / fragments are solved once
