@@ -273,3 +273,10 @@ def test_donation_under_pipelines_is_announced_not_silently_dropped():
     with pytest.warns(UserWarning, match="does not donate buffers yet"):
         _, loss = par(state, batch)
     np.testing.assert_allclose(float(loss), float(jax.jit(step)(state, batch)[1]), rtol=1e-5)
+
+
+def test_pipeshard_refuses_a_mesh_shape_it_would_ignore():
+    with pytest.raises(ValueError, match="chooses each stage's sub-mesh itself"):
+        mw.PipeshardParallel(mesh_shape=(2, 4))
+    with pytest.raises(ValueError, match="num_hosts must be a positive int"):
+        mw.PipeshardParallel(num_hosts=0)

@@ -275,6 +275,12 @@ class PipeshardParallel(ParallelMethod):
                               "or 'gpipe'")
         if not isinstance(self.default_auto_sharding_option, AutoShardingOption):
             raise MethodError("PipeshardParallel.default_auto_sharding_option must be an AutoShardingOption")
+        if self.mesh_shape is not None or self.axis_names is not None:
+            raise MethodError("PipeshardParallel chooses each stage's sub-mesh itself: drop mesh_shape/axis_names and "
+                              "give the shapes through stage_option (UniformStageOption(submesh_logical_shape=...) or "
+                              "ManualStageOption(..., submesh_logical_shapes=...))")
+        if not isinstance(self.num_hosts, int) or self.num_hosts < 1:
+            raise MethodError(f"PipeshardParallel.num_hosts must be a positive int, got {self.num_hosts!r}")
 
     def pipeline_for(self, spec: MeshSpec) -> str:
         return f"inline-calls,cse,layer-clustering{{micro-batches={self.num_micro_batches}}}"
