@@ -20,7 +20,7 @@ from jaxlib.mlir.passmanager import PassManager
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
-from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
+from meshweave.passes.cost_graph import RULE_ATTR, CostGraph, gc_paused
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
 from meshweave.passes.explicit_collectives import channel_ids, explicit_all_to_all, wrap_local, wrap_reduce_scatter
@@ -318,11 +318,12 @@ class AutoSharding(Pass):
                           "func.func(sdy-populate-op-sharding-rules))",
                           context=module.context).run(module.operation)
         t0 = time.perf_counter()
-        graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
-                          zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
-                          warn=state.warn).build(func)
         budget = self.memory_budget or None
-        problem = build_problem(graph, budget)
+        with gc_paused():   # the build allocates many objects and frees few: spare it the collector's scans
+            graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
+                              zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
+                              warn=state.warn).build(func)
+            problem = build_problem(graph, budget)
         t_build = time.perf_counter() - t0
         sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,
                     cache=state.options.get("solve_cache"))   # a SolveCache shared by repeated planning

@@ -15,7 +15,9 @@ Costs come from passes/cost_model.py; the result converts to a `ShardingProblem`
 """
 from __future__ import annotations
 
+import gc
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,7 +149,6 @@ class CostGraph:
         self.unhandled: dict[str, int] = {}
         self.memo = CostMemo(lmesh)           # each op signature (identical layers) costed once
         self._types: dict = {}                # ir.Type -> (shape, bytes)
-        self._arg_memo: dict = {}
 
     # ----------------------------------------------------------------- building
     def _new_group(self, name, kind, strategies, op=None, arg_index=None, op_strategies=None) -> Group:
@@ -193,9 +194,9 @@ class CostGraph:
         batch_dim = mw.attr_value(attrs[mw.BATCH_DIM]) if mw.BATCH_DIM in attrs else None
         shape, nbytes = self._type_info(arg.type)
         key = (shape, nbytes, batch_dim, i in self.parameters)
-        hit = self._arg_memo.get(key)
+        hit = self.memo.arguments.get(key)
         if hit is None:
-            hit = self._arg_memo[key] = self._argument_strategies(shape, nbytes, batch_dim, i in self.parameters)
+            hit = self.memo.arguments[key] = self._argument_strategies(shape, nbytes, batch_dim, i in self.parameters)
         assigns, shardings, names, tie = hit
         g = self._new_group(path, "arg", list(names), arg_index=i, op_strategies=[OpStrategy(a) for a in assigns])
         tid = self._new_tensor(arg, path, g.id, shardings, 0)
@@ -525,7 +526,20 @@ class CostGraph:
         return {"groups": len(self.groups), "tensors": len(self.tensors), "edges": len(self.edges),
                 "strategies": int(sum(len(g.strategies) for g in self.groups)),
                 "heavy_ops": sum(1 for o in self.ops if o.heavy), "steps": self.num_steps,
+                "op_signatures": self.memo.op_signatures,
                 "unhandled_ops": dict(self.unhandled)}
+
+
+@contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector (reference counting still frees memory)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def is_sum_reduce(op, rule: sr.Rule) -> bool:

@@ -51,19 +51,29 @@ def result_sharding(rule: sr.Rule, st, r: int, mesh) -> TensorSharding:
     return sr.tensor_sharding(rule.results[r], a, mesh)
 
 
-class CostMemo:
-    """Per cost graph (its entries depend on the mesh, its α-β costs and the graph's options)."""
+class _Forgetful(dict):
+    """A table that stores nothing (``CostMemo(share=False)``: every op costed afresh)."""
 
-    def __init__(self, lmesh: LogicalMesh):
+    def __setitem__(self, key, value):
+        pass
+
+
+class CostMemo:
+    """Per cost graph (its entries depend on the mesh, its α-β costs and the graph's options).
+    ``share=False`` turns every table off: each op is costed from scratch, as a reference."""
+
+    def __init__(self, lmesh: LogicalMesh, share: bool = True):
         self.lmesh = lmesh
         self.mesh = lmesh.mesh
-        self._layouts: dict = {}
-        self._rules: dict = {}
-        self._plans: dict = {}
-        self._sums: dict = {}
-        self._reshards: dict = {}
-        self._matrices: dict = {}
-        self._affine: dict = {}
+        table = dict if share else _Forgetful
+        self._layouts, self._rules, self._plans, self._sums = table(), table(), table(), table()
+        self._reshards, self._matrices, self._affine = table(), table(), table()
+        self.arguments = table()          # the cost graph's: argument signature -> its strategies
+
+    @property
+    def op_signatures(self) -> int:
+        """Distinct op signatures costed (op plans built)."""
+        return len(self._plans)
 
     def layout(self, shardings) -> Layout:
         key = tuple(shardings)

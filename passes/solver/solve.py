@@ -30,6 +30,7 @@ from .bound import lp_bound
 from .cache import SolveCache
 from .core import CoreModel
 from .evaluate import Evaluation, evaluate
+from .fold import Fold, fold_identical
 from .heuristic import run_search
 from .ilp import BACKENDS, ilp_size, solve_ilp
 from .local_search import greedy_sweeps, least_memory
@@ -171,6 +172,9 @@ class _Run:
         reducer.run(deadline=self.deadline - self.margin())
         core = reducer.core()
         key = "" if hard else "soft_"
+        fold = fold_identical(core)
+        if fold is not None:
+            core, reducer = fold.core, _Unfolded(reducer, fold)
         self.stats[key + "reduction"] = core.stats
         self.stats[key + "reduce_time"] = time.monotonic() - self.t0
         cm = CoreModel(core.k, core.cost, core.edges, core.terms, core.cap)
@@ -212,6 +216,19 @@ class _Run:
         method = collector.source.split("@")[0]
         return _Found(x, ev, collector.optimal, "heuristic" if method not in ("ilp-highs", "ilp-cbc")
                       else method, first)
+
+
+class _Unfolded:
+    """The reducer's expand/project seen through a fold (folded core <-> core <-> input)."""
+
+    def __init__(self, reducer: Reducer, fold: Fold):
+        self.reducer, self.fold = reducer, fold
+
+    def expand(self, x: np.ndarray) -> np.ndarray:
+        return self.reducer.expand(self.fold.expand(x))
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return self.fold.project(self.reducer.project(x))
 
 
 class _Reporter:
