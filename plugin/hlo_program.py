@@ -242,12 +242,22 @@ def device_groups(attrs: str, num_devices: int) -> list[list[int]] | None:
     return None
 
 
+def _device_ids(text: str, n: int) -> np.ndarray:
+    """A mesh's device order: absent (iota), an iota `([2,4]T(1,0))` / `([8]<=[2,4]T(1,0))`, or a list."""
+    if not text.strip():
+        return np.arange(n)
+    if m := re.search(r"\(\[([0-9,]+)\](?:<=\[([0-9,]+)\])?(?:T\(([0-9,]+)\))?\)", text):
+        dims = _ints(m.group(2) or m.group(1))
+        return _iota(dims, _ints(m.group(3)) if m.group(3) else None).reshape(-1)
+    return np.array(_ints(text), dtype=np.int64)
+
+
 def _mesh_groups(axes_text: str, ids_text: str, listed_text: str) -> list[list[int]]:
     """Groups of the mesh syntax `mesh['a'=2,'b'=4] {'b'}`: devices that agree on every coordinate
     not listed; a listed sub-axis 'b':(pre)size is the size-`size` digit of b after `pre`."""
     axes = [(k.strip("' "), int(v)) for k, v in (kv.split("=") for kv in axes_text.split(","))]
     n = math.prod(s for _, s in axes)
-    ids = np.array(_ints(ids_text), dtype=np.int64) if ids_text.strip() else np.arange(n)
+    ids = _device_ids(ids_text, n)
     if ids.size != n:
         raise HloParseError(f"mesh[{axes_text}]: device_ids {ids_text!r} do not list {n} devices")
     listed: dict[str, list[tuple[int, int]]] = {}

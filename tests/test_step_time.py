@@ -153,3 +153,11 @@ def test_a_compiled_program_matches_its_collective_list():
     assert est.flops == 2 * (2 * 8 * 16 * 64)
     # the weight gradient is summed over the batch axis x, across hosts
     assert any(c.kind == "all-reduce" and c.axes == ("x",) and c.inter_host for c in est.collectives)
+
+
+def test_mesh_syntax_with_a_device_order():
+    # XLA's own mesh (1, 4, 2) over devices iota([2,4]).T: mesh position (0, j, k) holds device 4k + j
+    text = "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}"
+    assert hp.device_groups(text, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    text = "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}"
+    assert hp.device_groups(text, 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
