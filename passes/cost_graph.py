@@ -142,6 +142,7 @@ class CostGraph:
         self.edges: list[EdgeTerm] = []
         self.value_ids: dict = {}
         self.outputs: list[tuple[int, int | None, int | None]] = []   # (result idx, tensor id, aliased arg)
+        self.pinned_outputs: dict[int, TensorSharding] = {}           # result idx -> hand-written layout
         self.num_steps = 0
         self.scale = 1.0                      # cost multiplier (a loop body runs trip-count times)
         self.loops: list[tuple[str, int]] = []
@@ -173,6 +174,13 @@ class CostGraph:
             self.groups[group].members.append(tid)
         return tid
 
+    def _charge(self, group: Group, s: int, plan, why: str, record: bool = True):
+        """Add `plan`'s cost to strategy s; `record` lists it among the group's own collectives."""
+        cost = self.lmesh.plan_cost(plan) * self.scale
+        group.node_cost[s] += cost
+        if record:
+            group.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
+
     def build(self, func) -> "CostGraph":
         block = mw.entry_block(func)
         attrs = mw.arg_attr_dicts(func)
@@ -193,10 +201,13 @@ class CostGraph:
         path = mw.attr_value(attrs[mw.ARG_PATH]) if mw.ARG_PATH in attrs else f"arg{i}"
         batch_dim = mw.attr_value(attrs[mw.BATCH_DIM]) if mw.BATCH_DIM in attrs else None
         shape, nbytes = self._type_info(arg.type)
-        key = (shape, nbytes, batch_dim, i in self.parameters)
+        pinned = (self.pinned(attrs[mw.PINNED_SHARDING], shape, f"argument {path}").dims
+                  if mw.PINNED_SHARDING in attrs else None)
+        key = (shape, nbytes, batch_dim, i in self.parameters, pinned)
         hit = self.memo.arguments.get(key)
         if hit is None:
-            hit = self.memo.arguments[key] = self._argument_strategies(shape, nbytes, batch_dim, i in self.parameters)
+            hit = self.memo.arguments[key] = self._argument_strategies(shape, nbytes, batch_dim,
+                                                                       i in self.parameters, pinned)
         assigns, shardings, names, tie = hit
         g = self._new_group(path, "arg", list(names), arg_index=i, op_strategies=[OpStrategy(a) for a in assigns])
         tid = self._new_tensor(arg, path, g.id, shardings, 0)
@@ -204,7 +215,7 @@ class CostGraph:
         g.node_cost += tie
         self.tensors[tid].batch_dim = batch_dim
 
-    def _argument_strategies(self, shape, nbytes, batch_dim, parameter: bool):
+    def _argument_strategies(self, shape, nbytes, batch_dim, parameter: bool, pinned):
         """(assignments, layout, names, memory tie-breaker) of an argument of this signature."""
         rule = sr.Rule.identity(shape)
         all_axes = tuple(a for a, n in zip(self.mesh.axis_names, self.mesh.shape) if n > 1)
@@ -223,9 +234,32 @@ class CostGraph:
             assigns = sr.enumerate_assignments(rule, self.mesh, allowed=allowed)
             if assigns:
                 break
+        if pinned is not None:       # a hand-written layout (ManualShardingOption): the only strategy
+            assigns = [pinned]
         shardings = self.memo.layout(sr.tensor_sharding(rule.results[0], a, self.mesh) for a in assigns)
         tie = np.array([MEMORY_TIE * nbytes / self.mesh.axes_size(sh.used_axes()) for sh in shardings])
         return assigns, shardings, [sh.short() for sh in shardings], tie
+
+    def pinned(self, attr, shape, what: str) -> TensorSharding:
+        """A `mw.pinned_sharding` checked against the mesh and the tensor's shape; axes of size 1
+        are dropped (they split nothing, and the cost model compares layouts by their axes)."""
+        try:
+            ts = TensorSharding.from_attr(attr)
+        except ValueError as e:
+            raise CostGraphError(f"{what}: pinned sharding {attr} is not usable: {e}") from None
+        if ts.rank != len(shape):
+            raise CostGraphError(f"{what}: pinned sharding {attr} has rank {ts.rank}, the tensor {tuple(shape)} "
+                                 f"has rank {len(shape)}")
+        for d, axes in enumerate(ts.dims):
+            unknown = [a for a in axes if a not in self.mesh.axis_names]
+            if unknown:
+                raise CostGraphError(f"{what}: pinned sharding {attr} names axes {unknown} that mesh {self.mesh} "
+                                     "does not have")
+            if shape[d] % self.mesh.axes_size(axes):
+                raise CostGraphError(f"{what}: pinned sharding {attr} splits dimension {d} of size {shape[d]} "
+                                     f"{self.mesh.axes_size(axes)} ways")
+        return TensorSharding(tuple(tuple(a for a in axes if self.mesh.axis_size(a) > 1) for axes in ts.dims),
+                              self.mesh.name)
 
     def _operand_tensor(self, v) -> int | None:
         return self.value_ids.get(v)
@@ -253,6 +287,18 @@ class CostGraph:
                         alias = i
                         used.add(i)
                         break
+            if mw.PINNED_SHARDING in res_attrs[r]:    # the result must end in the hand-written layout
+                shape = tuple(ir.RankedTensorType(v.type).shape)
+                pin = self.pinned(res_attrs[r][mw.PINNED_SHARDING], shape, f"result {r}")
+                self.pinned_outputs[r] = pin
+                self.outputs.append((r, tid, None))
+                if tid is not None and self.tensors[tid].group >= 0:
+                    t = self.tensors[tid]
+                    g = self.groups[t.group]
+                    for s in range(len(g.strategies)):
+                        self._charge(g, s, self.lmesh.reshard_plan(t.nbytes, t.shardings[s], pin),
+                                     f"result {r} is pinned to {pin}")
+                continue
             self.outputs.append((r, tid, alias))
             if alias is not None and tid is not None and self.tensors[tid].group >= 0:
                 arg_t = self.value_ids[args[alias]]
