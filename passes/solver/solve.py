@@ -175,6 +175,7 @@ class _Run:
         fold = fold_identical(core)
         if fold is not None:
             core, reducer = fold.core, _Unfolded(reducer, fold)
+            self.stats[key + "folded_nodes"] = fold.stats["folded_nodes"]
         self.stats[key + "reduction"] = core.stats
         self.stats[key + "reduce_time"] = time.monotonic() - self.t0
         cm = CoreModel(core.k, core.cost, core.edges, core.terms, core.cap)
