@@ -6,7 +6,9 @@
    A ``SolveCache`` returns a proven plan of the identical problem at once and
    starts from the previous plan of the same graph otherwise.
 2. Exact reductions (``reduce.py``) shrink the problem to its core, treating
-   forbidden (INF_COST) entries as impossible.
+   forbidden (INF_COST) entries as impossible. Without memory rows, identical
+   components around hub nodes (a stack of identical layers) fold into one copy
+   each (``fold.py``, exact).
 3. The core goes to a set of jobs (``plan_jobs``): the anytime search
    (``heuristic.py``), a lower bound from the LP relaxation (``bound.py``) and
    the exact ILP (``ilp.py``) when the core is small enough. With several cores
