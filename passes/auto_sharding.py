@@ -198,6 +198,12 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                     pinned[key] = moved or sdy.ShardingConstraintOp(rec.op.operands[k], req.to_attr()).result
                 n_constraints += 1
             rec.op.operands[k] = pinned[key]
+        # XLA's Shardy import keeps only @main's, constraints' and manual computations' shardings
+        # (an op's own sdy.sharding is dropped and re-propagated), so pin every planned result.
+        wrapped = {id(rec) for rec, _ in locals_} | {id(rec) for rec, _, _ in scatters}
+        for rec in graph.ops:
+            if rec.group >= 0 and id(rec) not in wrapped:
+                _pin_results(rec, [graph.tensors[t].shardings[choice[rec.group]] for t in rec.results])
         for rec, s in locals_:
             wrap_local(rec.op, [req[s] for req in rec.operand_reqs],
                        [graph.tensors[t].shardings[s] for t in rec.results], graph.mesh)
@@ -209,6 +215,17 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
             wrap_reduce_scatter(rec.op, [req[s] for req in rec.operand_reqs], partial, result,
                                 sr.reduced_axes(rule, st.a), dim, graph.mesh, next(channels))
     return n_constraints
+
+
+def _pin_results(rec, shardings) -> None:
+    """Follow each result of `rec.op` by a sharding constraint to its planned layout; every other
+    use reads the constrained value."""
+    for value, ts in zip(rec.op.results, shardings):
+        if not any(True for _ in value.uses):
+            continue
+        with ir.InsertionPoint.after(rec.op):
+            pinned = sdy.ShardingConstraintOp(value, ts.to_attr())
+        value.replace_all_uses_except(pinned.result, pinned.operation)
 
 
 def local_scatter(a, op) -> bool:
