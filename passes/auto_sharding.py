@@ -191,7 +191,10 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 t = graph.tensors[tid]
                 src = t.shardings[choice[t.group]]
                 plan = graph.lmesh.reshard_plan(t.nbytes, src, req)
-                with ir.InsertionPoint(rec.op):
+                # The location names the reshard in XLA's metadata (op_name), so compiled
+                # collectives can be traced back to the plan's edge.
+                where = ir.Location.name(f"reshard {t.name} {src.short()}->{req.short()} for {graph.groups[rec.group].name}")
+                with ir.InsertionPoint(rec.op), where:
                     moved = None
                     if [kind for kind, _, _ in plan] == ["all-to-all"]:
                         moved = explicit_all_to_all(rec.op.operands[k], src, req, graph.mesh, next(channels))
@@ -223,7 +226,7 @@ def _pin_results(rec, shardings) -> None:
     for value, ts in zip(rec.op.results, shardings):
         if not any(True for _ in value.uses):
             continue
-        with ir.InsertionPoint.after(rec.op):
+        with ir.InsertionPoint.after(rec.op), ir.Location.name(f"pin {ts.short()}"):
             pinned = sdy.ShardingConstraintOp(value, ts.to_attr())
         value.replace_all_uses_except(pinned.result, pinned.operation)
 
