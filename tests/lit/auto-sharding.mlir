@@ -15,7 +15,10 @@
 // CHECK-NEXT:  stablehlo.dot_general
 // CHECK-SAME:    mw.strategy = "[-,-] x [-,x] -> [-,x]"
 // CHECK-SAME:    sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{}, {"x"}]>]>
+// XLA's import drops an op's own sharding and propagates anew, so each result is also pinned.
+// CHECK-NEXT:  sdy.sharding_constraint %{{.*}} <@mesh, [{}, {"x"}]>
 // CHECK-NEXT:  stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{}, {"x"}]>]>
+// CHECK-NEXT:  sdy.sharding_constraint %{{.*}} <@mesh, [{}, {"x"}]>
 // CHECK-NOT:   sdy.sharding_rule
 // Forced batch axis (Alpa's force_batch_dim_to_mesh_dim): the batch argument splits on y.
 // FORCED-LABEL: func.func public @forward_layer
@@ -57,6 +60,7 @@ func.func public @weight_gradient(%x: tensor<64x512xf32> {mw.arg_path = "x", mw.
 // CHECK:       } do {
 // CHECK:         stablehlo.dot_general
 // CHECK-SAME:      mw.strategy = "[x,-] x [-,-] -> [x,-]"
+// CHECK-NEXT:    sdy.sharding_constraint %{{.*}} <@mesh, [{"x"}, {}]>
 // CHECK-NEXT:    stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{"x"}, {}]>]>
 func.func public @counted_loop(%w: tensor<64x64xf32> {mw.arg_path = "w"},
                                %x: tensor<32x64xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64}) -> tensor<32x64xf32> {
