@@ -198,13 +198,6 @@ class LogicalMesh:
             hit = cache[key] = tuple(hit)
         return hit
 
-    def collective_permute(self, nbytes: float, axes) -> float:
-        """nbytes: the per-device size (each device sends its shard to one other)."""
-        if not axes:
-            return 0.0
-        a, b, n = self._ab(axes)
-        return a + b * nbytes + TIE_ALL_TO_ALL if n > 1 else 0.0
-
     def plan_cost(self, plan) -> float:
         cost = {"all-gather": self.all_gather, "all-to-all": self.all_to_all, "collective-permute": self.collective_permute,
                 "all-reduce": self.all_reduce, "reduce-scatter": self.reduce_scatter}
