@@ -209,6 +209,10 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
         for rec in graph.ops:
             if rec.group >= 0 and id(rec) not in wrapped:
                 _pin_results(rec, [graph.tensors[t].shardings[choice[rec.group]] for t in rec.results])
+        for rec in graph.ops:
+            if rec.loop and rec.op.operation.name == "stablehlo.case":
+                _pin_case(rec, [graph.tensors[t].shardings[choice[graph.tensors[t].group]]
+                                if graph.tensors[t].group >= 0 else None for t in rec.results])
         for rec, s in locals_:
             wrap_local(rec.op, [req[s] for req in rec.operand_reqs],
                        [graph.tensors[t].shardings[s] for t in rec.results], graph.mesh)
@@ -226,11 +230,26 @@ def _pin_results(rec, shardings) -> None:
     """Follow each result of `rec.op` by a sharding constraint to its planned layout; every other
     use reads the constrained value."""
     for value, ts in zip(rec.op.results, shardings):
-        if not any(True for _ in value.uses):
+        if ts is None or not any(True for _ in value.uses):
             continue
         with ir.InsertionPoint.after(rec.op), ir.Location.name(f"pin {ts.short()}"):
             pinned = sdy.ShardingConstraintOp(value, ts.to_attr())
         value.replace_all_uses_except(pinned.result, pinned.operation)
+
+
+def _pin_case(rec, layouts) -> None:
+    """Every branch of a case hands result r back in its planned layout, and the result is pinned
+    to it (None: a result computed from constants only, left to XLA)."""
+    for region in rec.op.regions:
+        ret = list(region.blocks[0].operations)[-1]
+        for r, ts in enumerate(layouts):
+            owner = ret.operands[r].owner
+            pinned = (not isinstance(owner, ir.Block) and owner.name == "sdy.sharding_constraint"
+                      and owner.attributes["sharding"] == ts.to_attr()) if ts is not None else True
+            if not pinned:
+                with ir.InsertionPoint(ret), ir.Location.name(f"branch result {r} {ts.short()}"):
+                    ret.operands[r] = sdy.ShardingConstraintOp(ret.operands[r], ts.to_attr()).result
+    _pin_results(rec, layouts)
 
 
 def local_scatter(a, op) -> bool:

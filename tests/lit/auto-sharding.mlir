@@ -124,3 +124,32 @@ func.func public @zero2_momentum_step(%arg0: tensor<64x64xf32> {mw.arg_path = "p
 // Error cases: a batch axis the mesh does not have; bad option values.
 // BADAXIS: error: [auto-sharding] batch-axes: 'z' is not an axis of mesh
 // BADOPT: bad value 'x' for option 'time-limit'
+
+// -----
+
+// A case (lax.switch): each branch's ops are planned like any others (the case has a rule and
+// does not run replicated); every branch hands its value back in the result's planned layout,
+// and the case's result is pinned to it.
+// CHECK-LABEL: func.func public @switch_branches
+// CHECK-SAME:    -> (tensor<32x64xf32> {sdy.sharding = #sdy.sharding<@mesh, [[[OUT:.*]]]>})
+// CHECK:       "stablehlo.case"
+// CHECK:         stablehlo.dot_general {{.*}}mw.strategy = "[[STRATEGY:[^"]+]]"
+// CHECK:         sdy.sharding_constraint %{{.*}} <@mesh, [[[OUT]]]>
+// CHECK-NEXT:    stablehlo.return
+// CHECK:         stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value
+// CHECK:         sdy.sharding_constraint %{{.*}} <@mesh, [[[OUT]]]>
+// CHECK-NEXT:    stablehlo.return
+// CHECK:       sdy.sharding_constraint %{{.*}} <@mesh, [[[OUT]]]>
+// CHECK-NEXT:  return
+func.func public @switch_branches(%w: tensor<64x64xf32> {mw.arg_path = "w"},
+                                  %x: tensor<32x64xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64},
+                                  %i: tensor<i32> {mw.arg_path = "i"}) -> tensor<32x64xf32> {
+  %0 = "stablehlo.case"(%i) ({
+    %d = stablehlo.dot_general %x, %w, contracting_dims = [1] x [0] : (tensor<32x64xf32>, tensor<64x64xf32>) -> tensor<32x64xf32>
+    stablehlo.return %d : tensor<32x64xf32>
+  }, {
+    %t = stablehlo.tanh %x : tensor<32x64xf32>
+    stablehlo.return %t : tensor<32x64xf32>
+  }) : (tensor<i32>) -> tensor<32x64xf32>
+  return %0 : tensor<32x64xf32>
+}
