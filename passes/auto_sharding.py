@@ -23,7 +23,7 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
-from meshweave.passes.explicit_collectives import channel_ids, explicit_all_to_all, wrap_local, wrap_reduce_scatter
+from meshweave.passes.explicit_collectives import channel_ids, spell_reshard, wrap_local, wrap_reduce_scatter
 from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 
@@ -197,10 +197,7 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 # collectives can be traced back to the plan's edge.
                 where = ir.Location.name(f"reshard {t.name} {src.short()}->{req.short()} for {graph.groups[rec.group].name}")
                 with ir.InsertionPoint(rec.op), where:
-                    moved = None
-                    if [kind for kind, _, _ in plan] == ["all-to-all"]:
-                        moved = explicit_all_to_all(rec.op.operands[k], src, req, graph.mesh, next(channels))
-                    pinned[key] = moved or sdy.ShardingConstraintOp(rec.op.operands[k], req.to_attr()).result
+                    pinned[key] = spell_reshard(rec.op.operands[k], src, req, plan, graph.mesh, channels)
                 n_constraints += 1
             rec.op.operands[k] = pinned[key]
         # XLA's Shardy import keeps only @main's, constraints' and manual computations' shardings

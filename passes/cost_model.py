@@ -154,7 +154,7 @@ class LogicalMesh:
                     # dim), the devices hold their tiles in another order: a collective-permute.
                     rest = [a for a in gathered if a not in moved]
                     frac = 1 / self.mesh.axes_size(kept + moved)
-                    a2a = (("all-gather", tuple(rest), frac),) if rest else ()
+                    a2a = self._gather_per_dim(src, [a for a in src.used_axes() if a not in rest])
                     a2a += (("all-to-all", tuple(moved), frac),)
                     stay = set(kept) | set(moved)
                     if [a for a in src.used_axes() if a in stay] != [a for a in dst.used_axes() if a in stay]:
@@ -164,8 +164,8 @@ class LogicalMesh:
         return hit
 
     def _gather_per_dim(self, src: TensorSharding, kept) -> tuple:
-        """Gathering axes off several dims is one all-gather per dim, last dim first (as XLA's
-        partitioner replicates a tensor), each on the bytes gathered so far."""
+        """Gathering every axis but `kept` off several dims is one all-gather per dim, last dim
+        first (as XLA's partitioner replicates a tensor), each on the bytes gathered so far."""
         steps, left = [], list(src.used_axes())
         for d in reversed(range(src.rank)):
             axes = tuple(a for a in src.dims[d] if a not in kept)
