@@ -23,7 +23,7 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph, gc_paused
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
-from meshweave.passes.explicit_collectives import channel_ids, explicit_all_to_all, wrap_local, wrap_reduce_scatter
+from meshweave.passes.explicit_collectives import channel_ids, spell_reshard, wrap_local, wrap_reduce_scatter
 from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 
@@ -193,13 +193,23 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 t = graph.tensors[tid]
                 src = t.shardings[choice[t.group]]
                 plan = graph.lmesh.reshard_plan(t.nbytes, src, req)
-                with ir.InsertionPoint(rec.op):
-                    moved = None
-                    if [kind for kind, _, _ in plan] == ["all-to-all"]:
-                        moved = explicit_all_to_all(rec.op.operands[k], src, req, graph.mesh, next(channels))
-                    pinned[key] = moved or sdy.ShardingConstraintOp(rec.op.operands[k], req.to_attr()).result
+                # The location names the reshard in XLA's metadata (op_name), so compiled
+                # collectives can be traced back to the plan's edge.
+                where = ir.Location.name(f"reshard {t.name} {src.short()}->{req.short()} for {graph.groups[rec.group].name}")
+                with ir.InsertionPoint(rec.op), where:
+                    pinned[key] = spell_reshard(rec.op.operands[k], src, req, plan, graph.mesh, channels)
                 n_constraints += 1
             rec.op.operands[k] = pinned[key]
+        # XLA's Shardy import keeps only @main's, constraints' and manual computations' shardings
+        # (an op's own sdy.sharding is dropped and re-propagated), so pin every planned result.
+        wrapped = {id(rec) for rec, _ in locals_} | {id(rec) for rec, _, _ in scatters}
+        for rec in graph.ops:
+            if rec.group >= 0 and id(rec) not in wrapped:
+                _pin_results(rec, [graph.tensors[t].shardings[choice[rec.group]] for t in rec.results])
+        for rec in graph.ops:
+            if rec.loop and rec.op.operation.name == "stablehlo.case":
+                _pin_case(rec, [graph.tensors[t].shardings[choice[graph.tensors[t].group]]
+                                if graph.tensors[t].group >= 0 else None for t in rec.results])
         for rec, s in locals_:
             wrap_local(rec.op, [req[s] for req in rec.operand_reqs],
                        [graph.tensors[t].shardings[s] for t in rec.results], graph.mesh)
@@ -211,6 +221,32 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
             wrap_reduce_scatter(rec.op, [req[s] for req in rec.operand_reqs], partial, result,
                                 sr.reduced_axes(rule, st.a), dim, graph.mesh, next(channels))
     return n_constraints
+
+
+def _pin_results(rec, shardings) -> None:
+    """Follow each result of `rec.op` by a sharding constraint to its planned layout; every other
+    use reads the constrained value."""
+    for value, ts in zip(rec.op.results, shardings):
+        if ts is None or not any(True for _ in value.uses):
+            continue
+        with ir.InsertionPoint.after(rec.op), ir.Location.name(f"pin {ts.short()}"):
+            pinned = sdy.ShardingConstraintOp(value, ts.to_attr())
+        value.replace_all_uses_except(pinned.result, pinned.operation)
+
+
+def _pin_case(rec, layouts) -> None:
+    """Every branch of a case hands result r back in its planned layout, and the result is pinned
+    to it (None: a result computed from constants only, left to XLA)."""
+    for region in rec.op.regions:
+        ret = list(region.blocks[0].operations)[-1]
+        for r, ts in enumerate(layouts):
+            owner = ret.operands[r].owner
+            pinned = (not isinstance(owner, ir.Block) and owner.name == "sdy.sharding_constraint"
+                      and owner.attributes["sharding"] == ts.to_attr()) if ts is not None else True
+            if not pinned:
+                with ir.InsertionPoint(ret), ir.Location.name(f"branch result {r} {ts.short()}"):
+                    ret.operands[r] = sdy.ShardingConstraintOp(ret.operands[r], ts.to_attr()).result
+    _pin_results(rec, layouts)
 
 
 def local_scatter(a, op) -> bool:

@@ -103,7 +103,7 @@ class OpRecord:
     heavy: bool = False
     flops: float = 0.0
     descriptions: list[str] | None = None
-    loop: bool = False                      # a while op: results annotated per carried value
+    loop: bool = False                      # a while or case op: results take their values' layouts
     scope: str = ""                         # the enclosing while loop's label ("" in @main's body)
 
 
@@ -329,6 +329,9 @@ class CostGraph:
         results = list(op.results)
         if not results:
             return
+        if name == "stablehlo.case":      # before the constant check: a constant index still runs a branch
+            self._add_case(op, step, operand_tids, f"case#{step}" + (f".{sub}" if sub is not None else ""))
+            return
         live = [t for t in operand_tids if t is not None and self.tensors[t].group >= 0]
         if not live and name not in ANCHORS:
             for k, r in enumerate(results):       # constant-derived: free
@@ -491,6 +494,36 @@ class CostGraph:
                for r, (v, ct) in enumerate(zip(op.results, carried))]
         self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids), loop=True))
         self.loops.append((label, trip))
+
+    def _add_case(self, op, step, operand_tids, label):
+        """Plan a case (lax.switch / lax.cond) like a loop body run once: every branch's ops are
+        planned and costed (which branch runs is known only at run time); result r takes the
+        layout of the first branch that returns a planned value for it, and the other branches
+        hand theirs back in that layout. Each branch is its own scope (reshards are not shared)."""
+        returned = []
+        outer_scope = self.scope
+        try:
+            for b, region in enumerate(op.regions):
+                self.scope = f"{label}.{b}"
+                for k, inner in enumerate(region.blocks[0].operations):
+                    if inner.operation.name == "stablehlo.return":
+                        tids = [self._operand_tensor(v) for v in inner.operands]
+                        for tid in tids:
+                            self._touch(tid, step)
+                        returned.append(tids)
+                        continue
+                    self._add_op(inner, step, sub=f"{b}.{k}")
+        finally:
+            self.scope = outer_scope
+        res = []
+        for r, v in enumerate(op.results):
+            planned = [tids[r] for tids in returned if tids[r] is not None and self.tensors[tids[r]].group >= 0]
+            tid = self._alias_tensor(v, f"{label}.{r}", planned[0] if planned else None, step)
+            res.append(tid)
+            for other in planned[1:]:
+                t = self.tensors[tid]
+                self._edge_or_node(other, t.group, t.shardings, f"{label} returns result {r} in its layout")
+        self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids), loop=True))
 
     def _alias_tensor(self, value, name, src_tid, step) -> int:
         """A tensor for ``value`` that keeps the layout (group, shardings, batch dim) of tensor
