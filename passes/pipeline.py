@@ -15,13 +15,30 @@ from jaxlib.mlir import ir
 from meshweave.passes.registry import Pass, PassError, PassOptionError, create_pass
 
 
+class _PrintedOnRead:
+    """`PassRecord.ir_text`: a string, None, or a module snapshot (a clone, ~20x cheaper than
+    printing) that is printed on first read and then kept. Most compiles never read their
+    per-pass IR; `dump`, `ir_after` and the diagnostics that do see the same text."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None
+        value = obj.__dict__.get("_ir")
+        if value is not None and not isinstance(value, str):
+            value = obj.__dict__["_ir"] = module_text(value)
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__["_ir"] = value
+
+
 @dataclass
 class PassRecord:
     index: int
     name: str
     spec: str
     seconds: float
-    ir_text: str | None
+    ir_text: str | None = _PrintedOnRead()     # give a str, None or an ir.Module / module clone
 
 
 class PassResult:
@@ -130,7 +147,7 @@ class Pipeline:
             dump_dir: str | None = None, print_after_all=None) -> PipelineState:
         state = state or PipelineState()
         if record_ir or dump_dir:
-            self._record(state, 0, "input", "input", 0.0, module_text(module), dump_dir)
+            self._record(state, 0, "input", "input", 0.0, _snapshot(module), dump_dir)
         for i, p in enumerate(self.passes, start=1):
             t0 = time.perf_counter()
             try:
@@ -142,20 +159,27 @@ class Pipeline:
             if not module.operation.verify():
                 raise PassError(p.name, "the module does not verify after this pass")
             dt = time.perf_counter() - t0
-            text = module_text(module) if (record_ir or dump_dir or print_after_all) else None
-            self._record(state, i, p.name, p.spec(), dt, text if record_ir or dump_dir else None, dump_dir)
+            self._record(state, i, p.name, p.spec(), dt, _snapshot(module) if record_ir or dump_dir else None,
+                         dump_dir)
             if print_after_all is not None:
+                text = state.records[-1].ir_text if record_ir or dump_dir else module_text(module)
                 print(f"// -----// IR after {p.spec()} //----- //", file=print_after_all)
                 print(text, file=print_after_all)
         return state
 
     @staticmethod
-    def _record(state, index, name, spec, seconds, text, dump_dir):
-        state.records.append(PassRecord(index, name, spec, seconds, text))
-        if dump_dir and text is not None:
+    def _record(state, index, name, spec, seconds, snapshot, dump_dir):
+        record = PassRecord(index, name, spec, seconds, snapshot)
+        state.records.append(record)
+        if dump_dir and snapshot is not None:
             os.makedirs(dump_dir, exist_ok=True)
             with open(os.path.join(dump_dir, f"{index:02d}_{name}.mlir"), "w") as f:
-                f.write(text)
+                f.write(record.ir_text)
+
+
+def _snapshot(module: ir.Module):
+    """A copy of the module as it is now, printed only if its text is asked for."""
+    return module.operation.clone()
 
 
 def write_records(records: list[PassRecord], path: str) -> None:

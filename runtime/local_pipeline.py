@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from meshweave.runtime.placement import place
 from meshweave.runtime.program import TensorSig, key_for
 
 
@@ -55,7 +56,7 @@ class LocalProgramExecutor:
         return self.compiled[self.program.fragments[stage].name].as_text()
 
     def place(self, leaves) -> list:
-        return [x if _same(x, s) else jax.device_put(x, s) if b.micro_batches == 1 else x
+        return [x if _same(x, s) else place(x, s) if b.micro_batches == 1 else x
                 for x, s, b in zip((leaves[b.index] for b in self.program.inputs), self._input_shardings,
                                    self.program.inputs)]
 
@@ -72,7 +73,7 @@ class LocalProgramExecutor:
                 for m in range(b.micro_batches):
                     stores[b.mesh][key_for(b.key, m)] = jax.device_put(x[m * size:(m + 1) * size], sharding)
             else:
-                stores[b.mesh][b.key] = x if _same(x, sharding) else jax.device_put(x, sharding)
+                stores[b.mesh][b.key] = x if _same(x, sharding) else place(x, sharding)
         sent: dict[tuple[str, str, str], object] = {}
         pcs = {name: 0 for name in prog.instructions}
         remaining = sum(len(v) for v in prog.instructions.values())
@@ -106,7 +107,7 @@ class LocalProgramExecutor:
             args = []
             for k, s in zip(ins.inputs, expected):
                 x = store[k]
-                args.append(x if _same(x, s) else jax.device_put(x, s))
+                args.append(x if _same(x, s) else place(x, s))
             outs = self.compiled[ins.fragment](*args)
             for k, v in zip(ins.outputs, outs):
                 store[k] = v

@@ -80,7 +80,7 @@ def compile_step(fun, call: BoundCall, method):
         raise ParallelizeError(f"XLA could not compile the planned module: {type(e).__name__}: {e}") from e
     plan = build_plan(method, planned, compiled)
     ins, outs = io_shardings(planned, compiled)
-    program = single_mesh_program(module_text(planned.module), plan.stages[0], [t.dims for t in ins],
+    program = single_mesh_program(planned_text(planned.state, planned.module), plan.stages[0], [t.dims for t in ins],
                                   [t.dims for t in outs], [i for i, d in enumerate(planned.traced.donated) if d])
     executor = current_backend().executor(StepArtifacts(program, (compiled,), planned.traced.lowered.out_tree))
     exe = Executable(plan=plan, executor=executor, records=planned.state.records, state=planned.state,
@@ -141,12 +141,18 @@ def _accumulation(method, call: BoundCall, spec):
         yield cfg
 
 
+def planned_text(state: PipelineState, module) -> str:
+    """The module's text after the last pass (printed once, shared with its pass record)."""
+    last = state.records[-1].ir_text if state.records else None
+    return last if last else module_text(module)
+
+
 def _warn_if_replicated(module, call: BoundCall, spec, state: PipelineState) -> None:
     """A plan on more than one device that shards no tensor at all (no argument, no op result)
     is a fallback to replication: say so (a warning, kept in the plan and shown by explain())."""
     if spec.num_devices == 1 or not call.leaves:
         return
-    text = state.records[-1].ir_text if state.records and state.records[-1].ir_text else module_text(module)
+    text = planned_text(state, module)
     if re.search(r'<@[\w.]+, \[[^\]]*\{"', text) is None:      # no dimension split on any mesh axis
         sizes = sorted({x.shape[0] for x in call.batch_leaves() if len(getattr(x, "shape", ())) >= 1})
         state.warn(f"the plan is fully replicated over the {spec.num_devices}-device mesh {spec}: every device "

@@ -5,6 +5,26 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
+class _Deferred:
+    """A dataclass field that may be given a zero-argument callable instead of its value: the
+    callable runs on first read (a diagnostic every compile would otherwise pay for), and its
+    result is kept. Reads, `asdict` and `plan.json` see only the value."""
+
+    def __set_name__(self, owner, name):
+        self._slot = "_deferred_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return None                      # the dataclass default: no value yet
+        value = obj.__dict__.get(self._slot)
+        if callable(value):
+            value = obj.__dict__[self._slot] = value()
+        return [] if value is None else value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self._slot] = value
+
+
 @dataclass
 class TensorPlacement:
     path: str            # pytree path, e.g. "state['params']['w1']"
@@ -24,7 +44,7 @@ class StagePlan:
     outputs: list[TensorPlacement]
     collectives: dict = field(default_factory=dict)      # compiled HLO: {kind: {count, bytes}}
     memory: dict = field(default_factory=dict)           # compiled memory analysis, bytes per device
-    fidelity: list = field(default_factory=list)         # predicted vs compiled collectives, per kind
+    fidelity: list = _Deferred()      # predicted vs compiled collectives, per kind (computed when first read)
 
 
 @dataclass

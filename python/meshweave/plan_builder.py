@@ -50,24 +50,27 @@ def build_plan(method, planned, compiled) -> Plan:
     logical = {"shape": list(spec.shape), "axis_names": list(spec.axis_names),
                "alpha": list(getattr(lm, "user_alpha", ())) or None, "beta": list(getattr(lm, "user_beta", ())) or None}
     auto = state.results.get("auto-sharding")
-    if auto is not None:
-        stage.fidelity = fidelity.compare(auto.predicted_collectives, stage.collectives,
-                                          _shardy_view(state, spec))
-    return Plan(method=method.describe(), pass_pipeline=planned.pipeline.spec(), logical_mesh=logical,
+    plan = Plan(method=method.describe(), pass_pipeline=planned.pipeline.spec(), logical_mesh=logical,
                 stages=[stage], num_micro_batches=getattr(method, "num_micro_batches", None) or 1,
                 objective=auto.objective if auto else None,
                 predicted_costs=dict(auto.predicted_costs) if auto else {},
                 solver=dict(auto.solver) if auto else {}, warnings=list(state.warnings))
+    if auto is not None:      # Shardy's view re-partitions the module: only when someone reads it
+        stage.fidelity = lambda: fidelity.compare(auto.predicted_collectives, stage.collectives,
+                                                  _shardy_view(state, spec, plan))
+    return plan
 
 
-def _shardy_view(state, spec) -> dict:
+def _shardy_view(state, spec, plan) -> dict:
     """Shardy's own partitioning of the planned module (a diagnostic: never fails a compile)."""
     from meshweave.passes.explicit_collectives import shardy_collectives
 
     try:
         return shardy_collectives(next(r.ir_text for r in reversed(state.records) if r.name == "auto-sharding"), spec)
     except Exception as e:
-        state.warn(f"plan fidelity: Shardy's explicit-collective view failed: {e}")
+        message = f"plan fidelity: Shardy's explicit-collective view failed: {e}"
+        state.warn(message)
+        plan.warnings.append(message)
         return {}
 
 
