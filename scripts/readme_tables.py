@@ -92,8 +92,9 @@ def first_call_table() -> str:
     for r in d["rows"]:
         ref = r.get("plain_jit_trace_compile") or {}
         xla = (r.get("jax_compile_events_s") or {}).get("backend_compile_duration", float("nan"))
+        count = f" ({r['xla_compiles']})" if "xla_compiles" in r else ""
         rows.append(f"| GPT {r['layers']} layers, hidden {r['hidden']} | {r['mesh']} | {r['first_call_s']:.2f} s "
-                    f"({r.get('first_call_cpu_s', float('nan')):.2f} s) | {xla:.2f} s | "
+                    f"({r.get('first_call_cpu_s', float('nan')):.2f} s) | {xla:.2f} s{count} | "
                     f"{r['passes_s'].get('auto-sharding', 0):.2f} s | {r['solve_time_s']:.2f} s | "
                     f"{r['solver_status']} | {ref.get('wall_s', float('nan')):.2f} s ({ref.get('cpu_s', float('nan')):.2f} s) "
                     f"| {r['load_average_before'][0]:.1f} |")
