@@ -294,6 +294,27 @@ def mesh_of(module) -> MeshSpec:
     raise PassError("partial-gradients", "the module has no sdy.mesh (run install-mesh and auto-sharding first)")
 
 
+def partial_candidates(outlined) -> dict[str, list[int]]:
+    """Per backward fragment, the outputs that may stay partial sums through accumulation: the
+    accumulated values whose only readers are apply-grad fragments on the producer's own mesh
+    (a value that leaves the mesh or the micro-batch loop any other way is reduced first)."""
+    frags = {f.name: f for f in outlined.fragments}
+    readers: dict[tuple[str, int], list] = {}
+    for f in outlined.fragments:
+        for s in f.inputs:
+            if s.fragment is not None:
+                readers.setdefault((s.fragment, s.index), []).append((f, s))
+    step_outputs = {(s.fragment, s.index) for s in outlined.results if s.fragment is not None}
+    out: dict[str, list[int]] = {}
+    for (name, i), rs in sorted(readers.items()):
+        producer = frags[name]
+        if producer.phase != "backward" or (name, i) in step_outputs:
+            continue
+        if all(f.phase == "apply" and f.mesh == producer.mesh and s.accumulated for f, s in rs):
+            out.setdefault(name, []).append(i)
+    return out
+
+
 def expect_partial_args(module, shardings: dict[int, TensorSharding]) -> None:
     """Give @main's argument i the layout `shardings[i]` (a producer's partial layout): the
     fragment then reads it as it arrives and Shardy reduces it where its ops need the sum."""

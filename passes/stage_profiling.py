@@ -8,6 +8,13 @@ up to parameters) share one solve. A range of layers costs the sum of its layers
 resharding between layers is not priced: an approximation, documented in docs/architecture.md).
 Transfers between stages cost the bytes crossing the cut over the inter-stage link, forward
 and backward.
+
+Weight gradients are reduced once per step, as the runtime does (passes/partial_gradients.py):
+on each solved backward fragment the partial-gradients pass finds the gradients that stay partial
+sums; their all-reduce leaves the per-micro-batch latency and is charged once per step, spread
+over the micro-batches (latency + once / B: in the pipeline objective that is about one reduction
+of the slowest stage, which the apply-grad phase adds). Memory adds the gradient accumulators
+each device holds, in the layouts the backward fragment leaves them.
 """
 from __future__ import annotations
 
@@ -91,6 +98,15 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     seen_params: set[tuple[int, int]] = set()
     roles: dict[str, tuple[list[int], list[int]]] = {}   # forward fragment text -> (parameter args, activations)
     state_bytes = [0] * num_layers                        # parameters + optimizer state read by apply-grad
+    from meshweave.passes.partial_gradients import partial_candidates
+
+    candidates = partial_candidates(per_layer)            # backward fragment -> outputs that may stay partial
+    accumulated: dict[str, set[int]] = {}                 # backward fragment -> its gradient outputs
+    for f in per_layer.fragments:
+        for src in f.inputs:
+            if f.phase == "apply" and src.accumulated and src.fragment is not None:
+                accumulated.setdefault(src.fragment, set()).add(src.index)
+    grad_roles: dict[str, tuple[list[int], list[int]]] = {}   # backward text -> (may stay partial, accumulated)
     for f in per_layer.fragments:
         fn = funcs[f.name]
         text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
@@ -101,6 +117,8 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         if f.phase != "apply":
             text = "module {\n" + text + "\n}"
             texts[f.stage].append(text)
+            if f.phase == "backward":
+                grad_roles[text] = (candidates.get(f.name, []), sorted(accumulated.get(f.name, ())))
             if f.phase == "forward":
                 backward = next((g for g in per_layer.fragments if g.stage == f.stage and g.phase == "backward"), None)
                 acts = sorted({s.index for s in (backward.inputs if backward else ()) if s.fragment == f.name})
@@ -124,6 +142,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                     cross_bytes[b] += _tensor_bytes(t)
     solves: dict[tuple[str, tuple], float] = {}
     held: dict[tuple[str, tuple], tuple[float, float]] = {}   # per device, in the chosen layouts
+    acc_held: dict[tuple[str, tuple], float] = {}             # gradient accumulators per device
     solve_seconds = [0.0]
     from meshweave.passes.solver.cache import SolveCache
 
@@ -153,6 +172,9 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                     raise
                 report = _auto_report(st)
                 solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops
+                if text in grad_roles:
+                    saved, once, acc_held[key] = _gradients_once_per_step(m, st, spec, *grad_roles[text])
+                    solves[key] += once / k - saved
                 if text in roles:
                     held[key] = _held_bytes(m, spec, *roles[text])
                 solve_seconds[0] += time.perf_counter() - t_solve
@@ -160,6 +182,10 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 raise MemoryBudgetError("layer does not fit", None)
             total += solves[key]
         return total
+
+    def layer_accumulators(layer: int, logical) -> float:
+        """Gradient accumulator bytes per device of a layer (its backward fragment's layouts)."""
+        return sum(acc_held.get((t, logical), 0.0) for t in texts[layer] if t in grad_roles)
 
     def layer_held(layer: int, logical, n: int) -> tuple[float, float]:
         """(parameter bytes, activation bytes) per device of a layer, in the planner's layouts."""
@@ -184,7 +210,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 # The planner's layout of the parameters scales everything apply-grad holds per
                 # parameter (the parameter, its gradient, the optimizer state).
                 ratio = (state_bytes[i] + param_bytes[i]) / param_bytes[i] if param_bytes[i] else 0.0
-                mem += params_dev * ratio
+                mem += params_dev * ratio + layer_accumulators(i, logical)
                 act += acts_dev
             out.append(StageCandidate(logical, lat, mem, act))
             out.append(StageCandidate(logical, lat, mem, act))
@@ -208,6 +234,28 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                    seconds=time.perf_counter() - t0, candidates=len(solves),
                                    solve_seconds=solve_seconds[0], layer_param_bytes=list(param_bytes),
                                    layer_activation_bytes=list(act_bytes), micro_batches=k)
+
+
+def _gradients_once_per_step(module, state, spec, may_stay_partial, accumulated) -> tuple[float, float, float]:
+    """On a solved backward fragment: (the all-reduce time per micro-batch that partial gradients
+    no longer pay, their all-reduce once per step, gradient accumulator bytes per device)."""
+    from meshweave.passes.pipeline import Pipeline
+    from meshweave.plugin.compile import result_shardings
+
+    saved = once = 0.0
+    if may_stay_partial:
+        Pipeline("partial-gradients{results=" + ",".join(map(str, may_stay_partial)) + "}").run(
+            module, state, record_ir=False)
+        lm = state.logical_mesh
+        for p in state.results["partial-gradients"].partial:
+            saved += lm.to_user_units(lm.plan_cost([("all-reduce", p.sharding.unreduced, p.root_bytes)]))
+            once += lm.to_user_units(lm.plan_cost([("all-reduce", p.sharding.unreduced, p.bytes)]))
+    main = mw.main_func(module)
+    types = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value).results
+    layouts = result_shardings(module)
+    acc = sum(_tensor_bytes(types[j]) / (math.prod(spec.axis_size(a) for a in layouts[j].used_axes())
+                                         if layouts[j] is not None else 1) for j in accumulated)
+    return saved, once, acc
 
 
 def _held_bytes(module, spec, param_args, act_results) -> tuple[float, float]:

@@ -314,7 +314,7 @@ def test_weight_gradients_are_reduced_once_per_step_in_apply_grad(schedule):
 def test_per_micro_batch_reduction_is_kept_where_the_gradient_leaves_its_mesh():
     """Only values read by apply-grad on the producer's mesh stay partial (pure dataflow check)."""
     from meshweave.passes.stage_outlining import Fragment, OutliningResult, Source
-    from meshweave.pipeshard import partial_gradient_outputs
+    from meshweave.passes.partial_gradients import partial_candidates
 
     bwd0 = Fragment("s0_backward", 0, "backward", "mesh0", num_outputs=3)
     bwd1 = Fragment("s1_backward", 1, "backward", "mesh1", num_outputs=2)
@@ -325,4 +325,4 @@ def test_per_micro_batch_reduction_is_kept_where_the_gradient_leaves_its_mesh():
     apply1 = Fragment("s1_apply", 1, "apply", "mesh1", inputs=[
         Source(fragment="s1_backward", index=0, accumulated=True), Source(fragment="s0_backward", index=2)])
     outlined = OutliningResult([bwd0, bwd1, apply0, apply1, fwd1], [Source(fragment="s0_backward", index=1)])
-    assert partial_gradient_outputs(outlined) == {"s0_backward": [0], "s1_backward": [0]}
+    assert partial_candidates(outlined) == {"s0_backward": [0], "s1_backward": [0]}

@@ -21,7 +21,7 @@ from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
 from meshweave.dialects.sharding import MeshSpec, TensorSharding
 from meshweave.markers import pipeline_tracing
-from meshweave.passes.partial_gradients import expect_partial_args
+from meshweave.passes.partial_gradients import expect_partial_args, partial_candidates
 from meshweave.passes.pipeline import PassResult, Pipeline, PipelineState, module_text
 from meshweave.plugin.compile import arg_shardings, named_sharding, result_shardings
 from meshweave.plugin.jax_adapter import replace_lowered_module
@@ -189,27 +189,6 @@ def _forced_batch_axes(opt, spec: MeshSpec, stage: int) -> tuple[str, ...]:
     return (spec.axis_names[k],)
 
 
-def partial_gradient_outputs(outlined) -> dict[str, list[int]]:
-    """Per backward fragment, the outputs that may stay partial sums through accumulation: the
-    accumulated values whose only readers are apply-grad fragments on the producer's own mesh
-    (a value that leaves the mesh or the micro-batch loop any other way is reduced first)."""
-    frags = {f.name: f for f in outlined.fragments}
-    readers: dict[tuple[str, int], list] = {}
-    for f in outlined.fragments:
-        for s in f.inputs:
-            if s.fragment is not None:
-                readers.setdefault((s.fragment, s.index), []).append((f, s))
-    step_outputs = {(s.fragment, s.index) for s in outlined.results if s.fragment is not None}
-    out: dict[str, list[int]] = {}
-    for (name, i), rs in sorted(readers.items()):
-        producer = frags[name]
-        if producer.phase != "backward" or (name, i) in step_outputs:
-            continue
-        if all(f.phase == "apply" and f.mesh == producer.mesh and s.accumulated for f, s in rs):
-            out.setdefault(name, []).append(i)
-    return out
-
-
 def compile_pipeshard(fun, call, method):
     """Compile `fun` for one bound call under a PipeshardParallel method."""
     from meshweave.methods import _auto_sharding_pipeline
@@ -263,7 +242,7 @@ def compile_pipeshard(fun, call, method):
                for n, m in meshes.items()}
     funcs = mw.funcs(module)
     compiled: dict[str, CompiledFragment] = {}
-    keep_partial = partial_gradient_outputs(outlined)
+    keep_partial = partial_candidates(outlined)
     partial_layouts = {}               # (backward fragment, output) -> its layout, left partial
     # Backward fragments first: apply-grad reads their partial gradients in the layouts they leave.
     for f in sorted(outlined.fragments, key=lambda f: f.phase == "apply"):
