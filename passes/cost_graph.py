@@ -122,8 +122,13 @@ class CostGraphError(ValueError):
 
 class CostGraph:
     def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
-                 mixed_mesh_shape: bool = False, warn=None):
+                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0):
         self.lmesh = lmesh
+        # Ops marked mw.gradient_sum sum a weight gradient that a pipeline reduces once per step:
+        # their all-reduce costs this share (1 / micro-batches) per run; `gradient_charges` keeps
+        # (group, strategy, full cost) so a planner can re-price what ends up not partial.
+        self.gradient_share = gradient_share
+        self.gradient_charges: list[tuple[int, int, float]] = []
         self.mesh = lmesh.mesh
         self.prefer_reduce_scatter = prefer_reduce_scatter
         self.batch_axes = tuple(batch_axes)   # batch arguments split their batch dim over these axes first
@@ -162,11 +167,13 @@ class CostGraph:
             self.groups[group].members.append(tid)
         return tid
 
-    def _charge(self, group: Group, s: int, plan, why: str, record: bool = True):
-        """Add `plan`'s cost to strategy s; `record` lists it among the group's own collectives
-        (operand resharding is listed per op instead: see `operand_reshards`)."""
+    def _charge(self, group: Group, s: int, plan, why: str, record: bool = True, share: float = 1.0):
+        """Add `plan`'s cost (times `share`) to strategy s; `record` lists it among the group's own
+        collectives (operand resharding is listed per op instead: see `operand_reshards`)."""
         cost = self.lmesh.plan_cost(plan) * self.scale
-        group.node_cost[s] += cost
+        if share != 1.0:
+            self.gradient_charges.append((group.id, s, cost))
+        group.node_cost[s] += cost * share
         if record:
             group.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
 
@@ -364,10 +371,11 @@ class CostGraph:
             if not red:
                 continue
             kind = "reduce-scatter" if st.scatter is not None else "all-reduce"
+            share = self.gradient_share if kind == "all-reduce" and mw.GRADIENT_SUM in op.attributes else 1.0
             for r, v in enumerate(op.results):   # bytes per device before the reduction
                 before = tensor_bytes(v.type) / self.mesh.axes_size(
                     sr.tensor_sharding(rule.results[r], st.a, self.mesh).used_axes())
-                self._charge(g, s, [(kind, red, before)], f"{label} sums over {','.join(red)}")
+                self._charge(g, s, [(kind, red, before)], f"{label} sums over {','.join(red)}", share=share)
         reqs = []
         for k, tid in enumerate(operand_tids):
             req = [sr.tensor_sharding(rule.operands[k], st.a, self.mesh) for st in strategies]

@@ -315,6 +315,32 @@ def partial_candidates(outlined) -> dict[str, list[int]]:
     return out
 
 
+def mark_gradient_sums(func, results) -> int:
+    """Mark (mw.gradient_sum) the dot_generals and add-reduces whose sums the listed results are
+    linear in, walking back through the ops `_trace` accepts; before auto-sharding, so layouts are
+    not known yet (the ILP prices their all-reduce once per step; what partial-gradients then
+    cannot prove is priced back per micro-batch by the stage DP). Returns how many were marked."""
+    block = mw.entry_block(func)
+    ret = block.operations[len(block.operations) - 1]
+    linear = _ELEMENTWISE + ("stablehlo.transpose", "stablehlo.reshape", "sdy.sharding_constraint")
+    todo, seen, marked = [ret.operands[r] for r in results], set(), 0
+    while todo:
+        v = todo.pop()
+        if isinstance(v, ir.BlockArgument) or v in seen:
+            continue
+        seen.add(v)
+        op = v.owner
+        name = op.operation.name
+        if name in ("stablehlo.dot_general", "stablehlo.reduce"):
+            op.attributes[mw.GRADIENT_SUM] = ir.UnitAttr.get(func.context)
+            marked += 1
+            if name == "stablehlo.reduce":
+                todo.append(op.operands[0])           # bias: the inner reduce is the sum over the batch
+        elif name in linear:
+            todo.extend(op.operands)
+    return marked
+
+
 def expect_partial_args(module, shardings: dict[int, TensorSharding]) -> None:
     """Give @main's argument i the layout `shardings[i]` (a producer's partial layout): the
     fragment then reads it as it arrives and Shardy reduces it where its ops need the sum."""

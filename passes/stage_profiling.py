@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import dataclass
 
 from jaxlib.mlir import ir
 
@@ -164,8 +165,10 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
                 m = parse_module(text)
                 st = PipelineState(mesh=spec, options={"solve_cache": cache})
+                grads = grad_roles[text][0] if text in grad_roles else ()
                 try:
-                    Pipeline(_auto_sharding_pipeline(o, len(logical))).run(m, st, record_ir=False)
+                    Pipeline(_auto_sharding_pipeline(o, len(logical), gradient_results=grads, micro_batches=k)).run(
+                        m, st, record_ir=False)
                 except MemoryBudgetError:
                     solves[key] = None          # this layer does not fit this sub-mesh's budget
                     solve_seconds[0] += time.perf_counter() - t_solve
@@ -173,8 +176,9 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 report = _auto_report(st)
                 solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops
                 if text in grad_roles:
-                    saved, once, acc_held[key] = _gradients_once_per_step(m, st, spec, *grad_roles[text])
-                    solves[key] += once / k - saved
+                    g = _gradients_once_per_step(m, st, spec, *grad_roles[text])
+                    solves[key] += g.latency_adjustment(k)
+                    acc_held[key] = g.accumulator_bytes
                 if text in roles:
                     held[key] = _held_bytes(m, spec, *roles[text])
                 solve_seconds[0] += time.perf_counter() - t_solve
@@ -236,13 +240,32 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                    layer_activation_bytes=list(act_bytes), micro_batches=k)
 
 
-def _gradients_once_per_step(module, state, spec, may_stay_partial, accumulated) -> tuple[float, float, float]:
-    """On a solved backward fragment: (the all-reduce time per micro-batch that partial gradients
-    no longer pay, their all-reduce once per step, gradient accumulator bytes per device)."""
+@dataclass(frozen=True)
+class GradientPricing:
+    """What a backward fragment's weight gradients cost, in the cluster's time units."""
+
+    marked: float             # all-reduce of the sums the ILP priced once per step (full cost)
+    saved: float              # of those, what partial-gradients proved partial (their per-run all-reduce)
+    once: float               # the proven gradients' all-reduce, once per step
+    accumulator_bytes: float  # gradient accumulators per device
+
+    def latency_adjustment(self, micro_batches: int) -> float:
+        """Correction to the ILP objective (which charged `marked / micro_batches`): proven gradients
+        pay `once / micro_batches`; sums not proven partial pay their all-reduce in full, every run."""
+        k = micro_batches
+        unproven = max(self.marked - self.saved, 0.0)
+        return unproven * (1.0 - 1.0 / k) - self.saved / k + self.once / k
+
+
+def _gradients_once_per_step(module, state, spec, may_stay_partial, accumulated) -> GradientPricing:
+    """On a solved backward fragment: the gradient reductions (see GradientPricing) and accumulators."""
     from meshweave.passes.pipeline import Pipeline
     from meshweave.plugin.compile import result_shardings
 
     saved = once = 0.0
+    solved = state.results["auto-sharding"]
+    marked = sum(solved.graph.lmesh.to_user_units(cost) for g, s, cost in solved.graph.gradient_charges
+                 if solved.choice[g] == s)
     if may_stay_partial:
         Pipeline("partial-gradients{results=" + ",".join(map(str, may_stay_partial)) + "}").run(
             module, state, record_ir=False)
@@ -255,7 +278,7 @@ def _gradients_once_per_step(module, state, spec, may_stay_partial, accumulated)
     layouts = result_shardings(module)
     acc = sum(_tensor_bytes(types[j]) / (math.prod(spec.axis_size(a) for a in layouts[j].used_axes())
                                          if layouts[j] is not None else 1) for j in accumulated)
-    return saved, once, acc
+    return GradientPricing(marked, saved, once, acc)
 
 
 def _held_bytes(module, spec, param_args, act_results) -> tuple[float, float]:

@@ -270,7 +270,9 @@ def compile_pipeshard(fun, call, method):
         fmod = parse_module(text)
         fstate = PipelineState(mesh=spec, options={"solve_cache": cache})
         t = clock()
-        Pipeline(_auto_sharding_pipeline(opt, len(spec.shape), batch_axes=batch_axes)).run(fmod, fstate, record_ir=True)
+        Pipeline(_auto_sharding_pipeline(opt, len(spec.shape), batch_axes=batch_axes,
+                                         gradient_results=keep_partial.get(f.name, ()), micro_batches=k)).run(
+            fmod, fstate, record_ir=True)
         if keep_partial.get(f.name):
             Pipeline("partial-gradients{results=" + ",".join(map(str, keep_partial[f.name])) + "}").run(
                 fmod, fstate, record_ir=True)
