@@ -180,7 +180,8 @@ class CostGraph:
         return tid
 
     def _charge(self, group: Group, s: int, plan, why: str, record: bool = True):
-        """Add `plan`'s cost to strategy s; `record` lists it among the group's own collectives."""
+        """Add `plan`'s cost to strategy s; `record` lists it among the group's own collectives
+        (operand resharding is listed per op instead: see `operand_reshards`)."""
         cost = self.lmesh.plan_cost(plan) * self.scale
         group.node_cost[s] += cost
         if record:
