@@ -206,8 +206,13 @@ def main(argv=None):
             for preset in args.presets.split(","):
                 rows.append(run_row(model, mesh, preset, not args.no_numerics, lambda s: print(s, flush=True),
                                     FULL if args.size == "full" else REDUCED))
+                write(args, argv, rows, load_before, t0)      # after every row: a stopped run keeps its rows
+    print(table(rows))
+    print(f"wrote {args.out}")
+
+
+def write(args, argv, rows, load_before, t0) -> None:
     text = table(rows)
-    print(text)
     wins = [r for r in rows if r.auto_over_best is not None]
     doc = {"command": "python -m benchmarks.handwritten_baselines " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
@@ -229,7 +234,6 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
