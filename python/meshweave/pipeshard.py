@@ -19,8 +19,9 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
-from meshweave.dialects.sharding import MeshSpec
+from meshweave.dialects.sharding import MeshSpec, TensorSharding
 from meshweave.markers import pipeline_tracing
+from meshweave.passes.partial_gradients import expect_partial_args, partial_candidates
 from meshweave.passes.pipeline import PassResult, Pipeline, PipelineState, module_text
 from meshweave.plugin.compile import arg_shardings, named_sharding, result_shardings
 from meshweave.plugin.jax_adapter import replace_lowered_module
@@ -70,22 +71,26 @@ def _dtype(t):
     return jnp.dtype(_DTYPES[et])
 
 
-def _sdy_text(dims, mesh: str) -> str:
-    return f"#sdy.sharding<@{mesh}, [" + ", ".join("{" + ", ".join(f'"{a}"' for a in d) + "}" for d in dims) + "]>"
+def _sdy_text(dims, mesh: str, unreduced=()) -> str:
+    return TensorSharding(tuple(tuple(d) for d in dims), mesh, tuple(unreduced)).to_text()
 
 
-def _spec_text(dims) -> str:
-    return "PartitionSpec(" + ", ".join("None" if not d else repr(d[0]) if len(d) == 1 else repr(tuple(d))
-                                        for d in dims) + ")"
+def _spec_text(dims, unreduced=()) -> str:
+    parts = ["None" if not d else repr(d[0]) if len(d) == 1 else repr(tuple(d)) for d in dims]
+    if unreduced:
+        parts.append(f"unreduced={set(unreduced)!r}")
+    return "PartitionSpec(" + ", ".join(parts) + ")"
 
 
 def _sig(ts, aval) -> TensorSig:
     dims = tuple(tuple(d) for d in ts.dims) if ts is not None else tuple(() for _ in aval.shape)
-    return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims)
+    return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims, ts.unreduced if ts is not None else ())
 
 
-def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int]) -> str:
-    """The private fragment function as a standalone module with a public @main."""
+def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int],
+                     batch_args: frozenset = frozenset()) -> str:
+    """The private fragment function as a standalone module with a public @main (arguments in
+    `batch_args` carry the micro-batch on dimension 0, for force_batch_dim_to_mesh_dim)."""
     fn = mw.funcs(module)[name]
     text = str(fn.operation)
     text = re.sub(r"^func\.func private @" + re.escape(name) + r"\(", "func.func @main(", text, count=1)
@@ -93,8 +98,10 @@ def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, i
     main = mw.main_func(m)
     with m.context:
         attrs = mw.arg_attr_dicts(main)
-        for d, n in zip(attrs, arg_names):
+        for i, (d, n) in enumerate(zip(attrs, arg_names)):
             d[mw.ARG_PATH] = mw.string_attr(n)
+            if i in batch_args:
+                d[mw.BATCH_DIM] = mw.i64_attr(0)
         mw.set_arg_attr_dicts(main, attrs)
         res = mw.result_attr_dicts(main)
         for r, a in keeps.items():
@@ -170,6 +177,18 @@ def _insert_transfers(module, state, compiled):
     return state.results[p.name]
 
 
+def _forced_batch_axes(opt, spec: MeshSpec, stage: int) -> tuple[str, ...]:
+    """The axis force_batch_dim_to_mesh_dim names on a stage's logical mesh (none when unset)."""
+    k = opt.force_batch_dim_to_mesh_dim
+    if k is None:
+        return ()
+    if not 0 <= k < len(spec.axis_names):
+        raise PipeshardError(f"force_batch_dim_to_mesh_dim={k} but stage {stage}'s logical mesh {spec} has "
+                             f"{len(spec.axis_names)} axis(es); use an axis index below that, or give the stage a "
+                             "logical shape with more axes (submesh_logical_shapes / submesh_logical_shape)")
+    return (spec.axis_names[k],)
+
+
 def compile_pipeshard(fun, call, method):
     """Compile `fun` for one bound call under a PipeshardParallel method."""
     from meshweave.methods import _auto_sharding_pipeline
@@ -223,7 +242,10 @@ def compile_pipeshard(fun, call, method):
                for n, m in meshes.items()}
     funcs = mw.funcs(module)
     compiled: dict[str, CompiledFragment] = {}
-    for f in outlined.fragments:
+    keep_partial = partial_candidates(outlined)
+    partial_layouts = {}               # (backward fragment, output) -> its layout, left partial
+    # Backward fragments first: apply-grad reads their partial gradients in the layouts they leave.
+    for f in sorted(outlined.fragments, key=lambda f: f.phase == "apply"):
         fn = funcs[f.name]
         ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
         names = [arg_paths[s.arg] if s.arg is not None else value_name(s) for s in f.inputs]
@@ -233,7 +255,6 @@ def compile_pipeshard(fun, call, method):
                 for j, s in enumerate(f.inputs):
                     if s.arg == keeps_arg[r]:
                         keeps[src.index] = j
-        text = _fragment_module(module, f.name, names, keeps)
         stage = stages.stages[f.stage]
         opt = method.default_auto_sharding_option
         if stage.auto_sharding:
@@ -241,10 +262,26 @@ def compile_pipeshard(fun, call, method):
 
             opt = dataclasses.replace(opt, **stage.auto_sharding)
         spec = MeshSpec.from_shape(stage.mesh.shape, stage.mesh.axis_names)
+        batch_axes = _forced_batch_axes(opt, spec, f.stage)
+        ftype_inputs = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value).inputs
+        batch_args = frozenset(j for j, s in enumerate(f.inputs) if batch_axes and s.batch_dependent
+                               and len(ir.RankedTensorType(ftype_inputs[j]).shape) >= 1)
+        text = _fragment_module(module, f.name, names, keeps, batch_args)
         fmod = parse_module(text)
         fstate = PipelineState(mesh=spec, options={"solve_cache": cache})
         t = clock()
-        Pipeline(_auto_sharding_pipeline(opt, len(spec.shape))).run(fmod, fstate, record_ir=True)
+        Pipeline(_auto_sharding_pipeline(opt, len(spec.shape), batch_axes=batch_axes,
+                                         gradient_results=keep_partial.get(f.name, ()), micro_batches=k)).run(
+            fmod, fstate, record_ir=True)
+        if keep_partial.get(f.name):
+            Pipeline("partial-gradients{results=" + ",".join(map(str, keep_partial[f.name])) + "}").run(
+                fmod, fstate, record_ir=True)
+            for pg in fstate.results["partial-gradients"].partial:
+                partial_layouts[(f.name, pg.index)] = pg.sharding
+        reads_partial = {j: partial_layouts[(s.fragment, s.index)] for j, s in enumerate(f.inputs)
+                         if (s.fragment, s.index) in partial_layouts}
+        if reads_partial:
+            expect_partial_args(fmod, reads_partial)
         timings["fragment_ilps"] += clock() - t
         in_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.inputs]
         out_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.results]
@@ -255,6 +292,7 @@ def compile_pipeshard(fun, call, method):
         out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
         desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
         compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate)
+    compiled = {f.name: compiled[f.name] for f in outlined.fragments}
     _insert_transfers(module, state, compiled)      # the mpmd form of @main, recorded for dumps and explain()
     # Inputs: each argument goes to every mesh whose fragments read it, in the first reader's layout.
     inputs, seen = [], set()
@@ -318,8 +356,9 @@ def compile_pipeline_step(fun, call, method):
         mesh = program.mesh(c.desc.mesh)
 
         def places(sigs, prefix):
-            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, _sdy_text(sg.sharding, mesh.name),
-                                    _spec_text(sg.sharding)) for i, sg in enumerate(sigs)]
+            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype,
+                                    _sdy_text(sg.sharding, mesh.name, sg.unreduced), _spec_text(sg.sharding, sg.unreduced))
+                    for i, sg in enumerate(sigs)]
 
         text = c.compiled.as_text()
         sp = StagePlan(idx, list(mesh.shape), list(mesh.axis_names), list(mesh.device_ids),
