@@ -8,10 +8,12 @@ Attributes
     mw.arg_path   : string   pytree path of the flat argument, e.g. "args[0]['params']['w1']"
     mw.batch_dim  : i64      the argument carries the batch along this dimension
     mw.donated    : unit     the argument's buffer is donated (its result keeps the input sharding)
+    mw.pinned_sharding : #sdy.sharding   a hand-written layout (ManualShardingOption) auto-sharding keeps
   on func results
     mw.result_path: string   pytree path of the flat result
     mw.keeps_arg  : i64      the result is the new value of this argument (state in, state out):
                              the planner gives it the argument's sharding
+    mw.pinned_sharding : #sdy.sharding   a hand-written layout for the result (the planner reshards to it)
   on operations
     mw.strategy   : string   the sharding strategy the planner chose (for dumps and explain)
 Markers
@@ -27,6 +29,7 @@ from jaxlib.mlir import ir
 ARG_PATH = "mw.arg_path"
 BATCH_DIM = "mw.batch_dim"
 DONATED = "mw.donated"
+PINNED_SHARDING = "mw.pinned_sharding"
 RESULT_PATH = "mw.result_path"
 KEEPS_ARG = "mw.keeps_arg"
 STRATEGY = "mw.strategy"

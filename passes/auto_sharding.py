@@ -155,7 +155,9 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
         res_attrs = mw.result_attr_dicts(func)
         ret_types = ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value).results
         for r, tid, alias in graph.outputs:
-            if alias is not None:
+            if r in graph.pinned_outputs:
+                ts = graph.pinned_outputs[r]
+            elif alias is not None:
                 at = graph.tensors[graph.value_ids[args[alias]]]
                 ts = at.shardings[choice[at.group]]
             elif tid is not None and graph.tensors[tid].group >= 0:

@@ -139,6 +139,7 @@ class CostGraph:
         self.edges: list[EdgeTerm] = []
         self.value_ids: dict = {}
         self.outputs: list[tuple[int, int | None, int | None]] = []   # (result idx, tensor id, aliased arg)
+        self.pinned_outputs: dict[int, TensorSharding] = {}           # result idx -> hand-written layout
         self.num_steps = 0
         self.scale = 1.0                      # cost multiplier (a loop body runs trip-count times)
         self.loops: list[tuple[str, int]] = []
@@ -207,6 +208,8 @@ class CostGraph:
             assigns = sr.enumerate_assignments(rule, self.mesh, allowed=allowed)
             if assigns:
                 break
+        if mw.PINNED_SHARDING in attrs:       # a hand-written layout (ManualShardingOption): the only strategy
+            assigns = [self.pinned(attrs[mw.PINNED_SHARDING], shape, f"argument {path}").dims]
         shardings = [sr.tensor_sharding(rule.results[0], a, self.mesh) for a in assigns]
         g = self._new_group(path, "arg", [s.short() for s in shardings], arg_index=i,
                             op_strategies=[OpStrategy(a) for a in assigns])
@@ -215,6 +218,27 @@ class CostGraph:
         nbytes = self.tensors[tid].nbytes
         g.node_cost += np.array([MEMORY_TIE * nbytes / self.mesh.axes_size(sh.used_axes()) for sh in shardings])
         self.tensors[tid].batch_dim = batch_dim
+
+    def pinned(self, attr, shape, what: str) -> TensorSharding:
+        """A `mw.pinned_sharding` checked against the mesh and the tensor's shape; axes of size 1
+        are dropped (they split nothing, and the cost model compares layouts by their axes)."""
+        try:
+            ts = TensorSharding.from_attr(attr)
+        except ValueError as e:
+            raise CostGraphError(f"{what}: pinned sharding {attr} is not usable: {e}") from None
+        if ts.rank != len(shape):
+            raise CostGraphError(f"{what}: pinned sharding {attr} has rank {ts.rank}, the tensor {tuple(shape)} "
+                                 f"has rank {len(shape)}")
+        for d, axes in enumerate(ts.dims):
+            unknown = [a for a in axes if a not in self.mesh.axis_names]
+            if unknown:
+                raise CostGraphError(f"{what}: pinned sharding {attr} names axes {unknown} that mesh {self.mesh} "
+                                     "does not have")
+            if shape[d] % self.mesh.axes_size(axes):
+                raise CostGraphError(f"{what}: pinned sharding {attr} splits dimension {d} of size {shape[d]} "
+                                     f"{self.mesh.axes_size(axes)} ways")
+        return TensorSharding(tuple(tuple(a for a in axes if self.mesh.axis_size(a) > 1) for axes in ts.dims),
+                              self.mesh.name)
 
     def _operand_tensor(self, v) -> int | None:
         return self.value_ids.get(v)
@@ -242,6 +266,18 @@ class CostGraph:
                         alias = i
                         used.add(i)
                         break
+            if mw.PINNED_SHARDING in res_attrs[r]:    # the result must end in the hand-written layout
+                shape = tuple(ir.RankedTensorType(v.type).shape)
+                pin = self.pinned(res_attrs[r][mw.PINNED_SHARDING], shape, f"result {r}")
+                self.pinned_outputs[r] = pin
+                self.outputs.append((r, tid, None))
+                if tid is not None and self.tensors[tid].group >= 0:
+                    t = self.tensors[tid]
+                    g = self.groups[t.group]
+                    for s in range(len(g.strategies)):
+                        self._charge(g, s, self.lmesh.reshard_plan(t.nbytes, t.shardings[s], pin),
+                                     f"result {r} is pinned to {pin}")
+                continue
             self.outputs.append((r, tid, alias))
             if alias is not None and tid is not None and self.tensors[tid].group >= 0:
                 arg_t = self.value_ids[args[alias]]

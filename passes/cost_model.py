@@ -103,6 +103,13 @@ class LogicalMesh:
             return INF
         return a + b * (n - 1) / n / n * nbytes * (n / 2) + TIE_ALL_TO_ALL
 
+    def collective_permute(self, nbytes: float, axes) -> float:
+        """Every device sends `nbytes` to one peer and receives as much (a shift, a halo exchange)."""
+        if not axes:
+            return 0.0
+        a, b, n = self._ab(axes)
+        return a + b * nbytes if n > 1 else 0.0
+
     # ------------------------------------------------------------------ resharding
     def reshard_plan(self, nbytes: float, src: TensorSharding, dst: TensorSharding) -> list[tuple[str, tuple, float]]:
         """The collectives that turn a tensor of `nbytes` (global) laid out as `src` into `dst`.

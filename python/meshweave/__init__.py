@@ -2,7 +2,7 @@
 
 Public API (DESIGN.md, "Public API contract"):
     parallelize, ParallelizedFunc, Executable, Plan
-    ShardParallel, DataParallel, Zero2Parallel, Zero3Parallel, AutoShardingOption
+    ShardParallel, DataParallel, Zero2Parallel, Zero3Parallel, AutoShardingOption, ManualShardingOption
     plan, ClusterSpec (plan for a cluster that is not here)
     grad, value_and_grad, mark_pipeline_boundary
     init, shutdown (select the runtime backend: "local"; "ray" where meshweave.runtime.ray provides one)
@@ -21,7 +21,7 @@ _EXPORTS = {
     "Executable": "meshweave.executable", "Plan": "meshweave.parallel_plan",
     "grad": "meshweave.markers", "value_and_grad": "meshweave.markers",
     "mark_pipeline_boundary": "meshweave.markers",
-    "AutoShardingOption": "meshweave.methods", "DataParallel": "meshweave.methods",
+    "AutoShardingOption": "meshweave.methods", "ManualShardingOption": "meshweave.methods", "DataParallel": "meshweave.methods",
     "MethodError": "meshweave.methods", "ParallelMethod": "meshweave.methods",
     "ShardParallel": "meshweave.methods", "Zero2Parallel": "meshweave.methods", "Zero3Parallel": "meshweave.methods",
     "PipeshardParallel": "meshweave.methods", "AutoLayerOption": "meshweave.methods",

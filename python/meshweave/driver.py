@@ -44,6 +44,9 @@ def plan_step(fun, call: BoundCall, method, spec, mesh, *, record_ir: bool = Tru
             f"num_micro_batches={acc['k']} needs the step to compute gradients with meshweave.grad or "
             "meshweave.value_and_grad (jax.grad cannot be split into micro-batches by meshweave)")
     module = traced.module()
+    manual = getattr(method, "manual_sharding", None)
+    if manual is not None:
+        _pin_manual_shardings(module, manual, call, traced, spec)
     state = PipelineState(mesh=spec)
     pipeline = Pipeline(method.pipeline_for(spec))
     try:
@@ -86,6 +89,18 @@ def compile_step(fun, call: BoundCall, method):
     if path:
         write_dump(exe, path)
     return exe
+
+
+def _pin_manual_shardings(module, manual, call: BoundCall, traced, spec) -> None:
+    """Resolve ManualShardingOption against this call and write it on @main (mw.pinned_sharding)."""
+    import jax
+
+    from meshweave import manual_sharding as ms
+
+    inputs = ms.resolve_inputs(manual, call, spec)
+    out_avals = jax.tree.unflatten(traced.lowered.out_tree, list(traced.out_avals))
+    outputs = ms.resolve_outputs(manual, jax.tree_util.tree_flatten_with_path(out_avals)[0], spec)
+    ms.pin(module, inputs, outputs)
 
 
 def check_batch_divides(method, call: BoundCall, spec) -> None:

@@ -57,6 +57,22 @@ class AutoShardingOption:
                               f" or None for no limit")
 
 
+@dataclass(frozen=True, eq=False)
+class ManualShardingOption:
+    """Hand-written shardings pinned in the auto-sharding ILP (Alpa's ManualShardingOption): the
+    solver keeps these layouts and chooses everything else around them.
+
+    in_axis_resources: one PartitionSpec pytree per positional argument of the step (a tuple), or a
+    dict by parameter name; each is a prefix of its argument's structure (a PartitionSpec applies
+    to every array below it; None leaves a leaf to the planner). out_axis_resources: the same for
+    the step's result pytree. Axis names are the method's mesh axes. Specs are checked against the
+    arrays they land on when the step is traced (meshweave/manual_sharding.py).
+    """
+
+    in_axis_resources: object = None
+    out_axis_resources: object = None
+
+
 @dataclass(frozen=True)
 class ParallelMethod:
     """Common base: a logical mesh over some devices."""
@@ -140,12 +156,15 @@ def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_
 class ShardParallel(ParallelMethod):
     """Intra-op parallelism chosen by the auto-sharding ILP over a logical mesh (Alpa's ShardParallel).
 
+    manual_sharding: layouts written by hand for some arguments/results; the ILP keeps them.
+
     num_micro_batches: gradient accumulation over that many micro-batches (the step must use
     meshweave.grad / value_and_grad); gradients are reduced across devices once per step.
     """
 
     num_micro_batches: int | None = None
     auto_sharding: AutoShardingOption = field(default_factory=AutoShardingOption)
+    manual_sharding: ManualShardingOption | None = None
 
     def __post_init__(self):
         if self.num_micro_batches is not None and (not isinstance(self.num_micro_batches, int)
@@ -153,6 +172,8 @@ class ShardParallel(ParallelMethod):
             raise MethodError(f"num_micro_batches must be a positive int, got {self.num_micro_batches!r}")
         if not isinstance(self.auto_sharding, AutoShardingOption):
             raise MethodError("auto_sharding must be an AutoShardingOption")
+        if self.manual_sharding is not None and not isinstance(self.manual_sharding, ManualShardingOption):
+            raise MethodError("manual_sharding must be a ManualShardingOption (or None)")
 
     def forced_batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
         """Mesh axes the batch must split over (the driver checks the batch divides them)."""
