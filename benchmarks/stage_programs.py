@@ -87,14 +87,19 @@ class CompiledPlan:
     notes: list[str] = field(default_factory=list)
 
 
+def stage_cluster(cluster, logical_shape):
+    """The part of `cluster` a stage's logical mesh occupies (whole hosts, or part of one), as the
+    stage DP priced it: an axis that spans hosts uses the inter-host link."""
+    n = math.prod(logical_shape)
+    return dataclasses.replace(cluster, num_hosts=max(1, n // cluster.devices_per_host),
+                               devices_per_host=min(n, cluster.devices_per_host), mesh_shape=tuple(logical_shape))
+
+
 def stage_options(stages: list[StageLayout], cluster) -> tuple:
-    """Per stage: the auto-sharding α-β of its sub-cluster, as the stage DP priced its layers."""
+    """Per stage: the auto-sharding α-β of its sub-cluster, and the stage DP's solver time limit."""
     out = []
     for s in stages:
-        n = math.prod(s.logical_shape)
-        c = dataclasses.replace(cluster, num_hosts=max(1, n // cluster.devices_per_host),
-                                devices_per_host=min(n, cluster.devices_per_host), mesh_shape=tuple(s.logical_shape))
-        _, alpha, beta = c.logical_mesh()
+        _, alpha, beta = stage_cluster(cluster, s.logical_shape).logical_mesh()
         out.append({"alpha": alpha, "beta": beta, "time_limit": 5.0})
     return tuple(out)
 
@@ -110,8 +115,8 @@ def _evaluator():
 def _judge(evaluate, text: str, shape, axes, cluster) -> dict | None:
     if evaluate is None:
         return None
-    est = evaluate(text, tuple(shape), tuple(axes), cluster)
-    return dataclasses.asdict(est) if dataclasses.is_dataclass(est) else dict(est)
+    est = evaluate(text, tuple(shape), tuple(axes), stage_cluster(cluster, shape))
+    return est.to_json()
 
 
 def compile_stages(step, state, batch, stages: list[StageLayout], micro_batches: int, cluster, layer_option=None,
@@ -156,7 +161,7 @@ def compile_stages(step, state, batch, stages: list[StageLayout], micro_batches:
             texts.append(f"// fragment {c.desc.name} ({c.desc.kind})\n{text}")
             auto = c.state.results.get("auto-sharding")
             ilp = (float(auto.objective) if auto is not None else 0.0) + \
-                _flops(c.desc.module_text) / mesh.num_devices / cluster.device_flops
+                _flops(c.desc.mlir) / len(mesh.device_ids) / cluster.device_flops
             frags.append(FragmentProgram(c.desc.name, c.desc.kind, hlo_stats.summarize(hlo_stats.collectives(text)),
                                          ilp, _judge(evaluate, text, mesh.shape, mesh.axis_names, cluster), len(text)))
         judged = {p: sum(f.judged["total_s"] for f in frags if f.phase == p) if evaluate else None
@@ -176,3 +181,115 @@ def compile_stages(step, state, batch, stages: list[StageLayout], micro_batches:
     return CompiledPlan("", "", getattr(cluster, "name", ""), cluster.num_devices, micro_batches, 1, result,
                         seconds, timings, "meshweave.step_time.estimate_compiled_step" if evaluate else "",
                         out_dir or "")
+
+
+# ----------------------------------------------------------------------------- planned rows
+def layouts_of_row(row: dict) -> list[StageLayout]:
+    """The stages of a suite JSON row's automatic plan."""
+    return [StageLayout(tuple(s["layers"]), tuple(s["logical"]), s.get("latency"), tuple(s.get("device_ids", ())))
+            for s in row["auto_detail"]["stages"]]
+
+
+def plan_dir(suite: str, cluster: str, gpus: int, root: str | None = None) -> str:
+    return os.path.join(root or PLANS, f"{suite}_{cluster}_{gpus}")
+
+
+def compile_row(suite_name: str, cluster_name: str, row: dict, out_dir: str) -> CompiledPlan:
+    """In this process (it must have the row's devices): rebuild the row's step, compile its stages."""
+    import meshweave as mw
+    from benchmarks import suite
+
+    micro_batches = row["auto_detail"]["micro_batches"]
+    case = suite.make_case(suite_name, row["model"], row["global_batch"], micro_batches)
+    cluster = mw.ClusterSpec.preset(cluster_name, row["gpus"])
+    plan = compile_stages(case.step, case.state, case.batch, layouts_of_row(row), micro_batches, cluster,
+                          case.layer_option, out_dir)
+    plan.suite, plan.model = suite_name, case.model
+    plan.directory = os.path.relpath(out_dir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return plan
+
+
+def compile_row_in_subprocess(suite_name: str, cluster_name: str, row: dict, out_dir: str,
+                              timeout: float = 3600) -> dict:
+    """Compile a row's stages in a fresh process with as many simulated CPU devices as the row's
+    GPUs (at most 64); returns the CompiledPlan as a dict (also written to out_dir/plan.json)."""
+    if row["gpus"] > MAX_DEVICES:
+        raise ValueError(f"{row['gpus']} GPUs: the compiled check simulates at most {MAX_DEVICES} devices")
+    os.makedirs(out_dir, exist_ok=True)
+    request = os.path.join(out_dir, "request.json")
+    with open(request, "w") as f:
+        json.dump({"suite": suite_name, "cluster": cluster_name, "row": row, "out_dir": out_dir}, f)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={row['gpus']}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        subprocess.run([sys.executable, "-m", "benchmarks.stage_programs", "--worker", request], cwd=root, env=env,
+                       check=True, timeout=timeout)
+    finally:
+        os.remove(request)
+    with open(os.path.join(out_dir, "plan.json")) as f:
+        return json.load(f)
+
+
+def _worker(request_path: str) -> None:
+    with open(request_path) as f:
+        req = json.load(f)
+    plan = compile_row(req["suite"], req["cluster"], req["row"], req["out_dir"])
+    doc = dataclasses.asdict(plan)
+    doc["planned_stages"] = req["row"]["auto_detail"]["stages"]      # the plan's own device ids, memory
+    doc["note"] = ("compiled on simulated CPU devices 0..N-1 in stage order (a stage's HLO depends on its logical "
+                   "mesh only); predicted_latency: the stage DP (sum of per-layer ILPs), ilp_latency: the compiled "
+                   "fragments' own ILPs, judged_latency: " + (plan.evaluator or "no evaluator available"))
+    with open(os.path.join(req["out_dir"], "plan.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+def summary(compiled: dict) -> dict:
+    """What a suite JSON row keeps of a compiled plan (plan.json has the rest)."""
+    return {"directory": compiled["directory"], "compile_seconds": round(compiled["compile_seconds"], 1),
+            "evaluator": compiled["evaluator"],
+            "stages": [{"index": s["index"], "layers": s["layers"], "logical": s["logical_shape"],
+                        "predicted_latency": s["predicted_latency"], "ilp_latency": s["ilp_latency"],
+                        "judged_latency": s["judged_latency"], "judged_apply": s["judged_apply"],
+                        "collectives": {f["phase"]: f["collectives"] for f in s["fragments"]},
+                        "hlo_file": s["hlo_file"], "hlo_gz_bytes": s["hlo_gz_bytes"]} for s in compiled["stages"]]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="?", help="a suite JSON (benchmarks/results/<suite>_<cluster>.json)")
+    p.add_argument("--gpus", default=None, help="only these rows (e.g. 8,16)")
+    p.add_argument("--plans-dir", default=None, help=f"where the plan folders go (default {os.path.relpath(PLANS)})")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return _worker(args.worker)
+    if not args.results:
+        p.error("give a suite JSON")
+    with open(args.results) as f:
+        doc = json.load(f)
+    want = {int(g) for g in args.gpus.split(",")} if args.gpus else None
+    for row in doc["rows"]:
+        if want and row["gpus"] not in want:
+            continue
+        cluster = row["cluster"].split("x")[0]
+        out = plan_dir(row["suite"], cluster, row["gpus"], args.plans_dir)
+        t0 = time.perf_counter()
+        compiled = compile_row_in_subprocess(row["suite"], cluster, row, out)
+        row["compiled"] = summary(compiled)
+        for s in row["compiled"]["stages"]:
+            judged = f"{s['judged_latency'] * 1e3:.2f}" if s["judged_latency"] is not None else "n/a"
+            print(f"{row['suite']} {row['cluster']} {row['model']} stage {s['index']} {s['logical']}: predicted "
+                  f"{(s['predicted_latency'] or 0) * 1e3:.2f} ms, fragment ILPs {s['ilp_latency'] * 1e3:.2f} ms, "
+                  f"judged {judged} ms per micro-batch")
+        print(f"  compiled in {time.perf_counter() - t0:.0f} s -> {out}")
+        doc.setdefault("compiled_commands", [])
+        cmd = "python -m benchmarks.stage_programs " + " ".join(sys.argv[1:] if argv is None else argv)
+        if cmd not in doc["compiled_commands"]:
+            doc["compiled_commands"].append(cmd)
+        with open(args.results, "w") as f:       # after every row
+            json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
