@@ -84,8 +84,9 @@ def _sig(ts, aval) -> TensorSig:
     return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims)
 
 
-def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int]) -> str:
-    """The private fragment function as a standalone module with a public @main."""
+def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int], pins=None) -> str:
+    """The private fragment function as a standalone module with a public @main (`pins`: a
+    hand-written TensorSharding or None per argument, kept by the auto-sharding ILP)."""
     fn = mw.funcs(module)[name]
     text = str(fn.operation)
     text = re.sub(r"^func\.func private @" + re.escape(name) + r"\(", "func.func @main(", text, count=1)
@@ -93,8 +94,10 @@ def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, i
     main = mw.main_func(m)
     with m.context:
         attrs = mw.arg_attr_dicts(main)
-        for d, n in zip(attrs, arg_names):
+        for d, n, pin in zip(attrs, arg_names, pins or [None] * len(arg_names)):
             d[mw.ARG_PATH] = mw.string_attr(n)
+            if pin is not None:
+                d[mw.PINNED_SHARDING] = pin.to_attr()
         mw.set_arg_attr_dicts(main, attrs)
         res = mw.result_attr_dicts(main)
         for r, a in keeps.items():
@@ -142,6 +145,15 @@ def _with_transfer_layouts(instructions, descs):
             new.append(ins)
         out[mesh] = new
     return out
+
+
+def _manual_pins(method, micro_call, stage) -> list:
+    """PipeshardParallel.manual_sharding resolved on a stage's logical mesh (at micro-batch size):
+    a TensorSharding or None per flat argument of the step."""
+    from meshweave import manual_sharding as ms
+
+    return ms.resolve_inputs(method.manual_sharding, micro_call, MeshSpec.from_shape(stage.mesh.shape,
+                                                                                     stage.mesh.axis_names))
 
 
 def _insert_transfers(module, state, compiled):
@@ -223,6 +235,7 @@ def compile_pipeshard(fun, call, method):
                for n, m in meshes.items()}
     funcs = mw.funcs(module)
     compiled: dict[str, CompiledFragment] = {}
+    pins_of_stage: dict[int, list] = {}
     for f in outlined.fragments:
         fn = funcs[f.name]
         ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
@@ -233,8 +246,12 @@ def compile_pipeshard(fun, call, method):
                 for j, s in enumerate(f.inputs):
                     if s.arg == keeps_arg[r]:
                         keeps[src.index] = j
-        text = _fragment_module(module, f.name, names, keeps)
         stage = stages.stages[f.stage]
+        if method.manual_sharding is not None and f.stage not in pins_of_stage:
+            pins_of_stage[f.stage] = _manual_pins(method, micro_call, stage)
+        pins = pins_of_stage.get(f.stage)
+        text = _fragment_module(module, f.name, names, keeps,
+                                [pins[s.arg] if pins is not None and s.arg is not None else None for s in f.inputs])
         opt = method.default_auto_sharding_option
         if stage.auto_sharding:
             import dataclasses
