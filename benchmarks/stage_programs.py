@@ -278,10 +278,32 @@ def summary(compiled: dict) -> dict:
                         "hlo_file": s["hlo_file"], "hlo_gz_bytes": s["hlo_gz_bytes"]} for s in compiled["stages"]]}
 
 
+def table(doc: dict) -> str:
+    """Markdown rows: each compiled row's predicted and judged step times, automatic and Megatron."""
+    def ms(x):
+        return f"{x:.3g}" if x is not None else "—"
+
+    lines = ["| suite | cluster | GPUs | model | auto plan | auto predicted s | auto judged s | auto compile s "
+             "| Megatron | Megatron analytic s | Megatron judged s | Megatron compile s |", "|" + "---|" * 12]
+    for r in doc["rows"]:
+        c, m = r.get("compiled"), r.get("megatron_compiled")
+        if not c and not m:
+            continue
+        mega = next((b for b in r["baselines"] if b["method"].startswith("Megatron")), {})
+        shape = ",".join("x".join(map(str, s["logical"])) for s in r["auto_detail"]["stages"])
+        lines.append(f"| {r['suite']} | {r['cluster'].split('x')[0]} | {r['gpus']} | {r['model']} | "
+                     f"{len(r['auto_detail']['stages'])}x {shape} mb={r['auto_detail']['micro_batches']} | "
+                     f"{ms(r['auto']['step_time'])} | {ms(c and c['judged_step_time'])} | "
+                     f"{ms(c and c['compile_seconds'])} | {mega.get('plan', '—')} | {ms(mega.get('step_time'))} | "
+                     f"{ms(m and m['judged_step_time'])} | {ms(m and m['compile_seconds'])} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="?", help="a suite JSON (benchmarks/results/<suite>_<cluster>.json)")
     p.add_argument("--gpus", default=None, help="only these rows (e.g. 8,16)")
+    p.add_argument("--table", action="store_true", help="only print the compiled rows of the JSON as a table")
     p.add_argument("--plans-dir", default=None, help=f"where the plan folders go (default {os.path.relpath(PLANS)})")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -291,6 +313,9 @@ def main(argv=None):
         p.error("give a suite JSON")
     with open(args.results) as f:
         doc = json.load(f)
+    if args.table:
+        print(table(doc))
+        return
     want = {int(g) for g in args.gpus.split(",")} if args.gpus else None
     for row in doc["rows"]:
         if want and row["gpus"] not in want:
