@@ -76,6 +76,20 @@ def megatron_stages(num_layers: int, dp: int, tp: int, pp: int) -> list[sp.Stage
     return [sp.StageLayout((bounds[i], bounds[i + 1]), (dp, tp)) for i in range(pp)]
 
 
+def stage_option(stages: list[sp.StageLayout], cluster):
+    """ManualStageOption for `stages` on `cluster`: (dp, tp) sub-meshes of whole hosts (tp inside one)."""
+    import math
+
+    import meshweave as mw
+
+    def physical(n):
+        return (n // cluster.devices_per_host, cluster.devices_per_host) if n > cluster.devices_per_host else (1, n)
+
+    return mw.ManualStageOption(tuple(tuple(range(*s.layers)) for s in stages),
+                                tuple(physical(math.prod(s.logical_shape)) for s in stages),
+                                tuple(tuple(s.logical_shape) for s in stages))
+
+
 def compile_megatron(suite_name: str, cluster_name: str, row: dict, out_dir: str) -> sp.CompiledPlan:
     """In this process (with the row's devices): the row's best Megatron configuration, compiled."""
     import meshweave as mw
@@ -86,9 +100,16 @@ def compile_megatron(suite_name: str, cluster_name: str, row: dict, out_dir: str
     case = suite.make_case(suite_name, row["model"], row["global_batch"], k)
     cluster = mw.ClusterSpec.preset(cluster_name, row["gpus"])
     stages = megatron_stages(row["model_stats"]["num_layers"], dp, tp, pp)
+    sharding = megatron_sharding(suite_name, case.state, case.batch)
+    planned = mw.plan(case.step, case.state, case.batch, cluster=cluster, method=mw.PipeshardParallel(
+        num_micro_batches=k, layer_option=case.layer_option, stage_option=stage_option(stages, cluster),
+        manual_sharding=sharding))
+    stages = [dataclasses.replace(s, predicted_latency=p.latency) for s, p in zip(stages, planned.stages.stages)]
     plan = sp.compile_stages(case.step, case.state, case.batch, stages, k, cluster, case.layer_option, out_dir,
-                             manual_sharding=megatron_sharding(suite_name, case.state, case.batch))
+                             manual_sharding=sharding)
     plan.suite, plan.model = suite_name, case.model
+    plan.timings["plan_seconds"] = round(sum(planned.timings.values()), 3)
+    plan.planned_step_time = planned.predicted_step_time     # the ILPs around Megatron's pins, the DP's objective
     plan.directory = os.path.relpath(out_dir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     plan.notes.append(f"Megatron dp={dp} tp={tp} pp={pp} mb={k} (the row's best analytic configuration), "
                       f"analytic step time {mega['step_time']}")

@@ -87,6 +87,7 @@ class CompiledPlan:
     timings: dict
     evaluator: str                             # what judged the stages ("" when none was available)
     directory: str = ""
+    planned_step_time: float | None = None     # the plan's own prediction (stage DP objective / mw.plan)
     notes: list[str] = field(default_factory=list)
 
 
@@ -210,6 +211,7 @@ def compile_row(suite_name: str, cluster_name: str, row: dict, out_dir: str) -> 
                           case.layer_option, out_dir)
     plan.suite, plan.model = suite_name, case.model
     plan.directory = os.path.relpath(out_dir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    plan.planned_step_time = row["auto_detail"]["pipeline_time"]
     return plan
 
 
@@ -271,6 +273,7 @@ def summary(compiled: dict) -> dict:
     """What a suite JSON row keeps of a compiled plan (plan.json has the rest)."""
     return {"directory": compiled["directory"], "compile_seconds": round(compiled["compile_seconds"], 1),
             "evaluator": compiled["evaluator"], "judged_step_time": compiled.get("judged_step_time"),
+            "planned_step_time": compiled.get("planned_step_time"),
             "stages": [{"index": s["index"], "layers": s["layers"], "logical": s["logical_shape"],
                         "predicted_latency": s["predicted_latency"], "ilp_latency": s["ilp_latency"],
                         "judged_latency": s["judged_latency"], "judged_apply": s["judged_apply"],
@@ -284,7 +287,8 @@ def table(doc: dict) -> str:
         return f"{x:.3g}" if x is not None else "—"
 
     lines = ["| suite | cluster | GPUs | model | auto plan | auto predicted s | auto judged s | auto compile s "
-             "| Megatron | Megatron analytic s | Megatron judged s | Megatron compile s |", "|" + "---|" * 12]
+             "| Megatron | Megatron analytic s | Megatron mw.plan s | Megatron judged s | Megatron compile s |",
+             "|" + "---|" * 13]
     for r in doc["rows"]:
         c, m = r.get("compiled"), r.get("megatron_compiled")
         if not c and not m:
@@ -295,6 +299,7 @@ def table(doc: dict) -> str:
                      f"{len(r['auto_detail']['stages'])}x {shape} mb={r['auto_detail']['micro_batches']} | "
                      f"{ms(r['auto']['step_time'])} | {ms(c and c['judged_step_time'])} | "
                      f"{ms(c and c['compile_seconds'])} | {mega.get('plan', '—')} | {ms(mega.get('step_time'))} | "
+                     f"{ms(m and m.get('planned_step_time'))} | "
                      f"{ms(m and m['judged_step_time'])} | {ms(m and m['compile_seconds'])} |")
     return "\n".join(lines)
 

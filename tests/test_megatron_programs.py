@@ -65,3 +65,27 @@ def test_pipeline_manual_sharding_errors():
     with pytest.raises(ValueError, match="not a Megatron configuration"):
         megatron_programs.parse_config("dp=2 tp=4")
     assert megatron_programs.parse_config("dp=2 tp=4 pp=8 mb=512") == (2, 4, 8, 512)
+
+
+def test_plan_prices_hand_given_stages_with_their_pins():
+    """mw.plan with a ManualStageOption prices the stages as the stage DP prices candidates (ILPs on
+    each stage's mesh with the cluster's α-β); Megatron's pins can only cost what the free choice
+    costs or more."""
+    from benchmarks import suite
+
+    case = suite.make_case("gpt", "tiny", 32, 2)
+    cluster = mw.ClusterSpec.preset("h100", 8)
+    stages = megatron_programs.megatron_stages(4, dp=2, tp=2, pp=2)
+    option = megatron_programs.stage_option(stages, cluster)
+    assert option.submesh_physical_shapes == ((1, 4), (1, 4))
+
+    def plan(manual):
+        return mw.plan(case.step, case.state, case.batch, cluster=cluster, method=mw.PipeshardParallel(
+            num_micro_batches=2, stage_option=option, manual_sharding=manual))
+
+    pinned = plan(megatron_programs.megatron_sharding("gpt", case.state, case.batch))
+    free = plan(None)
+    lat = [s.latency for s in pinned.stages.stages]
+    assert all(x > 0 for x in lat)
+    assert pinned.predicted_step_time >= sum(lat) + max(lat) * (2 - 1) - 1e-12     # 1F1B over 2 micro-batches
+    assert pinned.predicted_step_time >= free.predicted_step_time * (1 - 1e-6)

@@ -406,16 +406,82 @@ def plan_pipeline(fun, call, method, cluster):
     state = PipelineState(mesh=MeshSpec.from_shape((cluster.num_devices,)),
                           options={"stage_option": method.stage_option, "method": method, "cluster": cluster,
                                    "auto_layer_clustering": cfg["clustering"], "micro_batches": k})
+    auto = method.stage_option == "auto"
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
-                        f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}")
+                        f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}"
+                        + ("" if auto else ",stage-outlining"))
     t1 = time.perf_counter()
     pipeline.run(module, state, record_ir=False)
     t_passes = time.perf_counter() - t1
     stages = state.results["stage-construction"]
-    objective = float(stages.objective) if stages.objective is not None else float("nan")
-    shape = (len(stages.stages),)
     timings = {"trace": t_trace, "passes": t_passes - stages.seconds,
                "stage_ilps": stages.solve_seconds, "stage_dp": stages.seconds - stages.solve_seconds}
+    if not auto:                 # stages given by hand: price them as the DP prices its candidates
+        t2 = time.perf_counter()
+        stages.objective = _price_given_stages(module, state, stages, method, _micro_batch_call(call, k), step, cluster)
+        timings["stage_ilps"] = time.perf_counter() - t2
+    objective = float(stages.objective) if stages.objective is not None else float("nan")
+    shape = (len(stages.stages),)
     return PlanResult(MeshSpec.from_shape(shape, ("stage",)), pipeline.spec(), objective, objective, 0.0,
                       warnings=list(state.warnings), stages=stages, layers=state.results["layer-clustering"],
                       timings=timings)
+
+
+def _price_given_stages(module, state, stages, method, micro_call, step, cluster) -> float:
+    """The pipeline time of hand-given stages in the stage DP's terms: each stage's forward and
+    backward fragments auto-sharded on its logical mesh with the α-β of the part of `cluster` it
+    occupies (hand-written pins kept), latency = ILP communication + FLOPs at the device rate, plus
+    the forward/backward transfers between consecutive stages. Sets each stage's `latency`."""
+    import math
+
+    from meshweave.methods import _auto_sharding_pipeline
+    from meshweave.passes.solver.cache import SolveCache
+    from meshweave.passes.stage_dp import pipeline_objective
+    from meshweave.passes.stage_profiling import _flops, _tensor_bytes
+
+    outlined = state.results["stage-outlining"]
+    funcs = mw.funcs(module)
+    phase_of = {f.name: (f.stage, f.phase) for f in outlined.fragments}
+    latency = [0.0] * len(stages.stages)
+    crossing = [0] * len(stages.stages)              # bytes a stage's forward receives from earlier stages
+    cache, pins_of = SolveCache(), {}
+    for f in outlined.fragments:
+        if f.phase == "apply":
+            continue
+        stage = stages.stages[f.stage]
+        logical = tuple(stage.mesh.shape)
+        n = math.prod(logical)
+        sub = dataclasses.replace(cluster, num_hosts=max(1, n // cluster.devices_per_host),
+                                  devices_per_host=min(n, cluster.devices_per_host), mesh_shape=logical)
+        _, alpha, beta = sub.logical_mesh()
+        opt = dataclasses.replace(method.default_auto_sharding_option, alpha=alpha, beta=beta,
+                                  **(stage.auto_sharding or {}))
+        if method.manual_sharding is not None and f.stage not in pins_of:
+            pins_of[f.stage] = _manual_pins(method, micro_call, stage)
+        pins = pins_of.get(f.stage)
+        names = [step.arg_paths[src.arg] if src.arg is not None else value_name(src) for src in f.inputs]
+        text = _fragment_module(module, f.name, names, {},
+                                [pins[src.arg] if pins is not None and src.arg is not None else None
+                                 for src in f.inputs])
+        fmod = parse_module(text)
+        fstate = PipelineState(mesh=MeshSpec.from_shape(logical, stage.mesh.axis_names),
+                               options={"solve_cache": cache})
+        Pipeline(_auto_sharding_pipeline(opt, len(logical))).run(fmod, fstate, record_ir=False)
+        solved = fstate.results.get("auto-sharding")
+        latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + \
+            _flops(fmod) / n / sub.device_flops
+        if f.phase == "forward":
+            types = ir.FunctionType(ir.TypeAttr(funcs[f.name].attributes["function_type"]).value).inputs
+            for src, t in zip(f.inputs, types):
+                if src.fragment is not None and phase_of[src.fragment] != (f.stage, "forward") \
+                        and phase_of[src.fragment][1] == "forward":
+                    crossing[f.stage] += _tensor_bytes(t)
+    k = method.num_micro_batches
+    transfers = []
+    for before, after in zip(stages.stages, stages.stages[1:]):
+        hosts = before.physical_shape[0] > 1 or after.physical_shape[0] > 1
+        bw = cluster.inter_host_bandwidth if hosts else cluster.intra_host_bandwidth
+        transfers.append(2.0 * crossing[after.index] / k / bw)      # as the stage DP prices a cut
+    for st, lat in zip(stages.stages, latency):
+        st.latency = lat
+    return pipeline_objective(latency, transfers, k)
