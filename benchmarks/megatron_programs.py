@@ -90,8 +90,10 @@ def stage_option(stages: list[sp.StageLayout], cluster):
                                 tuple(tuple(s.logical_shape) for s in stages))
 
 
-def compile_megatron(suite_name: str, cluster_name: str, row: dict, out_dir: str) -> sp.CompiledPlan:
-    """In this process (with the row's devices): the row's best Megatron configuration, compiled."""
+def plan_megatron(suite_name: str, cluster_name: str, row: dict):
+    """The row's best analytic Megatron configuration through `mw.plan` (no devices): the ILPs keep
+    Megatron's pins on each (dp, tp) stage mesh, the stage DP's pipeline objective prices it.
+    Returns (case, stages with mw.plan's latencies, sharding, PlanResult, (dp, tp, pp, k))."""
     import meshweave as mw
     from benchmarks import suite
 
@@ -105,14 +107,30 @@ def compile_megatron(suite_name: str, cluster_name: str, row: dict, out_dir: str
         num_micro_batches=k, layer_option=case.layer_option, stage_option=stage_option(stages, cluster),
         manual_sharding=sharding))
     stages = [dataclasses.replace(s, predicted_latency=p.latency) for s, p in zip(stages, planned.stages.stages)]
+    return case, stages, sharding, planned, (dp, tp, pp, k)
+
+
+def planned_entry(row: dict, planned, seconds: float) -> dict:
+    """What a suite JSON row keeps of mw.plan's pricing of its Megatron configuration."""
+    mega = next(b for b in row["baselines"] if b["method"].startswith("Megatron"))
+    return {"config": mega["plan"], "analytic_step_time": mega["step_time"],
+            "planned_step_time": planned.predicted_step_time,
+            "stage_latencies": [s.latency for s in planned.stages.stages], "planning_seconds": round(seconds, 1)}
+
+
+def compile_megatron(suite_name: str, cluster_name: str, row: dict, out_dir: str) -> sp.CompiledPlan:
+    """In this process (with the row's devices): the row's best Megatron configuration, compiled."""
+    import meshweave as mw
+
+    case, stages, sharding, planned, (dp, tp, pp, k) = plan_megatron(suite_name, cluster_name, row)
+    cluster = mw.ClusterSpec.preset(cluster_name, row["gpus"])
     plan = sp.compile_stages(case.step, case.state, case.batch, stages, k, cluster, case.layer_option, out_dir,
                              manual_sharding=sharding)
     plan.suite, plan.model = suite_name, case.model
+    plan.directory = os.path.relpath(out_dir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     plan.timings["plan_seconds"] = round(sum(planned.timings.values()), 3)
     plan.planned_step_time = planned.predicted_step_time     # the ILPs around Megatron's pins, the DP's objective
-    plan.directory = os.path.relpath(out_dir, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    plan.notes.append(f"Megatron dp={dp} tp={tp} pp={pp} mb={k} (the row's best analytic configuration), "
-                      f"analytic step time {mega['step_time']}")
+    plan.notes.append(f"Megatron dp={dp} tp={tp} pp={pp} mb={k} (the row's best analytic configuration)")
     return plan
 
 
@@ -131,6 +149,8 @@ def main(argv=None):
     p.add_argument("results", nargs="?", help="a suite JSON (gpt or bert)")
     p.add_argument("--gpus", default=None, help="only these rows (e.g. 8,16)")
     p.add_argument("--plans-dir", default=None)
+    p.add_argument("--plan-only", action="store_true", help="only price each row's Megatron layout with mw.plan "
+                   "(no devices, no XLA compile) into the row's \"megatron_planned\" entry")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -144,6 +164,16 @@ def main(argv=None):
         if (want and row["gpus"] not in want) or not any(b["method"].startswith("Megatron") for b in row["baselines"]):
             continue
         cluster = row["cluster"].split("x")[0]
+        cmd = "python -m benchmarks.megatron_programs " + " ".join(sys.argv[1:] if argv is None else argv)
+        if args.plan_only:
+            t0 = time.perf_counter()
+            _, _, _, planned, _ = plan_megatron(row["suite"], cluster, row)
+            entry = planned_entry(row, planned, time.perf_counter() - t0)
+            print(f"{row['suite']} {row['cluster']} {row['model']} Megatron {entry['config']}: analytic "
+                  f"{entry['analytic_step_time']} s, mw.plan {entry['planned_step_time']:.4g} s "
+                  f"({entry['planning_seconds']} s)")
+            sp.record(args.results, row["gpus"], "megatron_planned", entry, cmd)
+            continue
         out = sp.plan_dir(row["suite"], cluster, row["gpus"], args.plans_dir) + "_megatron"
         t0 = time.perf_counter()
         compiled = sp.run_worker("benchmarks.megatron_programs", row["suite"], cluster, row, out)
@@ -152,7 +182,6 @@ def main(argv=None):
         row["megatron_compiled"] = entry
         print(f"{row['suite']} {row['cluster']} {row['model']} Megatron {entry['config']}: judged step "
               f"{compiled['judged_step_time']} s; compiled in {time.perf_counter() - t0:.0f} s -> {out}")
-        cmd = "python -m benchmarks.megatron_programs " + " ".join(sys.argv[1:] if argv is None else argv)
         sp.record(args.results, row["gpus"], "megatron_compiled", entry, cmd)
 
 

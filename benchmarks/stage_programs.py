@@ -290,16 +290,17 @@ def table(doc: dict) -> str:
              "| Megatron | Megatron analytic s | Megatron mw.plan s | Megatron judged s | Megatron compile s |",
              "|" + "---|" * 13]
     for r in doc["rows"]:
-        c, m = r.get("compiled"), r.get("megatron_compiled")
-        if not c and not m:
+        c, m, mp = r.get("compiled"), r.get("megatron_compiled"), r.get("megatron_planned")
+        if not c and not m and not mp:
             continue
+        planned = (mp or {}).get("planned_step_time") or (m or {}).get("planned_step_time")
         mega = next((b for b in r["baselines"] if b["method"].startswith("Megatron")), {})
         shape = ",".join("x".join(map(str, s["logical"])) for s in r["auto_detail"]["stages"])
         lines.append(f"| {r['suite']} | {r['cluster'].split('x')[0]} | {r['gpus']} | {r['model']} | "
                      f"{len(r['auto_detail']['stages'])}x {shape} mb={r['auto_detail']['micro_batches']} | "
                      f"{ms(r['auto']['step_time'])} | {ms(c and c['judged_step_time'])} | "
                      f"{ms(c and c['compile_seconds'])} | {mega.get('plan', '—')} | {ms(mega.get('step_time'))} | "
-                     f"{ms(m and m.get('planned_step_time'))} | "
+                     f"{ms(planned)} | "
                      f"{ms(m and m['judged_step_time'])} | {ms(m and m['compile_seconds'])} |")
     return "\n".join(lines)
 
