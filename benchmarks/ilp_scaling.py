@@ -5,6 +5,9 @@ arguments and planned with `mw.plan` for a cluster of that shape; recorded: cost
 ILP nodes / edges / strategy choices, graph-build and solve time, solver status, objective.
 Target (issue 13): a 24-layer stack planned (graph build + solve) in at most 2 s where the
 plan is proven optimal. The solver stops at a proven optimum, so its limit is only a ceiling.
+Times are wall clock and this process's CPU time (forked solver workers not included), with
+the load average before each row: on a shared machine wall time grows with the load, CPU
+time much less.
 
     python benchmarks/ilp_scaling.py [--layers 2,8,24] [--hidden 1024,2048] [--meshes 2x4,4x8]
                                      [--out benchmarks/results/ilp_scaling.json]
@@ -34,10 +37,11 @@ def one(layers: int, hidden: int, mesh: tuple[int, int], batch: int, seq: int, t
     state = jax.eval_shape(lambda: gpt.init_state(jax.random.PRNGKey(0), cfg, opt))
     data = jax.eval_shape(lambda: gpt.synthetic_batch(jax.random.PRNGKey(1), cfg, batch))
     method = mw.ShardParallel(auto_sharding=mw.AutoShardingOption(time_limit=time_limit))
-    t0 = time.perf_counter()
+    load = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = mw.plan(gpt.make_train_step(opt), state, data, method=method,
                      cluster=mw.ClusterSpec(num_hosts=mesh[0], devices_per_host=mesh[1]))
-    total = time.perf_counter() - t0
+    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     solver = result.auto_sharding.solver
     reference = {}
     if reference_limit > 0 and solver["status"] != "optimal":
@@ -61,8 +65,13 @@ def one(layers: int, hidden: int, mesh: tuple[int, int], batch: int, seq: int, t
         "graph": result.auto_sharding.graph_stats, "ilp_nodes": solver["nodes"], "ilp_edges": solver["edges"],
         "strategy_choices": solver["variables_hint"], "build_time_s": round(solver["build_time"], 3),
         "solve_time_s": round(solver["solve_time"], 3), "solver_method": solver["method"],
+        "build_solve_s": round(solver["build_time"] + solver["solve_time"], 3),
+        "build_cpu_s": round(solver["build_cpu_time"], 3), "solve_cpu_s": round(solver["solve_cpu_time"], 3),
+        "build_solve_cpu_s": round(solver["build_cpu_time"] + solver["solve_cpu_time"], 3),
+        "solver_workers": solver.get("workers"), "folded_nodes": solver.get("folded_nodes", 0),
         "status": solver["status"], "objective_s": result.objective,
         "predicted_step_time_s": result.predicted_step_time, "plan_total_time_s": round(total, 3),
+        "plan_total_cpu_s": round(total_cpu, 3), "load_average_before": load,
     }
 
 
@@ -86,18 +95,21 @@ def main(argv=None) -> int:
                 rows.append(row)
                 row["load_average"] = os.getloadavg()
                 print(json.dumps({k: row.get(k) for k in ("layers", "hidden", "mesh", "ilp_nodes", "ilp_edges",
-                                                          "strategy_choices", "build_time_s", "solve_time_s",
-                                                          "status", "cost_ratio_vs_reference", "proven_gap", "plan_total_time_s")}),
+                                                          "build_time_s", "solve_time_s", "build_cpu_s", "solve_cpu_s",
+                                                          "status", "cost_ratio_vs_reference", "proven_gap",
+                                                          "plan_total_time_s", "load_average_before")}),
                       flush=True)
     target = [r for r in rows if r["layers"] == 24]
     out = {
         "command": " ".join([sys.executable.split("/")[-1], "benchmarks/ilp_scaling.py"] + (argv or sys.argv[1:])),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "jax": jax.__version__, "load_average": os.getloadavg()},
-        "note": "the machine is shared with other jobs; load average at the end above",
+        "note": "the machine is shared with other jobs (load average per row and at the end); wall times "
+                "grow with the load, CPU times (this process; forked solver workers not included) much less",
         "target": "24 layers: graph build + solve <= 2 s where the plan is proven optimal",
-        "target_met": bool(target) and all(r["build_time_s"] + r["solve_time_s"] <= 2.0
-                                           for r in target if r["status"] == "optimal"),
+        "target_met": bool(target) and all(r["build_solve_s"] <= 2.0 for r in target if r["status"] == "optimal"),
+        "target_met_cpu": bool(target) and all(r["build_solve_cpu_s"] <= 2.0
+                                               for r in target if r["status"] == "optimal"),
         "proven_optimal": f"{sum(r['status'] == 'optimal' for r in rows)} of {len(rows)}",
         "rows": rows,
     }

@@ -20,10 +20,10 @@ from jaxlib.mlir.passmanager import PassManager
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
-from meshweave.passes.cost_graph import RULE_ATTR, CostGraph
+from meshweave.passes.cost_graph import RULE_ATTR, CostGraph, gc_paused
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
-from meshweave.passes.explicit_collectives import channel_ids, explicit_all_to_all, wrap_local, wrap_reduce_scatter
+from meshweave.passes.explicit_collectives import channel_ids, spell_reshard, wrap_local, wrap_reduce_scatter
 from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 
@@ -194,13 +194,23 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 t = graph.tensors[tid]
                 src = t.shardings[choice[t.group]]
                 plan = graph.lmesh.reshard_plan(t.nbytes, src, req)
-                with ir.InsertionPoint(rec.op):
-                    moved = None
-                    if [kind for kind, _, _ in plan] == ["all-to-all"]:
-                        moved = explicit_all_to_all(rec.op.operands[k], src, req, graph.mesh, next(channels))
-                    pinned[key] = moved or sdy.ShardingConstraintOp(rec.op.operands[k], req.to_attr()).result
+                # The location names the reshard in XLA's metadata (op_name), so compiled
+                # collectives can be traced back to the plan's edge.
+                where = ir.Location.name(f"reshard {t.name} {src.short()}->{req.short()} for {graph.groups[rec.group].name}")
+                with ir.InsertionPoint(rec.op), where:
+                    pinned[key] = spell_reshard(rec.op.operands[k], src, req, plan, graph.mesh, channels)
                 n_constraints += 1
             rec.op.operands[k] = pinned[key]
+        # XLA's Shardy import keeps only @main's, constraints' and manual computations' shardings
+        # (an op's own sdy.sharding is dropped and re-propagated), so pin every planned result.
+        wrapped = {id(rec) for rec, _ in locals_} | {id(rec) for rec, _, _ in scatters}
+        for rec in graph.ops:
+            if rec.group >= 0 and id(rec) not in wrapped:
+                _pin_results(rec, [graph.tensors[t].shardings[choice[rec.group]] for t in rec.results])
+        for rec in graph.ops:
+            if rec.loop and rec.op.operation.name == "stablehlo.case":
+                _pin_case(rec, [graph.tensors[t].shardings[choice[graph.tensors[t].group]]
+                                if graph.tensors[t].group >= 0 else None for t in rec.results])
         for rec, s in locals_:
             wrap_local(rec.op, [req[s] for req in rec.operand_reqs],
                        [graph.tensors[t].shardings[s] for t in rec.results], graph.mesh)
@@ -212,6 +222,32 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
             wrap_reduce_scatter(rec.op, [req[s] for req in rec.operand_reqs], partial, result,
                                 sr.reduced_axes(rule, st.a), dim, graph.mesh, next(channels))
     return n_constraints
+
+
+def _pin_results(rec, shardings) -> None:
+    """Follow each result of `rec.op` by a sharding constraint to its planned layout; every other
+    use reads the constrained value."""
+    for value, ts in zip(rec.op.results, shardings):
+        if ts is None or not any(True for _ in value.uses):
+            continue
+        with ir.InsertionPoint.after(rec.op), ir.Location.name(f"pin {ts.short()}"):
+            pinned = sdy.ShardingConstraintOp(value, ts.to_attr())
+        value.replace_all_uses_except(pinned.result, pinned.operation)
+
+
+def _pin_case(rec, layouts) -> None:
+    """Every branch of a case hands result r back in its planned layout, and the result is pinned
+    to it (None: a result computed from constants only, left to XLA)."""
+    for region in rec.op.regions:
+        ret = list(region.blocks[0].operations)[-1]
+        for r, ts in enumerate(layouts):
+            owner = ret.operands[r].owner
+            pinned = (not isinstance(owner, ir.Block) and owner.name == "sdy.sharding_constraint"
+                      and owner.attributes["sharding"] == ts.to_attr()) if ts is not None else True
+            if not pinned:
+                with ir.InsertionPoint(ret), ir.Location.name(f"branch result {r} {ts.short()}"):
+                    ret.operands[r] = sdy.ShardingConstraintOp(ret.operands[r], ts.to_attr()).result
+    _pin_results(rec, layouts)
 
 
 def local_scatter(a, op) -> bool:
@@ -298,6 +334,10 @@ class AutoSharding(Pass):
                "let ops split a non-batch dim over several mesh axes (the mesh as 1-D) beside 2-D ops"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
         Option("time-limit", "float", 10.0, "solver time limit in seconds (it stops earlier at a proven optimum)"),
+        Option("gradient-results", "int-list", (),
+               "@main results that are weight gradients a pipeline accumulates over micro-batches"),
+        Option("micro-batches", "int", 1, "micro-batches per step: the gradient sums behind gradient-results are "
+               "all-reduced once per step, so each run pays 1/micro-batches of that all-reduce"),
     )
 
     def run(self, module, state):
@@ -320,15 +360,23 @@ class AutoSharding(Pass):
         PassManager.parse("builtin.module(func.func(chlo-legalize-to-stablehlo),"
                           "func.func(sdy-populate-op-sharding-rules))",
                           context=module.context).run(module.operation)
-        t0 = time.perf_counter()
-        graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
-                          zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
-                          warn=state.warn).build(func)
+        t0, c0 = time.perf_counter(), time.process_time()   # wall and CPU (the machine may be shared)
+        share = 1.0
+        if self.gradient_results and self.micro_batches > 1:
+            from meshweave.passes.partial_gradients import mark_gradient_sums
+
+            mark_gradient_sums(func, self.gradient_results)
+            share = 1.0 / self.micro_batches
         budget = self.memory_budget or None
-        problem = build_problem(graph, budget)
-        t_build = time.perf_counter() - t0
+        with gc_paused():   # the build allocates many objects and frees few: spare it the collector's scans
+            graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
+                              zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
+                              warn=state.warn, gradient_share=share).build(func)
+            problem = build_problem(graph, budget)
+        t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
         sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,
                     cache=state.options.get("solve_cache"))   # a SolveCache shared by repeated planning
+        c_solve = time.process_time() - c0 - c_build
         if not sol.feasible:
             if budget is not None:
                 floor = sol.stats.get("min_peak_usage")
@@ -352,7 +400,8 @@ class AutoSharding(Pass):
         info = {"nodes": problem.num_nodes, "edges": problem.num_edges,
                 "variables_hint": int(sum(len(c) for c in problem.node_costs)),
                 "method": sol.method, "status": sol.status, "solve_time": sol.solve_time,
-                "build_time": t_build, "objective": objective, "problem_cost": int(sol.cost)}
+                "build_time": t_build, "objective": objective, "problem_cost": int(sol.cost),
+                "build_cpu_time": c_build, "solve_cpu_time": c_solve}
         state.results[self.name] = AutoShardingResult(
             problem=problem, graph=graph, choice=choice, objective=objective,
             predicted_collectives=summarize_predicted(colls, mesh),

@@ -15,7 +15,9 @@ Costs come from passes/cost_model.py; the result converts to a `ShardingProblem`
 """
 from __future__ import annotations
 
+import gc
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +25,7 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
+from meshweave.passes.cost_memo import CostMemo, Layout
 from meshweave.passes.cost_model import INF, LogicalMesh
 from meshweave.passes import sharding_rules as sr
 
@@ -70,7 +73,7 @@ class Tensor:
     shape: tuple[int, ...]
     nbytes: int
     group: int                              # -1: free (constant-derived)
-    shardings: list[TensorSharding] | None  # per strategy of the group
+    shardings: tuple[TensorSharding, ...] | None  # per strategy of the group (interned: one object per layout)
     start: int = 0
     end: int = 0
     batch_dim: int | None = None            # the dimension carrying the batch (data-parallel analysis)
@@ -100,7 +103,7 @@ class OpRecord:
     heavy: bool = False
     flops: float = 0.0
     descriptions: list[str] | None = None
-    loop: bool = False                      # a while op: results annotated per carried value
+    loop: bool = False                      # a while or case op: results take their values' layouts
     scope: str = ""                         # the enclosing while loop's label ("" in @main's body)
 
 
@@ -122,8 +125,13 @@ class CostGraphError(ValueError):
 
 class CostGraph:
     def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
-                 mixed_mesh_shape: bool = False, warn=None):
+                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0):
         self.lmesh = lmesh
+        # Ops marked mw.gradient_sum sum a weight gradient that a pipeline reduces once per step:
+        # their all-reduce costs this share (1 / micro-batches) per run; `gradient_charges` keeps
+        # (group, strategy, full cost) so a planner can re-price what ends up not partial.
+        self.gradient_share = gradient_share
+        self.gradient_charges: list[tuple[int, int, float]] = []
         self.mesh = lmesh.mesh
         self.prefer_reduce_scatter = prefer_reduce_scatter
         self.batch_axes = tuple(batch_axes)   # batch arguments split their batch dim over these axes first
@@ -145,6 +153,8 @@ class CostGraph:
         self.loops: list[tuple[str, int]] = []
         self.scope = ""                       # label of the while loop being built
         self.unhandled: dict[str, int] = {}
+        self.memo = CostMemo(lmesh)           # each op signature (identical layers) costed once
+        self._types: dict = {}                # ir.Type -> (shape, bytes)
 
     # ----------------------------------------------------------------- building
     def _new_group(self, name, kind, strategies, op=None, arg_index=None, op_strategies=None) -> Group:
@@ -153,9 +163,15 @@ class CostGraph:
         self.groups.append(g)
         return g
 
-    def _new_tensor(self, value, name, group, shardings, step) -> int:
-        t = Tensor(value, name, tuple(ir.RankedTensorType(value.type).shape), tensor_bytes(value.type),
-                   group, shardings, step, step + 1)
+    def _type_info(self, t: ir.Type) -> tuple[tuple[int, ...], int]:
+        hit = self._types.get(t)
+        if hit is None:
+            hit = self._types[t] = (tuple(ir.RankedTensorType(t).shape), tensor_bytes(t))
+        return hit
+
+    def _new_tensor(self, value, name, group, shardings: Layout | None, step) -> int:
+        shape, nbytes = self._type_info(value.type)
+        t = Tensor(value, name, shape, nbytes, group, shardings, step, step + 1)
         self.tensors.append(t)
         tid = len(self.tensors) - 1
         self.value_ids[value] = tid
@@ -188,10 +204,26 @@ class CostGraph:
         return self
 
     def _add_argument(self, i, arg, attrs):
-        shape = tuple(ir.RankedTensorType(arg.type).shape)
         path = mw.attr_value(attrs[mw.ARG_PATH]) if mw.ARG_PATH in attrs else f"arg{i}"
-        rule = sr.Rule.identity(shape)
         batch_dim = mw.attr_value(attrs[mw.BATCH_DIM]) if mw.BATCH_DIM in attrs else None
+        shape, nbytes = self._type_info(arg.type)
+        pinned = (self.pinned(attrs[mw.PINNED_SHARDING], shape, f"argument {path}").dims
+                  if mw.PINNED_SHARDING in attrs else None)
+        key = (shape, nbytes, batch_dim, i in self.parameters, pinned)
+        hit = self.memo.arguments.get(key)
+        if hit is None:
+            hit = self.memo.arguments[key] = self._argument_strategies(shape, nbytes, batch_dim,
+                                                                       i in self.parameters, pinned)
+        assigns, shardings, names, tie = hit
+        g = self._new_group(path, "arg", list(names), arg_index=i, op_strategies=[OpStrategy(a) for a in assigns])
+        tid = self._new_tensor(arg, path, g.id, shardings, 0)
+        # Tie-breaker: among equally cheap layouts prefer the one holding fewer bytes per device.
+        g.node_cost += tie
+        self.tensors[tid].batch_dim = batch_dim
+
+    def _argument_strategies(self, shape, nbytes, batch_dim, parameter: bool, pinned):
+        """(assignments, layout, names, memory tie-breaker) of an argument of this signature."""
+        rule = sr.Rule.identity(shape)
         all_axes = tuple(a for a, n in zip(self.mesh.axis_names, self.mesh.shape) if n > 1)
         used = lambda a: sum(len(x) for x in a)
         tries = [lambda a: True]
@@ -199,7 +231,7 @@ class CostGraph:
             forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
             tries.insert(0, lambda a: a[batch_dim][:len(forced)] == forced)
         elif self.zero_stage and batch_dim is None:
-            replicate = i in self.parameters and self.zero_stage < 3
+            replicate = parameter and self.zero_stage < 3
             tries.insert(0, (lambda a: used(a) == 0) if replicate else (lambda a: used(a) == len(all_axes)))
         if not (self.zero_stage and batch_dim is None):     # ZeRO's sharded state may use the mesh as 1-D
             tries = [lambda a, ok=ok: ok(a) and self._mesh_shape_ok(a, batch_dim) for ok in tries] + tries
@@ -208,16 +240,11 @@ class CostGraph:
             assigns = sr.enumerate_assignments(rule, self.mesh, allowed=allowed)
             if assigns:
                 break
-        if mw.PINNED_SHARDING in attrs:       # a hand-written layout (ManualShardingOption): the only strategy
-            assigns = [self.pinned(attrs[mw.PINNED_SHARDING], shape, f"argument {path}").dims]
-        shardings = [sr.tensor_sharding(rule.results[0], a, self.mesh) for a in assigns]
-        g = self._new_group(path, "arg", [s.short() for s in shardings], arg_index=i,
-                            op_strategies=[OpStrategy(a) for a in assigns])
-        tid = self._new_tensor(arg, path, g.id, shardings, 0)
-        # Tie-breaker: among equally cheap layouts prefer the one holding fewer bytes per device.
-        nbytes = self.tensors[tid].nbytes
-        g.node_cost += np.array([MEMORY_TIE * nbytes / self.mesh.axes_size(sh.used_axes()) for sh in shardings])
-        self.tensors[tid].batch_dim = batch_dim
+        if pinned is not None:       # a hand-written layout (ManualShardingOption): the only strategy
+            assigns = [pinned]
+        shardings = self.memo.layout(sr.tensor_sharding(rule.results[0], a, self.mesh) for a in assigns)
+        tie = np.array([MEMORY_TIE * nbytes / self.mesh.axes_size(sh.used_axes()) for sh in shardings])
+        return assigns, shardings, [sh.short() for sh in shardings], tie
 
     def pinned(self, attr, shape, what: str) -> TensorSharding:
         """A `mw.pinned_sharding` checked against the mesh and the tensor's shape; axes of size 1
@@ -291,10 +318,10 @@ class CostGraph:
             return
         if src.group == dst_group:
             g = self.groups[dst_group]
-            for s in range(len(g.strategies)):
-                plan = self.lmesh.reshard_plan(src.nbytes, src.shardings[s], dst_shardings[s])
-                if plan:
-                    self._charge(g, s, plan, why, record=not operand)
+            for s, cost, plan in self.memo.reshard_charges(src.shardings, dst_shardings, src.nbytes, self.scale):
+                g.node_cost[s] += cost
+                if not operand:   # operand resharding is listed per op instead: see `operand_reshards`
+                    g.node_plans[s] += [(k, ax, b, why) for k, ax, b in plan]
         else:
             self.edges.append(EdgeTerm(src.group, dst_group, src.shardings, dst_shardings, src.nbytes, why,
                                        self.scale, operand))
@@ -306,6 +333,9 @@ class CostGraph:
             self._touch(tid, step)
         results = list(op.results)
         if not results:
+            return
+        if name == "stablehlo.case":      # before the constant check: a constant index still runs a branch
+            self._add_case(op, step, operand_tids, f"case#{step}" + (f".{sub}" if sub is not None else ""))
             return
         live = [t for t in operand_tids if t is not None and self.tensors[t].group >= 0]
         if not live and name not in ANCHORS:
@@ -322,15 +352,16 @@ class CostGraph:
             else:
                 self._add_replicated(op, step, operand_tids, label)
             return
-        rule = sr.Rule.from_attr(op.attributes[RULE_ATTR])
+        rule_attr = op.attributes[RULE_ATTR]
+        rule = self.memo.rule(rule_attr)
         if name in ANCHORS or (name == "stablehlo.broadcast_in_dim" and
-                               tensor_bytes(results[0].type) > 2 * tensor_bytes(op.operands[0].type)) \
+                               self._type_info(results[0].type)[1] > 2 * self._type_info(op.operands[0].type)[1]) \
                 or (self.prefer_reduce_scatter and is_sum_reduce(op, rule)):
             # A broadcast is planned on its own: resharding its small input beats resharding its output.
             # With reduce-scatter preferred, a sum (a bias's or a norm's gradient) may scatter its result.
-            self._add_anchor(op, step, rule, operand_tids, label, heavy=name in HEAVY)
+            self._add_anchor(op, step, rule_attr, rule, operand_tids, label, heavy=name in HEAVY)
         else:
-            self._add_follower(op, step, rule, operand_tids, live, label)
+            self._add_follower(op, step, rule_attr, rule, operand_tids, live, label)
 
     def _mesh_shape_ok(self, a, batch_factor) -> bool:
         """Without mixed mesh shapes, only the batch factor may take several mesh axes."""
@@ -355,63 +386,6 @@ class CostGraph:
                     self.tensors[tid].batch_dim = d
                     break
 
-    def _result_shardings(self, rule, strategies, r):
-        out = []
-        for st in strategies:
-            a = st.a
-            if st.scatter is not None:
-                red = sr.reduced_axes(rule, a)
-                a = tuple(ax + red if f == st.scatter else ax for f, ax in enumerate(a))
-            out.append(sr.tensor_sharding(rule.results[r], a, self.mesh))
-        return out
-
-    def _add_anchor(self, op, step, rule, operand_tids, label, heavy):
-        bf = self._batch_factor(rule, operand_tids)
-        assigns = []
-        forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
-        shape_ok = lambda a: self._mesh_shape_ok(a, bf)
-        if bf is not None and forced:   # data-parallel forcing: the batch factor keeps the batch axes
-            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy,
-                                               allowed=lambda a: a[bf][:len(forced)] == forced and shape_ok(a))
-        if not assigns:
-            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy, allowed=shape_ok)
-        if not assigns:
-            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy)
-        strategies = [OpStrategy(a) for a in assigns]
-        if self.prefer_reduce_scatter:
-            strategies += self._scatter_variants(rule, assigns)
-        names = [sr.describe(rule, st.a, self.mesh) + (" scatter" if st.scatter is not None else "")
-                 for st in strategies]
-        g = self._new_group(label, "anchor", names, op=op, op_strategies=strategies)
-        res_tids = []
-        for r, v in enumerate(op.results):
-            shs = self._result_shardings(rule, strategies, r)
-            res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
-        reqs = self._charge_op(op, g, rule, strategies, operand_tids, label)
-        self._set_result_batch_dims(rule, res_tids, bf)
-        flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
-        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, names, scope=self.scope))
-
-    def _charge_op(self, op, g, rule, strategies, operand_tids, label):
-        """Charge an op's partial-sum reductions and its operands' resharding, per strategy of its
-        group; returns each operand's required sharding per strategy."""
-        for s, st in enumerate(strategies):
-            red = sr.reduced_axes(rule, st.a)
-            if not red:
-                continue
-            kind = "reduce-scatter" if st.scatter is not None else "all-reduce"
-            for r, v in enumerate(op.results):   # bytes per device before the reduction
-                before = tensor_bytes(v.type) / self.mesh.axes_size(
-                    sr.tensor_sharding(rule.results[r], st.a, self.mesh).used_axes())
-                self._charge(g, s, [(kind, red, before)], f"{label} sums over {','.join(red)}")
-        reqs = []
-        for k, tid in enumerate(operand_tids):
-            req = [sr.tensor_sharding(rule.operands[k], st.a, self.mesh) for st in strategies]
-            reqs.append(req)
-            if tid is not None:
-                self._edge_or_node(tid, g.id, req, f"operand {k} of {label}", operand=True)
-        return reqs
-
     def _scatter_variants(self, rule, assigns):
         """Reduce-scatter variants: the summed axes also split the result's leading dimension."""
         out = []
@@ -427,19 +401,67 @@ class CostGraph:
                     out.append(OpStrategy(a, f, rule))
         return out
 
-    def _add_follower(self, op, step, rule, operand_tids, live, label):
+    def _anchor_strategies(self, rule, heavy, bf) -> list[OpStrategy]:
+        assigns = []
+        forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
+        shape_ok = lambda a: self._mesh_shape_ok(a, bf)
+        if bf is not None and forced:   # data-parallel forcing: the batch factor keeps the batch axes
+            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy,
+                                               allowed=lambda a: a[bf][:len(forced)] == forced and shape_ok(a))
+        if not assigns:
+            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy, allowed=shape_ok)
+        if not assigns:
+            assigns = sr.enumerate_assignments(rule, self.mesh, use_all_axes=heavy)
+        strategies = [OpStrategy(a) for a in assigns]
+        if self.prefer_reduce_scatter:
+            strategies += self._scatter_variants(rule, assigns)
+        return strategies
+
+    def _add_anchor(self, op, step, rule_attr, rule, operand_tids, label, heavy):
+        bf = self._batch_factor(rule, operand_tids)
+        plan = self.memo.op_plan((rule_attr, "anchor", heavy, bf), rule,
+                                 lambda: self._anchor_strategies(rule, heavy, bf), named=True)
+        g = self._new_group(label, "anchor", list(plan.names), op=op, op_strategies=list(plan.strategies))
+        res_tids = self._add_results(op, step, plan, g, label)
+        reqs = self._charge_op(op, g, plan, operand_tids, res_tids, label)
+        self._set_result_batch_dims(rule, res_tids, bf)
+        flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
+        self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, plan.names, scope=self.scope))
+
+    def _add_results(self, op, step, plan, g, label) -> list[int]:
+        results = op.results
+        if len(results) == 1:
+            return [self._new_tensor(results[0], label, g.id, plan.results[0], step)]
+        return [self._new_tensor(v, f"{label}.{r}", g.id, plan.results[r], step) for r, v in enumerate(results)]
+
+    def _charge_op(self, op, g, plan, operand_tids, res_tids, label):
+        """Charge an op's partial-sum reductions and its operands' resharding, per strategy of its
+        group; returns each operand's required sharding per strategy."""
+        if plan.sums:
+            result_bytes = tuple(self.tensors[t].nbytes for t in res_tids)
+            share = self.gradient_share if mw.GRADIENT_SUM in op.attributes else 1.0
+            for s, cost, step in self.memo.sum_charges(plan, result_bytes, self.scale):
+                if share != 1.0 and step[0] == "all-reduce":
+                    self.gradient_charges.append((g.id, s, cost))
+                    cost *= share
+                g.node_cost[s] += cost
+                g.node_plans[s].append(step + (f"{label} sums over {','.join(step[1])}",))
+        for k, tid in enumerate(operand_tids):
+            if tid is not None:
+                self._edge_or_node(tid, g.id, plan.operands[k], f"operand {k} of {label}", operand=True)
+        return list(plan.operands)
+
+    def _add_follower(self, op, step, rule_attr, rule, operand_tids, live, label):
         # Follow the biggest operand that is not constant-derived (ties: the first).
         p = max(live, key=lambda t: (self.tensors[t].nbytes, -operand_tids.index(t)))
         pk = operand_tids.index(p)
         src = self.tensors[p]
         g = self.groups[src.group]
-        induced = [OpStrategy(sr.induced_assignment(rule, pk, sh, self.mesh)) for sh in src.shardings]
-        res_tids = []
-        for r, v in enumerate(op.results):
-            shs = self._result_shardings(rule, induced, r)
-            res_tids.append(self._new_tensor(v, label if len(op.results) == 1 else f"{label}.{r}", g.id, shs, step))
+        plan = self.memo.op_plan((rule_attr, "follow", pk, src.shardings), rule, lambda: [
+            OpStrategy(sr.induced_assignment(rule, pk, sh, self.mesh)) for sh in src.shardings], named=False)
+        res_tids = self._add_results(op, step, plan, g, label)
         self._set_result_batch_dims(rule, res_tids, self._batch_factor(rule, operand_tids))
-        reqs = self._charge_op(op, g, rule, induced, operand_tids, label)
+        reqs = self._charge_op(op, g, plan, operand_tids, res_tids, label)
         self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, scope=self.scope))
 
     def _add_while(self, op, step, operand_tids, label):
@@ -467,7 +489,7 @@ class CostGraph:
                             # A carry initialized from constants (a scan's output buffer) takes the
                             # layout of what the body writes into it.
                             t = self.tensors[tid]
-                            c.group, c.shardings, c.batch_dim = t.group, list(t.shardings), t.batch_dim
+                            c.group, c.shardings, c.batch_dim = t.group, t.shardings, t.batch_dim
                             self.groups[t.group].members.append(ct)
                             continue
                         if tid is not None and c.group >= 0:
@@ -482,13 +504,43 @@ class CostGraph:
         self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids), loop=True))
         self.loops.append((label, trip))
 
+    def _add_case(self, op, step, operand_tids, label):
+        """Plan a case (lax.switch / lax.cond) like a loop body run once: every branch's ops are
+        planned and costed (which branch runs is known only at run time); result r takes the
+        layout of the first branch that returns a planned value for it, and the other branches
+        hand theirs back in that layout. Each branch is its own scope (reshards are not shared)."""
+        returned = []
+        outer_scope = self.scope
+        try:
+            for b, region in enumerate(op.regions):
+                self.scope = f"{label}.{b}"
+                for k, inner in enumerate(region.blocks[0].operations):
+                    if inner.operation.name == "stablehlo.return":
+                        tids = [self._operand_tensor(v) for v in inner.operands]
+                        for tid in tids:
+                            self._touch(tid, step)
+                        returned.append(tids)
+                        continue
+                    self._add_op(inner, step, sub=f"{b}.{k}")
+        finally:
+            self.scope = outer_scope
+        res = []
+        for r, v in enumerate(op.results):
+            planned = [tids[r] for tids in returned if tids[r] is not None and self.tensors[tids[r]].group >= 0]
+            tid = self._alias_tensor(v, f"{label}.{r}", planned[0] if planned else None, step)
+            res.append(tid)
+            for other in planned[1:]:
+                t = self.tensors[tid]
+                self._edge_or_node(other, t.group, t.shardings, f"{label} returns result {r} in its layout")
+        self.ops.append(OpRecord(op, -1, res, operand_tids, [None] * len(operand_tids), loop=True))
+
     def _alias_tensor(self, value, name, src_tid, step) -> int:
         """A tensor for ``value`` that keeps the layout (group, shardings, batch dim) of tensor
         ``src_tid``; a free one when that has no group."""
         if src_tid is None or self.tensors[src_tid].group < 0:
             return self._new_tensor(value, name, -1, None, step)
         t = self.tensors[src_tid]
-        tid = self._new_tensor(value, name, t.group, list(t.shardings), step)
+        tid = self._new_tensor(value, name, t.group, t.shardings, step)
         self.tensors[tid].batch_dim = t.batch_dim
         return tid
 
@@ -506,47 +558,24 @@ class CostGraph:
         res = []
         for r, v in enumerate(op.results):
             rank = len(ir.RankedTensorType(v.type).shape)
-            res.append(self._new_tensor(v, f"{label}.{r}", g.id, [TensorSharding.replicated(rank, self.mesh.name)], step))
+            res.append(self._new_tensor(v, f"{label}.{r}", g.id, self._replicated(rank), step))
         reqs = []
         for k, (v, tid) in enumerate(zip(op.operands, operand_tids)):
             rank = len(ir.RankedTensorType(v.type).shape)
-            req = [TensorSharding.replicated(rank, self.mesh.name)]
+            req = self._replicated(rank)
             reqs.append(req)
             if tid is not None:
                 self._edge_or_node(tid, g.id, req, f"operand {k} of {label} (replicated)", operand=True)
         self.ops.append(OpRecord(op, g.id, res, operand_tids, reqs, scope=self.scope))
 
     # ----------------------------------------------------------------- costs
-    def _ids(self, shardings) -> np.ndarray:
-        """Intern shardings as small ints (keyed by object identity first: lists share objects)."""
-        out = np.empty(len(shardings), dtype=np.int64)
-        for k, s in enumerate(shardings):
-            i = self._by_object.get(id(s))
-            if i is None:
-                i = self._intern.get(s)
-                if i is None:
-                    i = self._intern[s] = len(self._by_id)
-                    self._by_id.append(s)
-                self._by_object[id(s)] = i
-                self._alive.append(s)      # keeps id(s) from being reused while cached
-            out[k] = i
-        return out
+    def _replicated(self, rank: int) -> Layout:
+        """The layout of a one-strategy (replicated) group's tensor of this rank."""
+        return self.memo.layout([TensorSharding.replicated(rank, self.mesh.name)])
 
     def edge_matrix(self, e: EdgeTerm) -> np.ndarray:
-        """Cost matrix (src strategies x dst strategies), computed on distinct shardings only."""
-        if not hasattr(self, "_intern"):
-            self._intern, self._by_object, self._alive, self._by_id, self._affine = {}, {}, [], [], {}
-        su, si = np.unique(self._ids(e.src), return_inverse=True)
-        du, di = np.unique(self._ids(e.dst), return_inverse=True)
-        small = np.empty((len(su), len(du)))
-        for i, a in enumerate(su.tolist()):
-            for j, b in enumerate(du.tolist()):
-                terms = self._affine.get((a, b))
-                if terms is None:
-                    terms = self._affine[(a, b)] = self.lmesh.reshard_terms(self._by_id[a], self._by_id[b])
-                small[i, j] = min(c0 + c1 * e.nbytes for c0, c1 in terms)
-        small = small * e.scale
-        return small[np.ix_(si, di)]
+        """Cost matrix (src strategies x dst strategies), read-only."""
+        return self.memo.edge_matrix(e.src, e.dst, e.nbytes, e.scale)
 
     def operand_reshards(self, choice):
         """Per op (in program order) and operand: the layout the plan pins the operand to, when it
@@ -570,13 +599,15 @@ class CostGraph:
 
     def memory_terms(self):
         """(group, start, end, per-strategy bytes per device) for every non-free tensor."""
-        out = []
+        out, usages = [], {}
         for t in self.tensors:
             if t.group < 0:
                 continue
-            g = self.groups[t.group]
-            usage = np.array([t.nbytes / self.mesh.axes_size(t.shardings[s].used_axes())
-                              for s in range(len(g.strategies))])
+            usage = usages.get((t.shardings, t.nbytes))
+            if usage is None:
+                usage = usages[(t.shardings, t.nbytes)] = np.array(
+                    [t.nbytes / self.mesh.axes_size(sh.used_axes()) for sh in t.shardings])
+                usage.flags.writeable = False
             out.append((t.group, t.start, t.end, usage))
         return out
 
@@ -584,7 +615,20 @@ class CostGraph:
         return {"groups": len(self.groups), "tensors": len(self.tensors), "edges": len(self.edges),
                 "strategies": int(sum(len(g.strategies) for g in self.groups)),
                 "heavy_ops": sum(1 for o in self.ops if o.heavy), "steps": self.num_steps,
+                "op_signatures": self.memo.op_signatures,
                 "unhandled_ops": dict(self.unhandled)}
+
+
+@contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector (reference counting still frees memory)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def is_sum_reduce(op, rule: sr.Rule) -> bool:

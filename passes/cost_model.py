@@ -146,16 +146,42 @@ class LogicalMesh:
                 gathered += s[k:]
                 dst_extra += d[k:]
             if gathered:
-                hit = ((("all-gather", tuple(gathered), 1 / self.mesh.axes_size(kept)),),)
+                hit = (self._gather_per_dim(src, kept),)
                 moved = [a for a in gathered if a in dst_extra]
-                if moved:
+                if moved and self._one_all_to_all(src, dst, moved):
+                    # XLA gathers the axes that leave first, then moves the rest with one
+                    # all-to-all; when that changes the order of the sharding axes (read dim by
+                    # dim), the devices hold their tiles in another order: a collective-permute.
                     rest = [a for a in gathered if a not in moved]
-                    a2a = (("all-to-all", tuple(moved), 1 / self.mesh.axes_size(src.used_axes())),)
-                    if rest:
-                        a2a += (("all-gather", tuple(rest), 1 / self.mesh.axes_size(kept + moved)),)
+                    frac = 1 / self.mesh.axes_size(kept + moved)
+                    a2a = self._gather_per_dim(src, [a for a in src.used_axes() if a not in rest])
+                    a2a += (("all-to-all", tuple(moved), frac),)
+                    stay = set(kept) | set(moved)
+                    if [a for a in src.used_axes() if a in stay] != [a for a in dst.used_axes() if a in stay]:
+                        a2a += (("collective-permute", tuple(moved), frac),)
                     hit += (a2a,)
         cache[key] = hit
         return hit
+
+    def _gather_per_dim(self, src: TensorSharding, kept) -> tuple:
+        """Gathering every axis but `kept` off several dims is one all-gather per dim, last dim
+        first (as XLA's partitioner replicates a tensor), each on the bytes gathered so far."""
+        steps, left = [], list(src.used_axes())
+        for d in reversed(range(src.rank)):
+            axes = tuple(a for a in src.dims[d] if a not in kept)
+            if axes:
+                left = [a for a in left if a not in axes]
+                steps.append(("all-gather", axes, 1 / self.mesh.axes_size(left)))
+        return tuple(steps)
+
+    @staticmethod
+    def _one_all_to_all(src: TensorSharding, dst: TensorSharding, moved) -> bool:
+        """Whether XLA moves `moved` with one all-to-all: no dim receives axes from two dims
+        (XLA replicates the tensor for that instead)."""
+        sources: dict = {}
+        for a in moved:
+            sources.setdefault(_dim_of(dst, a), set()).add(_dim_of(src, a))
+        return all(len(s) == 1 for s in sources.values())
 
     def reshard_terms(self, src: TensorSharding, dst: TensorSharding) -> tuple[tuple[float, float], ...]:
         """((c0, c1), ...): resharding n bytes costs min_k c0_k + c1_k * n, each term the cost of one
@@ -173,7 +199,7 @@ class LogicalMesh:
         return hit
 
     def plan_cost(self, plan) -> float:
-        cost = {"all-gather": self.all_gather, "all-to-all": self.all_to_all,
+        cost = {"all-gather": self.all_gather, "all-to-all": self.all_to_all, "collective-permute": self.collective_permute,
                 "all-reduce": self.all_reduce, "reduce-scatter": self.reduce_scatter}
         return sum(cost[kind](nbytes, axes) for kind, axes, nbytes in plan)
 
@@ -183,3 +209,7 @@ class LogicalMesh:
 
     def shard_bytes(self, nbytes: float, sharding: TensorSharding) -> float:
         return nbytes / self.mesh.axes_size(sharding.used_axes())
+
+
+def _dim_of(ts: TensorSharding, axis: str) -> int | None:
+    return next((d for d, axes in enumerate(ts.dims) if axis in axes), None)

@@ -175,3 +175,27 @@ def shardy_collectives(module_text: str, mesh: MeshSpec) -> dict:
 
     m.operation.walk(visit)
     return dict(sorted(out.items()))
+
+
+def spell_reshard(value: ir.Value, src: TensorSharding, dst: TensorSharding, plan, mesh: MeshSpec,
+                  channels) -> ir.Value:
+    """`value` (laid out as src) resharded to dst step by step as `plan` (the cost model's
+    [(kind, axes, bytes)]) says, at the current insertion point: a sharding constraint per
+    all-gather (XLA gathers exactly those axes), an explicit all-to-all where one can do the move
+    (else a constraint: XLA's own all-to-all, with the collective-permute the plan priced), and a
+    last constraint to dst, which only slices. Left to itself XLA may take another route."""
+    cur = src
+    for kind, axes, _ in plan:
+        if kind == "all-gather":
+            nxt = TensorSharding(tuple(tuple(a for a in d if a not in axes) for d in cur.dims), cur.mesh)
+        elif kind == "all-to-all":
+            held = set(cur.used_axes())
+            nxt = TensorSharding(tuple(tuple(a for a in d if a in held) for d in dst.dims), cur.mesh)
+        else:                       # a collective-permute comes with the all-to-all's constraint
+            continue
+        moved = explicit_all_to_all(value, cur, nxt, mesh, next(channels)) if kind == "all-to-all" else None
+        value = moved or sdy.ShardingConstraintOp(value, nxt.to_attr()).result
+        cur = nxt
+    if cur != dst or not plan:
+        value = sdy.ShardingConstraintOp(value, dst.to_attr()).result
+    return value

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import meshweave as mw
 from conftest import assert_trees_close
@@ -173,9 +174,90 @@ def test_gpt_on_2x4_compiles_to_the_predicted_collectives():
     assert "all-reduce" in rows and "all-to-all" in rows, rows
     for kind, r in rows.items():
         assert abs(r["compiled_bytes"] - r["predicted_bytes"]) <= 0.05 * r["predicted_bytes"], r
-        if kind == "all-gather":
-            # Known residual: XLA computes the (replicated) token indices sharded for the embedding
-            # lookup and gathers them back (1 KB) for the embedding-gradient scatter.
-            assert r["compiled_count"] - r["predicted_count"] <= 1, r
-        else:
-            assert r["status"] in ("match", "combined"), r
+        assert r["status"] in ("match", "combined"), r
+
+
+def test_a_value_used_whole_and_sliced_is_computed_as_planned():
+    # Root cause: XLA's Shardy import drops an op's own sdy.sharding and propagates anew, so a
+    # replicated value that one user slices (free) was computed sliced and all-gathered back for
+    # the other user (GPT's token ids: 1 all-gather the plan never priced). Results are pinned.
+    def step(t):
+        h = jnp.tanh(t) + 1.0
+        return h * 2.0, h * 3.0
+
+    t = jax.random.normal(jax.random.PRNGKey(0), (64, 32))
+    method = mw.ShardParallel(mesh_shape=(8,), devices=devices(8),
+                              manual_sharding=mw.ManualShardingOption((P(),), (P("x"), P())))
+    f = mw.parallelize(step, method=method)
+    assert_trees_close(f(t), jax.jit(step)(t))
+    assert f.last_executable.collectives() == [], f.last_executable.collectives()
+
+
+RESHARDS = [   # (shape, from, to): the patterns the 4x2 / 2x4 zoo plans need, and XLA's quirks
+    ((16, 32), (("x",), ("y",)), (("y",), ("x",))),                 # swap: all-to-all + permute
+    ((16, 32), (("x", "y"), ()), (("y",), ("x",))),                 # reorder: all-to-all + permute
+    ((8, 8, 8, 8), (("x",), (), ("y",), ()), ((), ("x", "y"), (), ())),   # two dims into one: gathers
+    ((8, 8, 8, 8), (("x",), (), (), ("y",)), ((), (), (), ("x",))),  # gather y, then move x
+    ((8, 8, 8, 8), (("x",), (), ("y",), ()), (("x", "y"), (), (), ())),   # one all-to-all
+    ((16, 32), (("x",), ("y",)), ((), ())),                          # one all-gather per dim
+    ((16, 32), (("y",), ("x",)), (("x",), ())),                      # gather y, move x
+    ((16, 32), (("y",), ()), (("x",), ("y",))),                      # move y, then slice x
+]
+
+
+@pytest.mark.parametrize("mesh_shape", [(4, 2), (2, 4)])
+@pytest.mark.parametrize("shape,src,dst", RESHARDS)
+def test_reshards_compile_to_the_collectives_priced(mesh_shape, shape, src, dst):
+    # Root cause: a bare sharding constraint lets XLA pick its own route (slice first, permute,
+    # replicate), so the cost model prices XLA's route and the annotation spells it out step by step.
+    import math
+
+    from jaxlib.mlir import ir
+
+    from meshweave.dialects.context import parse_module
+    from meshweave.dialects.sharding import MeshSpec, TensorSharding
+    from meshweave.passes.cost_model import LogicalMesh
+    from meshweave.passes.explicit_collectives import channel_ids, spell_reshard
+    from meshweave.plugin import hlo_stats
+    from meshweave.plugin.jax_adapter import compile_text_for_devices
+
+    mesh = MeshSpec(("x", "y"), mesh_shape)
+    a, b = TensorSharding(src, mesh.name), TensorSharding(dst, mesh.name)
+    t = f"tensor<{'x'.join(map(str, shape))}xf32>"
+    m = parse_module(f"""module @m attributes {{mhlo.num_partitions = 8 : i32, mhlo.num_replicas = 1 : i32}} {{
+  sdy.mesh @{mesh.name} = <["x"={mesh_shape[0]}, "y"={mesh_shape[1]}]>
+  func.func public @main(%arg0: {t} {{sdy.sharding = {a.to_text()}}}) -> ({t} {{sdy.sharding = {b.to_text()}}}) {{
+    %0 = stablehlo.negate %arg0 : {t}
+    %1 = stablehlo.negate %0 : {t}
+    return %1 : {t}
+  }}
+}}""")
+    plan = LogicalMesh.create(mesh).reshard_plan(4 * math.prod(shape), a, b)
+    consumer = list(m.body.operations[1].regions[0].blocks[0].operations)[1]
+    with m.context, ir.Location.unknown(), ir.InsertionPoint(consumer):
+        consumer.operands[0] = spell_reshard(consumer.operands[0], a, b, plan, mesh, channel_ids(m))
+    exe = compile_text_for_devices(str(m), devices(8))
+    compiled = hlo_stats.summarize(hlo_stats.collectives(exe.hlo_modules()[0].to_string()))
+    predicted = {}
+    for kind, _, nbytes in plan:
+        p = predicted.setdefault(kind, {"count": 0, "bytes": 0})
+        p["count"] += 1
+        p["bytes"] += int(nbytes)
+    assert compiled == predicted, (plan, compiled)
+
+
+def test_switch_branches_are_planned_not_replicated():
+    def step(w, x, i):
+        h = jax.lax.switch(i, [lambda v: v @ w, jnp.tanh, lambda v: v * 2.0], x @ w)
+        return jnp.sum(h * h)
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (64, 64)) / 8
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 64))
+    f = mw.parallelize(step, method=mw.ShardParallel(mesh_shape=(2, 4), devices=devices(8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)     # no "no sharding rule ... runs replicated"
+        for i in range(3):
+            assert_trees_close(f(w, x, i), jax.jit(step)(w, x, i), rtol=1e-5, atol=1e-5)
+    exe = f.last_executable
+    assert exe.state.results["auto-sharding"].graph.stats()["unhandled_ops"] == {}
+    assert {r["status"] for r in exe.plan.stages[0].fidelity} <= {"match", "combined"}, exe.plan.stages[0].fidelity

@@ -346,18 +346,21 @@ class Reducer:
         cols.extend(u[:, None].astype(np.float64) for _, _, u in self.terms[v])
         cols.extend(self.adj[v].values())
         f = np.hstack(cols)
-        d = f.shape[1]
-        dominated = np.zeros(k, dtype=bool)
-        chunk = max(1, _DOMINANCE_MAX_ELEMS // max(1, k * d))
-        for s0 in range(0, k, chunk):
-            fs = f[s0:s0 + chunk]                       # candidates to be dominated
-            le = (f[:, None, :] <= fs[None, :, :]).all(axis=2)   # le[t, s]: t <= s everywhere
-            ge = (f[:, None, :] >= fs[None, :, :]).all(axis=2)
-            idx = np.arange(s0, s0 + fs.shape[0])
-            t_idx = np.arange(k)[:, None]
-            better = le & (~ge | (t_idx < idx[None, :]))
-            better[idx, np.arange(len(idx))] = False
-            dominated[s0:s0 + fs.shape[0]] = better.any(axis=0)
+        # better[t, s]: t <= s everywhere, and not equal unless t < s (one of equal rows stays).
+        # Columns are compared a block at a time and pairs that fail drop out: a hub's rows
+        # span thousands of columns, but most pairs differ within the first few.
+        better = ~np.eye(k, dtype=bool)
+        ge = np.ones((k, k), dtype=bool)               # ge[t, s]: t >= s on the columns seen
+        c0, block, most = 0, 16, max(1, _DOMINANCE_MAX_ELEMS // (k * k))
+        while c0 < f.shape[1]:
+            fb = f[:, c0:c0 + block]
+            better &= (fb[:, None, :] <= fb[None, :, :]).all(axis=2)
+            if not better.any():
+                return False
+            ge &= (fb[:, None, :] >= fb[None, :, :]).all(axis=2)
+            c0, block = c0 + block, min(4 * block, most)
+        better &= ~ge | np.tri(k, k, -1, dtype=bool).T
+        dominated = better.any(axis=0)
         if dominated.any():
             self._restrict(v, np.nonzero(~dominated)[0])
             self.counts["dominated"] += int(dominated.sum())

@@ -6,7 +6,9 @@
    A ``SolveCache`` returns a proven plan of the identical problem at once and
    starts from the previous plan of the same graph otherwise.
 2. Exact reductions (``reduce.py``) shrink the problem to its core, treating
-   forbidden (INF_COST) entries as impossible.
+   forbidden (INF_COST) entries as impossible. Without memory rows, identical
+   components around hub nodes (a stack of identical layers) fold into one copy
+   each (``fold.py``, exact).
 3. The core goes to a set of jobs (``plan_jobs``): the anytime search
    (``heuristic.py``), a lower bound from the LP relaxation (``bound.py``) and
    the exact ILP (``ilp.py``) when the core is small enough. With several cores
@@ -30,6 +32,7 @@ from .bound import lp_bound
 from .cache import SolveCache
 from .core import CoreModel
 from .evaluate import Evaluation, evaluate
+from .fold import Fold, fold_identical
 from .heuristic import run_search
 from .ilp import BACKENDS, ilp_size, solve_ilp
 from .local_search import greedy_sweeps, least_memory
@@ -171,6 +174,10 @@ class _Run:
         reducer.run(deadline=self.deadline - self.margin())
         core = reducer.core()
         key = "" if hard else "soft_"
+        fold = fold_identical(core)
+        if fold is not None:
+            core, reducer = fold.core, _Unfolded(reducer, fold)
+            self.stats[key + "folded_nodes"] = fold.stats["folded_nodes"]
         self.stats[key + "reduction"] = core.stats
         self.stats[key + "reduce_time"] = time.monotonic() - self.t0
         cm = CoreModel(core.k, core.cost, core.edges, core.terms, core.cap)
@@ -212,6 +219,19 @@ class _Run:
         method = collector.source.split("@")[0]
         return _Found(x, ev, collector.optimal, "heuristic" if method not in ("ilp-highs", "ilp-cbc")
                       else method, first)
+
+
+class _Unfolded:
+    """The reducer's expand/project seen through a fold (folded core <-> core <-> input)."""
+
+    def __init__(self, reducer: Reducer, fold: Fold):
+        self.reducer, self.fold = reducer, fold
+
+    def expand(self, x: np.ndarray) -> np.ndarray:
+        return self.reducer.expand(self.fold.expand(x))
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return self.fold.project(self.reducer.project(x))
 
 
 class _Reporter:

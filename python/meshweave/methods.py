@@ -125,8 +125,12 @@ class DataParallel(ParallelMethod):
         return f"{_FRONT},data-parallel"
 
 
-def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_axes=(), zero_stage=0) -> str:
+def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_axes=(), zero_stage=0,
+                            gradient_results=(), micro_batches=1) -> str:
     o = []
+    if gradient_results and micro_batches > 1:
+        o.append("gradient-results=" + ",".join(map(str, gradient_results)))
+        o.append(f"micro-batches={micro_batches}")
     if opt.alpha is not None:
         o.append("alpha=" + ",".join(map(str, opt.alpha)))
     if opt.beta is not None:

@@ -19,8 +19,9 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
-from meshweave.dialects.sharding import MeshSpec
+from meshweave.dialects.sharding import MeshSpec, TensorSharding
 from meshweave.markers import pipeline_tracing
+from meshweave.passes.partial_gradients import expect_partial_args, partial_candidates
 from meshweave.passes.pipeline import PassResult, Pipeline, PipelineState, module_text
 from meshweave.plugin.compile import arg_shardings, named_sharding, result_shardings
 from meshweave.plugin.jax_adapter import replace_lowered_module
@@ -70,22 +71,26 @@ def _dtype(t):
     return jnp.dtype(_DTYPES[et])
 
 
-def _sdy_text(dims, mesh: str) -> str:
-    return f"#sdy.sharding<@{mesh}, [" + ", ".join("{" + ", ".join(f'"{a}"' for a in d) + "}" for d in dims) + "]>"
+def _sdy_text(dims, mesh: str, unreduced=()) -> str:
+    return TensorSharding(tuple(tuple(d) for d in dims), mesh, tuple(unreduced)).to_text()
 
 
-def _spec_text(dims) -> str:
-    return "PartitionSpec(" + ", ".join("None" if not d else repr(d[0]) if len(d) == 1 else repr(tuple(d))
-                                        for d in dims) + ")"
+def _spec_text(dims, unreduced=()) -> str:
+    parts = ["None" if not d else repr(d[0]) if len(d) == 1 else repr(tuple(d)) for d in dims]
+    if unreduced:
+        parts.append(f"unreduced={set(unreduced)!r}")
+    return "PartitionSpec(" + ", ".join(parts) + ")"
 
 
 def _sig(ts, aval) -> TensorSig:
     dims = tuple(tuple(d) for d in ts.dims) if ts is not None else tuple(() for _ in aval.shape)
-    return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims)
+    return TensorSig(tuple(int(s) for s in aval.shape), str(aval.dtype), dims, ts.unreduced if ts is not None else ())
 
 
-def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int], pins=None) -> str:
-    """The private fragment function as a standalone module with a public @main (`pins`: a
+def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int],
+                     batch_args: frozenset = frozenset(), pins=None) -> str:
+    """The private fragment function as a standalone module with a public @main (arguments in
+    `batch_args` carry the micro-batch on dimension 0, for force_batch_dim_to_mesh_dim; `pins`: a
     hand-written TensorSharding or None per argument, kept by the auto-sharding ILP)."""
     fn = mw.funcs(module)[name]
     text = str(fn.operation)
@@ -94,8 +99,10 @@ def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, i
     main = mw.main_func(m)
     with m.context:
         attrs = mw.arg_attr_dicts(main)
-        for d, n, pin in zip(attrs, arg_names, pins or [None] * len(arg_names)):
+        for i, (d, n, pin) in enumerate(zip(attrs, arg_names, pins or [None] * len(arg_names))):
             d[mw.ARG_PATH] = mw.string_attr(n)
+            if i in batch_args:
+                d[mw.BATCH_DIM] = mw.i64_attr(0)
             if pin is not None:
                 d[mw.PINNED_SHARDING] = pin.to_attr()
         mw.set_arg_attr_dicts(main, attrs)
@@ -182,6 +189,18 @@ def _insert_transfers(module, state, compiled):
     return state.results[p.name]
 
 
+def _forced_batch_axes(opt, spec: MeshSpec, stage: int) -> tuple[str, ...]:
+    """The axis force_batch_dim_to_mesh_dim names on a stage's logical mesh (none when unset)."""
+    k = opt.force_batch_dim_to_mesh_dim
+    if k is None:
+        return ()
+    if not 0 <= k < len(spec.axis_names):
+        raise PipeshardError(f"force_batch_dim_to_mesh_dim={k} but stage {stage}'s logical mesh {spec} has "
+                             f"{len(spec.axis_names)} axis(es); use an axis index below that, or give the stage a "
+                             "logical shape with more axes (submesh_logical_shapes / submesh_logical_shape)")
+    return (spec.axis_names[k],)
+
+
 def compile_pipeshard(fun, call, method):
     """Compile `fun` for one bound call under a PipeshardParallel method."""
     from meshweave.methods import _auto_sharding_pipeline
@@ -236,7 +255,10 @@ def compile_pipeshard(fun, call, method):
     funcs = mw.funcs(module)
     compiled: dict[str, CompiledFragment] = {}
     pins_of_stage: dict[int, list] = {}
-    for f in outlined.fragments:
+    keep_partial = partial_candidates(outlined)
+    partial_layouts = {}               # (backward fragment, output) -> its layout, left partial
+    # Backward fragments first: apply-grad reads their partial gradients in the layouts they leave.
+    for f in sorted(outlined.fragments, key=lambda f: f.phase == "apply"):
         fn = funcs[f.name]
         ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
         names = [arg_paths[s.arg] if s.arg is not None else value_name(s) for s in f.inputs]
@@ -250,18 +272,33 @@ def compile_pipeshard(fun, call, method):
         if method.manual_sharding is not None and f.stage not in pins_of_stage:
             pins_of_stage[f.stage] = _manual_pins(method, micro_call, stage)
         pins = pins_of_stage.get(f.stage)
-        text = _fragment_module(module, f.name, names, keeps,
-                                [pins[s.arg] if pins is not None and s.arg is not None else None for s in f.inputs])
+        pins = [pins[s.arg] if pins is not None and s.arg is not None else None for s in f.inputs]
         opt = method.default_auto_sharding_option
         if stage.auto_sharding:
             import dataclasses
 
             opt = dataclasses.replace(opt, **stage.auto_sharding)
         spec = MeshSpec.from_shape(stage.mesh.shape, stage.mesh.axis_names)
+        batch_axes = _forced_batch_axes(opt, spec, f.stage)
+        ftype_inputs = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value).inputs
+        batch_args = frozenset(j for j, s in enumerate(f.inputs) if batch_axes and s.batch_dependent
+                               and len(ir.RankedTensorType(ftype_inputs[j]).shape) >= 1)
+        text = _fragment_module(module, f.name, names, keeps, batch_args, pins)
         fmod = parse_module(text)
         fstate = PipelineState(mesh=spec, options={"solve_cache": cache})
         t = clock()
-        Pipeline(_auto_sharding_pipeline(opt, len(spec.shape))).run(fmod, fstate, record_ir=True)
+        Pipeline(_auto_sharding_pipeline(opt, len(spec.shape), batch_axes=batch_axes,
+                                         gradient_results=keep_partial.get(f.name, ()), micro_batches=k)).run(
+            fmod, fstate, record_ir=True)
+        if keep_partial.get(f.name):
+            Pipeline("partial-gradients{results=" + ",".join(map(str, keep_partial[f.name])) + "}").run(
+                fmod, fstate, record_ir=True)
+            for pg in fstate.results["partial-gradients"].partial:
+                partial_layouts[(f.name, pg.index)] = pg.sharding
+        reads_partial = {j: partial_layouts[(s.fragment, s.index)] for j, s in enumerate(f.inputs)
+                         if (s.fragment, s.index) in partial_layouts}
+        if reads_partial:
+            expect_partial_args(fmod, reads_partial)
         timings["fragment_ilps"] += clock() - t
         in_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.inputs]
         out_avals = [jax.core.ShapedArray(tuple(ir.RankedTensorType(t).shape), _dtype(t)) for t in ftype.results]
@@ -272,6 +309,7 @@ def compile_pipeshard(fun, call, method):
         out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
         desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
         compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate)
+    compiled = {f.name: compiled[f.name] for f in outlined.fragments}
     _insert_transfers(module, state, compiled)      # the mpmd form of @main, recorded for dumps and explain()
     # Inputs: each argument goes to every mesh whose fragments read it, in the first reader's layout.
     inputs, seen = [], set()
@@ -335,8 +373,9 @@ def compile_pipeline_step(fun, call, method):
         mesh = program.mesh(c.desc.mesh)
 
         def places(sigs, prefix):
-            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype, _sdy_text(sg.sharding, mesh.name),
-                                    _spec_text(sg.sharding)) for i, sg in enumerate(sigs)]
+            return [TensorPlacement(f"{prefix}{i}", list(sg.shape), sg.dtype,
+                                    _sdy_text(sg.sharding, mesh.name, sg.unreduced), _spec_text(sg.sharding, sg.unreduced))
+                    for i, sg in enumerate(sigs)]
 
         text = c.compiled.as_text()
         sp = StagePlan(idx, list(mesh.shape), list(mesh.axis_names), list(mesh.device_ids),
@@ -430,8 +469,10 @@ def plan_pipeline(fun, call, method, cluster):
 def _price_given_stages(module, state, stages, method, micro_call, step, cluster) -> float:
     """The pipeline time of hand-given stages in the stage DP's terms: each stage's forward and
     backward fragments auto-sharded on its logical mesh with the α-β of the part of `cluster` it
-    occupies (hand-written pins kept), latency = ILP communication + FLOPs at the device rate, plus
-    the forward/backward transfers between consecutive stages. Sets each stage's `latency`."""
+    occupies (hand-written pins kept, weight gradients left partial across micro-batches as in the
+    DP's pricing), latency = ILP communication + FLOPs at the device rate, plus the forward/backward
+    transfers between consecutive stages (the amortized once-per-step reduction the DP adds to a
+    layer is not added here). Sets each stage's `latency`."""
     import math
 
     from meshweave.methods import _auto_sharding_pipeline
@@ -445,6 +486,7 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
     latency = [0.0] * len(stages.stages)
     crossing = [0] * len(stages.stages)              # bytes a stage's forward receives from earlier stages
     cache, pins_of = SolveCache(), {}
+    keep_partial = partial_candidates(outlined)      # weight gradients reduced once per step, as the DP prices
     for f in outlined.fragments:
         if f.phase == "apply":
             continue
@@ -460,13 +502,14 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
             pins_of[f.stage] = _manual_pins(method, micro_call, stage)
         pins = pins_of.get(f.stage)
         names = [step.arg_paths[src.arg] if src.arg is not None else value_name(src) for src in f.inputs]
-        text = _fragment_module(module, f.name, names, {},
+        text = _fragment_module(module, f.name, names, {}, frozenset(),
                                 [pins[src.arg] if pins is not None and src.arg is not None else None
                                  for src in f.inputs])
         fmod = parse_module(text)
         fstate = PipelineState(mesh=MeshSpec.from_shape(logical, stage.mesh.axis_names),
                                options={"solve_cache": cache})
-        Pipeline(_auto_sharding_pipeline(opt, len(logical))).run(fmod, fstate, record_ir=False)
+        Pipeline(_auto_sharding_pipeline(opt, len(logical), gradient_results=keep_partial.get(f.name, ()),
+                                         micro_batches=method.num_micro_batches)).run(fmod, fstate, record_ir=False)
         solved = fstate.results.get("auto-sharding")
         latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + \
             _flops(fmod) / n / sub.device_flops

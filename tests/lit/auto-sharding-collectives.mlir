@@ -5,11 +5,13 @@
 // (and planned like any elementwise op), and sum reductions may reduce-scatter. (The explicit
 // all-to-all of expert parallelism is checked end to end in tests/test_plan_quality.py.)
 
-// chlo.square: decomposed to a multiply that keeps its operand's split (no resharding).
+// chlo.square: decomposed to a multiply that keeps its operand's split (no resharding: the one
+// constraint pins the multiply's result to the layout it already has).
 // CHECK-LABEL: func.func public @chlo_square
 // CHECK-SAME:    sdy.sharding = #sdy.sharding<@mesh, [[[LAYOUT:.*]]]>}) ->
 // CHECK-NOT:   chlo.square
 // CHECK:       stablehlo.multiply {{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [[[LAYOUT]]]>]>
+// CHECK-NEXT:  sdy.sharding_constraint %{{.*}} <@mesh, [[[LAYOUT]]]>
 // CHECK-NOT:   sdy.sharding_constraint
 // CHECK:       return
 func.func public @chlo_square(%x: tensor<32x16xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64}) -> tensor<32x16xf32> {

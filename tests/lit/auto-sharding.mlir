@@ -15,7 +15,10 @@
 // CHECK-NEXT:  stablehlo.dot_general
 // CHECK-SAME:    mw.strategy = "[-,-] x [-,x] -> [-,x]"
 // CHECK-SAME:    sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{}, {"x"}]>]>
+// XLA's import drops an op's own sharding and propagates anew, so each result is also pinned.
+// CHECK-NEXT:  sdy.sharding_constraint %{{.*}} <@mesh, [{}, {"x"}]>
 // CHECK-NEXT:  stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{}, {"x"}]>]>
+// CHECK-NEXT:  sdy.sharding_constraint %{{.*}} <@mesh, [{}, {"x"}]>
 // CHECK-NOT:   sdy.sharding_rule
 // Forced batch axis (Alpa's force_batch_dim_to_mesh_dim): the batch argument splits on y.
 // FORCED-LABEL: func.func public @forward_layer
@@ -57,6 +60,7 @@ func.func public @weight_gradient(%x: tensor<64x512xf32> {mw.arg_path = "x", mw.
 // CHECK:       } do {
 // CHECK:         stablehlo.dot_general
 // CHECK-SAME:      mw.strategy = "[x,-] x [-,-] -> [x,-]"
+// CHECK-NEXT:    sdy.sharding_constraint %{{.*}} <@mesh, [{"x"}, {}]>
 // CHECK-NEXT:    stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value<[<@mesh, [{"x"}, {}]>]>
 func.func public @counted_loop(%w: tensor<64x64xf32> {mw.arg_path = "w"},
                                %x: tensor<32x64xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64}) -> tensor<32x64xf32> {
@@ -120,3 +124,32 @@ func.func public @zero2_momentum_step(%arg0: tensor<64x64xf32> {mw.arg_path = "p
 // Error cases: a batch axis the mesh does not have; bad option values.
 // BADAXIS: error: [auto-sharding] batch-axes: 'z' is not an axis of mesh
 // BADOPT: bad value 'x' for option 'time-limit'
+
+// -----
+
+// A case (lax.switch): each branch's ops are planned like any others (the case has a rule and
+// does not run replicated); every branch hands its value back in the result's planned layout,
+// and the case's result is pinned to it.
+// CHECK-LABEL: func.func public @switch_branches
+// CHECK-SAME:    -> (tensor<32x64xf32> {sdy.sharding = #sdy.sharding<@mesh, [[[OUT:.*]]]>})
+// CHECK:       "stablehlo.case"
+// CHECK:         stablehlo.dot_general {{.*}}mw.strategy = "[[STRATEGY:[^"]+]]"
+// CHECK:         sdy.sharding_constraint %{{.*}} <@mesh, [[[OUT]]]>
+// CHECK-NEXT:    stablehlo.return
+// CHECK:         stablehlo.tanh {{.*}}sdy.sharding = #sdy.sharding_per_value
+// CHECK:         sdy.sharding_constraint %{{.*}} <@mesh, [[[OUT]]]>
+// CHECK-NEXT:    stablehlo.return
+// CHECK:       sdy.sharding_constraint %{{.*}} <@mesh, [[[OUT]]]>
+// CHECK-NEXT:  return
+func.func public @switch_branches(%w: tensor<64x64xf32> {mw.arg_path = "w"},
+                                  %x: tensor<32x64xf32> {mw.arg_path = "x", mw.batch_dim = 0 : i64},
+                                  %i: tensor<i32> {mw.arg_path = "i"}) -> tensor<32x64xf32> {
+  %0 = "stablehlo.case"(%i) ({
+    %d = stablehlo.dot_general %x, %w, contracting_dims = [1] x [0] : (tensor<32x64xf32>, tensor<64x64xf32>) -> tensor<32x64xf32>
+    stablehlo.return %d : tensor<32x64xf32>
+  }, {
+    %t = stablehlo.tanh %x : tensor<32x64xf32>
+    stablehlo.return %t : tensor<32x64xf32>
+  }) : (tensor<i32>) -> tensor<32x64xf32>
+  return %0 : tensor<32x64xf32>
+}
