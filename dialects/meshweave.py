@@ -33,6 +33,7 @@ PINNED_SHARDING = "mw.pinned_sharding"
 RESULT_PATH = "mw.result_path"
 KEEPS_ARG = "mw.keeps_arg"
 STRATEGY = "mw.strategy"
+GRADIENT_SUM = "mw.gradient_sum"     # a dot/reduce whose sum over the batch a pipeline reduces once per step
 MARKER = "mw.marker"
 MARKER_NAME = "mw.name"
 MARKER_KINDS = ("grad", "boundary", "loss")

@@ -80,10 +80,14 @@ def default_axis_names(rank: int) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class TensorSharding:
-    """Mesh axes splitting each dimension of a tensor (major axis first); unnamed axes replicate."""
+    """Mesh axes splitting each dimension of a tensor (major axis first); unnamed axes replicate.
+
+    `unreduced`: mesh axes over which the value is a partial sum (Shardy's `unreduced={...}`):
+    each device holds a summand and the value is their sum, taken where a reader needs it."""
 
     dims: tuple[tuple[str, ...], ...]
     mesh: str = DEFAULT_MESH
+    unreduced: tuple[str, ...] = ()
 
     @classmethod
     def replicated(cls, rank: int, mesh: str = DEFAULT_MESH) -> "TensorSharding":
@@ -103,7 +107,13 @@ class TensorSharding:
                     raise ValueError(f"sub-axis shardings are not supported: {attr}")
                 axes.append(ax.name)
             dims.append(tuple(axes))
-        return cls(tuple(dims), mesh_name)
+        unreduced = []
+        for a in ts.unreduced_axes:
+            ax = sdy.AxisRefAttr(a)
+            if ax.sub_axis_info is not None:
+                raise ValueError(f"sub-axis shardings are not supported: {attr}")
+            unreduced.append(ax.name)
+        return cls(tuple(dims), mesh_name, tuple(unreduced))
 
     @property
     def rank(self) -> int:
@@ -127,7 +137,8 @@ class TensorSharding:
 
     def to_text(self) -> str:
         dims = ", ".join("{" + ", ".join(f'"{a}"' for a in d) + "}" for d in self.dims)
-        return f"#sdy.sharding<@{self.mesh}, [{dims}]>"
+        unreduced = (", unreduced={" + ", ".join(f'"{a}"' for a in self.unreduced) + "}") if self.unreduced else ""
+        return f"#sdy.sharding<@{self.mesh}, [{dims}]{unreduced}>"
 
     def to_attr(self, context: ir.Context | None = None) -> ir.Attribute:
         return ir.Attribute.parse(self.to_text(), context=context)
@@ -138,11 +149,12 @@ class TensorSharding:
         spec = [None if not d else (d[0] if len(d) == 1 else tuple(d)) for d in self.dims]
         while spec and spec[-1] is None:
             spec.pop()
-        return PartitionSpec(*spec)
+        return PartitionSpec(*spec, unreduced=frozenset(self.unreduced)) if self.unreduced else PartitionSpec(*spec)
 
     def short(self) -> str:
         """Compact form for reports: [x,-] means dim 0 split on x, dim 1 replicated."""
-        return "[" + ",".join("".join(d) if d else "-" for d in self.dims) + "]"
+        return "[" + ",".join("".join(d) if d else "-" for d in self.dims) + "]" + \
+            (f"+{''.join(self.unreduced)}" if self.unreduced else "")
 
     def __str__(self) -> str:
         return self.short()

@@ -181,7 +181,8 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 st = graph.groups[rec.group].op_strategies[s]
                 if st is not None and st.scatter is not None:
                     scatters.append((rec, s, st))
-                elif st is not None and rec.op.operation.name == "stablehlo.scatter" and local_scatter(st.a, rec.op):
+                elif (st is not None and rec.op.operation.name == "stablehlo.scatter" and graph.mesh.num_devices > 1
+                      and local_scatter(st.a, rec.op)):   # one device: XLA skips partitioning, nothing to guard
                     locals_.append((rec, s))
         # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays;
         # one constraint per value and layout within a block, shared by its consumers.
@@ -333,6 +334,10 @@ class AutoSharding(Pass):
                "let ops split a non-batch dim over several mesh axes (the mesh as 1-D) beside 2-D ops"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
         Option("time-limit", "float", 10.0, "solver time limit in seconds (it stops earlier at a proven optimum)"),
+        Option("gradient-results", "int-list", (),
+               "@main results that are weight gradients a pipeline accumulates over micro-batches"),
+        Option("micro-batches", "int", 1, "micro-batches per step: the gradient sums behind gradient-results are "
+               "all-reduced once per step, so each run pays 1/micro-batches of that all-reduce"),
     )
 
     def run(self, module, state):
@@ -356,11 +361,17 @@ class AutoSharding(Pass):
                           "func.func(sdy-populate-op-sharding-rules))",
                           context=module.context).run(module.operation)
         t0, c0 = time.perf_counter(), time.process_time()   # wall and CPU (the machine may be shared)
+        share = 1.0
+        if self.gradient_results and self.micro_batches > 1:
+            from meshweave.passes.partial_gradients import mark_gradient_sums
+
+            mark_gradient_sums(func, self.gradient_results)
+            share = 1.0 / self.micro_batches
         budget = self.memory_budget or None
         with gc_paused():   # the build allocates many objects and frees few: spare it the collector's scans
             graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
                               zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
-                              warn=state.warn).build(func)
+                              warn=state.warn, gradient_share=share).build(func)
             problem = build_problem(graph, budget)
         t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
         sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,

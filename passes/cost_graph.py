@@ -125,8 +125,13 @@ class CostGraphError(ValueError):
 
 class CostGraph:
     def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
-                 mixed_mesh_shape: bool = False, warn=None):
+                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0):
         self.lmesh = lmesh
+        # Ops marked mw.gradient_sum sum a weight gradient that a pipeline reduces once per step:
+        # their all-reduce costs this share (1 / micro-batches) per run; `gradient_charges` keeps
+        # (group, strategy, full cost) so a planner can re-price what ends up not partial.
+        self.gradient_share = gradient_share
+        self.gradient_charges: list[tuple[int, int, float]] = []
         self.mesh = lmesh.mesh
         self.prefer_reduce_scatter = prefer_reduce_scatter
         self.batch_axes = tuple(batch_axes)   # batch arguments split their batch dim over these axes first
@@ -434,7 +439,11 @@ class CostGraph:
         group; returns each operand's required sharding per strategy."""
         if plan.sums:
             result_bytes = tuple(self.tensors[t].nbytes for t in res_tids)
+            share = self.gradient_share if mw.GRADIENT_SUM in op.attributes else 1.0
             for s, cost, step in self.memo.sum_charges(plan, result_bytes, self.scale):
+                if share != 1.0 and step[0] == "all-reduce":
+                    self.gradient_charges.append((g.id, s, cost))
+                    cost *= share
                 g.node_cost[s] += cost
                 g.node_plans[s].append(step + (f"{label} sums over {','.join(step[1])}",))
         for k, tid in enumerate(operand_tids):

@@ -177,6 +177,7 @@ PASS_MODULES: dict[str, str] = {
     "stage-construction": "meshweave.passes.stage_construction",
     "stage-outlining": "meshweave.passes.stage_outlining",
     "insert-transfers": "meshweave.passes.insert_transfers",
+    "partial-gradients": "meshweave.passes.partial_gradients",
     **{name: _UPSTREAM for name in (
         "canonicalize", "cse", "symbol-dce", "sdy-propagation-pipeline", "sdy-export-pipeline",
         "sdy-import-pipeline", "sdy-basic-propagate", "sdy-aggressive-propagate", "sdy-close-shardings",

@@ -8,12 +8,20 @@ up to parameters) share one solve. A range of layers costs the sum of its layers
 resharding between layers is not priced: an approximation, documented in docs/architecture.md).
 Transfers between stages cost the bytes crossing the cut over the inter-stage link, forward
 and backward.
+
+Weight gradients are reduced once per step, as the runtime does (passes/partial_gradients.py):
+on each solved backward fragment the partial-gradients pass finds the gradients that stay partial
+sums; their all-reduce leaves the per-micro-batch latency and is charged once per step, spread
+over the micro-batches (latency + once / B: in the pipeline objective that is about one reduction
+of the slowest stage, which the apply-grad phase adds). Memory adds the gradient accumulators
+each device holds, in the layouts the backward fragment leaves them.
 """
 from __future__ import annotations
 
 import math
 import re
 import time
+from dataclasses import dataclass
 
 from jaxlib.mlir import ir
 
@@ -91,6 +99,15 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     seen_params: set[tuple[int, int]] = set()
     roles: dict[str, tuple[list[int], list[int]]] = {}   # forward fragment text -> (parameter args, activations)
     state_bytes = [0] * num_layers                        # parameters + optimizer state read by apply-grad
+    from meshweave.passes.partial_gradients import partial_candidates
+
+    candidates = partial_candidates(per_layer)            # backward fragment -> outputs that may stay partial
+    accumulated: dict[str, set[int]] = {}                 # backward fragment -> its gradient outputs
+    for f in per_layer.fragments:
+        for src in f.inputs:
+            if f.phase == "apply" and src.accumulated and src.fragment is not None:
+                accumulated.setdefault(src.fragment, set()).add(src.index)
+    grad_roles: dict[str, tuple[list[int], list[int]]] = {}   # backward text -> (may stay partial, accumulated)
     for f in per_layer.fragments:
         fn = funcs[f.name]
         text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
@@ -101,6 +118,8 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         if f.phase != "apply":
             text = "module {\n" + text + "\n}"
             texts[f.stage].append(text)
+            if f.phase == "backward":
+                grad_roles[text] = (candidates.get(f.name, []), sorted(accumulated.get(f.name, ())))
             if f.phase == "forward":
                 backward = next((g for g in per_layer.fragments if g.stage == f.stage and g.phase == "backward"), None)
                 acts = sorted({s.index for s in (backward.inputs if backward else ()) if s.fragment == f.name})
@@ -124,6 +143,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                     cross_bytes[b] += _tensor_bytes(t)
     solves: dict[tuple[str, tuple], float] = {}
     held: dict[tuple[str, tuple], tuple[float, float]] = {}   # per device, in the chosen layouts
+    acc_held: dict[tuple[str, tuple], float] = {}             # gradient accumulators per device
     solve_seconds = [0.0]
     from meshweave.passes.solver.cache import SolveCache
 
@@ -145,14 +165,20 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
                 m = parse_module(text)
                 st = PipelineState(mesh=spec, options={"solve_cache": cache})
+                grads = grad_roles[text][0] if text in grad_roles else ()
                 try:
-                    Pipeline(_auto_sharding_pipeline(o, len(logical))).run(m, st, record_ir=False)
+                    Pipeline(_auto_sharding_pipeline(o, len(logical), gradient_results=grads, micro_batches=k)).run(
+                        m, st, record_ir=False)
                 except MemoryBudgetError:
                     solves[key] = None          # this layer does not fit this sub-mesh's budget
                     solve_seconds[0] += time.perf_counter() - t_solve
                     raise
                 report = _auto_report(st)
                 solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops
+                if text in grad_roles:
+                    g = _gradients_once_per_step(m, st, spec, *grad_roles[text])
+                    solves[key] += g.latency_adjustment(k)
+                    acc_held[key] = g.accumulator_bytes
                 if text in roles:
                     held[key] = _held_bytes(m, spec, *roles[text])
                 solve_seconds[0] += time.perf_counter() - t_solve
@@ -160,6 +186,10 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 raise MemoryBudgetError("layer does not fit", None)
             total += solves[key]
         return total
+
+    def layer_accumulators(layer: int, logical) -> float:
+        """Gradient accumulator bytes per device of a layer (its backward fragment's layouts)."""
+        return sum(acc_held.get((t, logical), 0.0) for t in texts[layer] if t in grad_roles)
 
     def layer_held(layer: int, logical, n: int) -> tuple[float, float]:
         """(parameter bytes, activation bytes) per device of a layer, in the planner's layouts."""
@@ -184,7 +214,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 # The planner's layout of the parameters scales everything apply-grad holds per
                 # parameter (the parameter, its gradient, the optimizer state).
                 ratio = (state_bytes[i] + param_bytes[i]) / param_bytes[i] if param_bytes[i] else 0.0
-                mem += params_dev * ratio
+                mem += params_dev * ratio + layer_accumulators(i, logical)
                 act += acts_dev
             out.append(StageCandidate(logical, lat, mem, act))
             out.append(StageCandidate(logical, lat, mem, act))
@@ -208,6 +238,47 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                    seconds=time.perf_counter() - t0, candidates=len(solves),
                                    solve_seconds=solve_seconds[0], layer_param_bytes=list(param_bytes),
                                    layer_activation_bytes=list(act_bytes), micro_batches=k)
+
+
+@dataclass(frozen=True)
+class GradientPricing:
+    """What a backward fragment's weight gradients cost, in the cluster's time units."""
+
+    marked: float             # all-reduce of the sums the ILP priced once per step (full cost)
+    saved: float              # of those, what partial-gradients proved partial (their per-run all-reduce)
+    once: float               # the proven gradients' all-reduce, once per step
+    accumulator_bytes: float  # gradient accumulators per device
+
+    def latency_adjustment(self, micro_batches: int) -> float:
+        """Correction to the ILP objective (which charged `marked / micro_batches`): proven gradients
+        pay `once / micro_batches`; sums not proven partial pay their all-reduce in full, every run."""
+        k = micro_batches
+        unproven = max(self.marked - self.saved, 0.0)
+        return unproven * (1.0 - 1.0 / k) - self.saved / k + self.once / k
+
+
+def _gradients_once_per_step(module, state, spec, may_stay_partial, accumulated) -> GradientPricing:
+    """On a solved backward fragment: the gradient reductions (see GradientPricing) and accumulators."""
+    from meshweave.passes.pipeline import Pipeline
+    from meshweave.plugin.compile import result_shardings
+
+    saved = once = 0.0
+    solved = state.results["auto-sharding"]
+    marked = sum(solved.graph.lmesh.to_user_units(cost) for g, s, cost in solved.graph.gradient_charges
+                 if solved.choice[g] == s)
+    if may_stay_partial:
+        Pipeline("partial-gradients{results=" + ",".join(map(str, may_stay_partial)) + "}").run(
+            module, state, record_ir=False)
+        lm = state.logical_mesh
+        for p in state.results["partial-gradients"].partial:
+            saved += lm.to_user_units(lm.plan_cost([("all-reduce", p.sharding.unreduced, p.root_bytes)]))
+            once += lm.to_user_units(lm.plan_cost([("all-reduce", p.sharding.unreduced, p.bytes)]))
+    main = mw.main_func(module)
+    types = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value).results
+    layouts = result_shardings(module)
+    acc = sum(_tensor_bytes(types[j]) / (math.prod(spec.axis_size(a) for a in layouts[j].used_axes())
+                                         if layouts[j] is not None else 1) for j in accumulated)
+    return GradientPricing(marked, saved, once, acc)
 
 
 def _held_bytes(module, spec, param_args, act_results) -> tuple[float, float]:

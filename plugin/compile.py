@@ -22,7 +22,16 @@ def result_shardings(module) -> list[TensorSharding | None]:
 
 
 def named_sharding(ts: TensorSharding | None, mesh: Mesh) -> NamedSharding:
+    if ts is not None and ts.unreduced:
+        mesh = explicit_mesh(mesh)
     return NamedSharding(mesh, ts.partition_spec() if ts is not None else PartitionSpec())
+
+
+def explicit_mesh(mesh: Mesh) -> Mesh:
+    """`mesh` with Explicit axes: jax only accepts unreduced (partial-sum) shardings on those."""
+    from jax.sharding import AxisType
+
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
 
 
 def compile_single_mesh(step, module, mesh: Mesh) -> jax.stages.Compiled:

@@ -87,6 +87,10 @@ def executable_shardings(executable, devices, named: list, ndims: list[int], *, 
         hlo = xc.HloSharding.from_proto(proto)
         if ns is not None and ns._to_xla_hlo_sharding(nd) == hlo:
             result.append(ns)
+        elif ns is not None and getattr(ns.spec, "unreduced", None):
+            # A partial sum the module declares (sdy unreduced); XLA reports it without that
+            # mark, and a GSPMDSharding would read the summands as replicas of one value.
+            result.append(ns)
         else:
             result.append(sharding_impls.GSPMDSharding(tuple(devices), hlo))
     return result

@@ -22,6 +22,10 @@ class PipelineRuntimeError(RuntimeError):
 
 def named_sharding(sig: TensorSig, mesh: Mesh) -> NamedSharding:
     dims = [None if not d else (d[0] if len(d) == 1 else tuple(d)) for d in sig.sharding]
+    if sig.unreduced:                    # a partial sum: jax wants Explicit axes for it
+        from meshweave.plugin.compile import explicit_mesh
+
+        return NamedSharding(explicit_mesh(mesh), PartitionSpec(*dims, unreduced=frozenset(sig.unreduced)))
     return NamedSharding(mesh, PartitionSpec(*dims))
 
 

@@ -36,11 +36,14 @@ class MeshDesc:
 
 @dataclass(frozen=True)
 class TensorSig:
-    """Shape, dtype and sharding (over its mesh) of one buffer."""
+    """Shape, dtype and sharding (over its mesh) of one buffer. `unreduced`: mesh axes over which
+    the buffer is a partial sum (each device holds a summand; a pipeline's accumulated gradients
+    until apply-grad sums them)."""
 
     shape: tuple[int, ...]
     dtype: str
     sharding: tuple[DimSharding, ...]
+    unreduced: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -280,3 +280,49 @@ def test_pipeshard_refuses_a_mesh_shape_it_would_ignore():
         mw.PipeshardParallel(mesh_shape=(2, 4))
     with pytest.raises(ValueError, match="num_hosts must be a positive int"):
         mw.PipeshardParallel(num_hosts=0)
+
+
+def _wide_batch_mlp():
+    """Many examples, narrow layers: the data-parallel plan sums every weight gradient over the batch."""
+    opt = optax.adam(1e-2)
+    key = jax.random.PRNGKey(0)
+    state = mlp.init_state(key, [16, 16, 16, 16, 8], opt)
+    return mlp.make_train_step(opt, grad_fn=mw.value_and_grad), state, mlp.synthetic_batch(key, 1024, 16, 8)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_weight_gradients_are_reduced_once_per_step_in_apply_grad(schedule):
+    """Backward fragments leave their weight gradients partial over the data-parallel axis (no
+    all-reduce per micro-batch); the accumulator adds them locally; apply-grad reduces once."""
+    step, state, batch = _wide_batch_mlp()
+    par = _run(step, state, batch, mw.PipeshardParallel(
+        num_micro_batches=4, stage_option=mw.UniformStageOption(num_stages=2), pipeline_schedule=schedule,
+        default_auto_sharding_option=mw.AutoShardingOption(force_batch_dim_to_mesh_dim=0)), steps=2)
+    exe = par.last_executable
+    kinds = {f.name: f.kind for f in exe.program.fragments}
+    for frag, sp in zip(exe.program.fragments, exe.plan.stages):
+        if frag.kind == "backward":
+            assert "all-reduce" not in sp.collectives, (frag.name, sp.collectives)
+            partial = [o for o in frag.outputs if o.unreduced]
+            assert len(partial) == 4 and all(o.unreduced == ("x",) for o in partial)   # 2 kernels + 2 biases
+            assert sum("unreduced" in p.sharding for p in sp.outputs) == 4
+        elif frag.kind == "apply":
+            assert sp.collectives.get("all-reduce", {}).get("count", 0) >= 1, (frag.name, sp.collectives)
+    assert sorted(kinds.values()).count("backward") == 2
+
+
+def test_per_micro_batch_reduction_is_kept_where_the_gradient_leaves_its_mesh():
+    """Only values read by apply-grad on the producer's mesh stay partial (pure dataflow check)."""
+    from meshweave.passes.stage_outlining import Fragment, OutliningResult, Source
+    from meshweave.passes.partial_gradients import partial_candidates
+
+    bwd0 = Fragment("s0_backward", 0, "backward", "mesh0", num_outputs=3)
+    bwd1 = Fragment("s1_backward", 1, "backward", "mesh1", num_outputs=2)
+    apply0 = Fragment("s0_apply", 0, "apply", "mesh0", inputs=[
+        Source(fragment="s0_backward", index=0, accumulated=True),
+        Source(fragment="s1_backward", index=1, accumulated=True)])       # crosses meshes: reduced first
+    fwd1 = Fragment("s1_forward", 1, "forward", "mesh1", inputs=[Source(fragment="s0_backward", index=2)])
+    apply1 = Fragment("s1_apply", 1, "apply", "mesh1", inputs=[
+        Source(fragment="s1_backward", index=0, accumulated=True), Source(fragment="s0_backward", index=2)])
+    outlined = OutliningResult([bwd0, bwd1, apply0, apply1, fwd1], [Source(fragment="s0_backward", index=1)])
+    assert partial_candidates(outlined) == {"s0_backward": [0], "s1_backward": [0]}

@@ -328,6 +328,13 @@ class MeshWorker:
         from jax.sharding import NamedSharding, PartitionSpec
 
         spec = [None if not dims else (dims[0] if len(dims) == 1 else tuple(dims)) for dims in sig.sharding]
+        if getattr(sig, "unreduced", ()):    # (trailing Nones dropped: jax's own form of the spec)
+            while spec and spec[-1] is None:
+                spec.pop()    # a partial sum (accumulated gradients): Explicit axes
+            from jax.sharding import AxisType, Mesh
+
+            jmesh = Mesh(jmesh.devices, jmesh.axis_names, axis_types=(AxisType.Explicit,) * len(jmesh.axis_names))
+            return NamedSharding(jmesh, PartitionSpec(*spec, unreduced=frozenset(sig.unreduced)))
         return NamedSharding(jmesh, PartitionSpec(*spec))
 
     # ---- handles ----------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""partial-gradients pricing: what the stage DP stops charging per micro-batch is the all-reduce
+the intra-op ILP priced for the gradient, and it is charged once per step instead."""
+import pytest
+
+from meshweave.dialects.context import parse_module
+from meshweave.dialects.sharding import MeshSpec
+from meshweave.passes.pipeline import Pipeline, PipelineState
+from meshweave.passes.stage_profiling import GradientPricing, _gradients_once_per_step
+
+WEIGHT_GRAD = """
+module {
+  func.func @main(%x: tensor<64x16xf32> {mw.batch_dim = 0 : i64}, %dy: tensor<64x32xf32> {mw.batch_dim = 0 : i64})
+      -> (tensor<16x32xf32>, tensor<32xf32>) {
+    %g = stablehlo.dot_general %x, %dy, contracting_dims = [0] x [0] : (tensor<64x16xf32>, tensor<64x32xf32>) -> tensor<16x32xf32>
+    %z = stablehlo.constant dense<0.0> : tensor<f32>
+    %b = stablehlo.reduce(%dy init: %z) applies stablehlo.add across dimensions = [0] : (tensor<64x32xf32>, tensor<f32>) -> tensor<32xf32>
+    return %g, %b : tensor<16x32xf32>, tensor<32xf32>
+  }
+}
+"""
+
+
+def test_the_saved_per_micro_batch_cost_is_the_ilps_gradient_all_reduce():
+    spec = MeshSpec.from_shape((4,))
+    module = parse_module(WEIGHT_GRAD)
+    state = PipelineState(mesh=spec, options={})
+    Pipeline("install-mesh{shape=4},auto-sharding{batch-axes=x}").run(module, state, record_ir=False)
+    ilp_all_reduce = state.results["auto-sharding"].predicted_costs.get("all-reduce", 0.0)
+    assert ilp_all_reduce > 0                    # data parallel: both gradients are summed across x
+    g = _gradients_once_per_step(module, state, spec, [0, 1], [0, 1])
+    assert g.saved == pytest.approx(ilp_all_reduce)
+    assert g.once == pytest.approx(g.saved)      # here the partial sums are the gradients themselves
+    assert g.marked == 0.0                       # no micro-batches given to the ILP: nothing priced once
+    assert g.accumulator_bytes == (16 * 32 + 32) * 4     # replicated accumulators, f32
+    # With 8 micro-batches the per-run cost drops by 7/8 of that all-reduce.
+    assert g.latency_adjustment(8) == pytest.approx(-g.saved / 8 + g.once / 8)
+    assert [p.index for p in state.results["partial-gradients"].partial] == [0, 1]
+
+
+def test_nothing_is_saved_when_the_plan_does_not_split_the_sum():
+    spec = MeshSpec.from_shape((4,))
+    module = parse_module(WEIGHT_GRAD)
+    state = PipelineState(mesh=spec, options={})
+    Pipeline("install-mesh{shape=4},auto-sharding").run(module, state, record_ir=False)
+    assert not state.results["auto-sharding"].predicted_costs.get("all-reduce", 0.0)   # compute is free to the ILP
+    g = _gradients_once_per_step(module, state, spec, [0, 1], [0, 1])
+    assert g.saved == g.once == 0.0
+
+
+def test_the_ilp_prices_marked_gradient_sums_once_per_step():
+    """With micro-batches, the ILP charges 1/B of a gradient sum's all-reduce; what the
+    partial-gradients pass cannot prove is charged back in full by the adjustment."""
+    spec = MeshSpec.from_shape((4,))
+    full, share = {}, {}
+    for k, out in ((1, full), (8, share)):
+        module = parse_module(WEIGHT_GRAD)
+        state = PipelineState(mesh=spec, options={})
+        Pipeline(f"install-mesh{{shape=4}},auto-sharding{{batch-axes=x gradient-results=0,1 micro-batches={k}}}").run(
+            module, state, record_ir=False)
+        out["objective"] = state.results["auto-sharding"].objective
+        out["pricing"] = _gradients_once_per_step(module, state, spec, [0, 1], [0, 1])
+    # (objectives also hold the ILP's tie-breakers: compare to 1%)
+    assert share["objective"] == pytest.approx(full["objective"] / 8, rel=1e-2)
+    p = share["pricing"]
+    assert p.marked == pytest.approx(p.saved) and p.saved == pytest.approx(full["objective"], rel=1e-2)
+    assert share["objective"] + p.latency_adjustment(8) == pytest.approx(p.once / 8, rel=1e-2)
+    unproven = GradientPricing(marked=p.marked, saved=0.0, once=0.0, accumulator_bytes=0.0)
+    assert share["objective"] + unproven.latency_adjustment(8) == pytest.approx(full["objective"], rel=1e-2)
