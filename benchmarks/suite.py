@@ -72,6 +72,22 @@ def gpt_case(model: str, global_batch: int, micro_batches: int, dtype=jnp.bfloat
                 boundary_bytes_per_sample=act, tp_allreduce_bytes_per_sample=4 * act, tensor_parallel=True)
 
 
+def bert_case(model: str, global_batch: int, micro_batches: int, dtype=jnp.bfloat16) -> Case:
+    from meshweave.models import bert
+    from meshweave.models.alpa_configs import bert_config
+
+    cfg = bert_config(model)
+    opt = optax.adam(1e-4)
+    state = jax.eval_shape(lambda k: bert.init_state(k, cfg, opt, dtype), jax.random.PRNGKey(0))
+    tokens = jax.ShapeDtypeStruct((global_batch, cfg.seq_len), jnp.int32)
+    batch = {"tokens": tokens, "targets": tokens, "mask": jax.ShapeDtypeStruct(tokens.shape, jnp.bool_),
+             "weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32)}
+    act = cfg.seq_len * cfg.d_model * jnp.dtype(dtype).itemsize
+    return Case("bert", model, bert.make_train_step(opt, grad_fn=mw.value_and_grad), state, batch, global_batch,
+                micro_batches, mw.ManualLayerOption(), boundary_bytes_per_sample=act,
+                tp_allreduce_bytes_per_sample=4 * act, tensor_parallel=True)
+
+
 def moe_case(model: str, global_batch: int, micro_batches: int, dtype=jnp.bfloat16) -> Case:
     from meshweave.models import moe_lm
     from meshweave.models.alpa_configs import moe_config
@@ -111,15 +127,25 @@ def wresnet_case(model: str, global_batch: int, micro_batches: int) -> Case:
                 tensor_parallel=False)
 
 
+CASES = {"gpt": gpt_case, "bert": bert_case, "moe": moe_case, "wresnet": wresnet_case}
+
+
+def make_case(suite: str, model: str, global_batch: int, micro_batches: int) -> Case:
+    """A suite's case by model name (Alpa's sizes, or "tiny")."""
+    if suite not in CASES:
+        raise ValueError(f"unknown suite {suite!r}; known: {', '.join(CASES)}")
+    return CASES[suite](model, global_batch, micro_batches)
+
+
 def weak_scaling_case(suite: str, gpus: int) -> Case:
     from meshweave.models import alpa_configs as ac
 
-    table, make = {"gpt": (ac.GPT_WEAK_SCALING, gpt_case), "moe": (ac.MOE_WEAK_SCALING, moe_case),
-                   "wresnet": (ac.WRESNET_WEAK_SCALING, wresnet_case)}[suite]
+    table = {"gpt": ac.GPT_WEAK_SCALING, "bert": ac.BERT_WEAK_SCALING, "moe": ac.MOE_WEAK_SCALING,
+             "wresnet": ac.WRESNET_WEAK_SCALING}[suite]
     if gpus not in table:
         raise SystemExit(f"no {suite} weak-scaling row for {gpus} GPUs; choose from {sorted(table)}")
     row = table[gpus]
-    return make(row.model, row.global_batch, row.micro_batches)
+    return make_case(suite, row.model, row.global_batch, row.micro_batches)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -156,7 +182,7 @@ def plan_auto(case: Case, cluster: mw.ClusterSpec, capacity=True):
     seconds = time.perf_counter() - t0
     st = result.stages
     stages = [{"layers": list(s.layers), "physical": list(s.physical_shape), "logical": list(s.mesh.shape),
-               "devices": len(s.mesh.device_ids), "latency": s.latency, "memory": s.memory} for s in st.stages]
+               "devices": len(s.mesh.device_ids), "device_ids": list(s.mesh.device_ids), "latency": s.latency, "memory": s.memory} for s in st.stages]
     plan = AutoPlan(result.predicted_step_time, result.predicted_step_time,
                     max((s.memory or 0.0) for s in st.stages), stages, case.micro_batches,
                     {k: round(v, 3) for k, v in result.timings.items()}, seconds, st.candidates)
@@ -204,6 +230,7 @@ class Row:
     best_baseline: str
     auto_vs_best_baseline: float | None    # throughput ratio (>= 1: auto is at least as fast)
     notes: list[str] = field(default_factory=list)
+    compiled: dict | None = None           # --emit-plans: the stages compiled (benchmarks/stage_programs.py)
 
 
 def _result(method, plan, step_time, memory, fits, flops, cluster) -> MethodResult:
@@ -316,11 +343,13 @@ def figure(rows: list[dict], path: str) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", choices=("gpt", "moe", "wresnet"), default="gpt")
+    p.add_argument("--suite", choices=("gpt", "bert", "moe", "wresnet"), default="gpt")
     p.add_argument("--cluster", choices=("h100", "p3"), default="h100")
     p.add_argument("--gpus", default="8,16,32,64")
     p.add_argument("--nb-factors", default="1", help="micro-batch counts to plan, as multiples of Alpa's count for "
                    "the row (e.g. 0.5,1,4); the fastest automatic plan that fits is reported")
+    p.add_argument("--emit-plans", action="store_true", help="also compile every automatic plan's stages on "
+                   "simulated CPU devices (one process per row) into benchmarks/results/plans/<suite>_<cluster>_<gpus>/")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<suite>_<cluster>.json)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="only draw the rows of these result files together "
                    "(to --out's .png)")
@@ -343,6 +372,13 @@ def main(argv=None):
         bar.set_postfix_str(f"{case.model} on {g} GPUs")
         rows.append(run_row(case, mw.ClusterSpec.preset(args.cluster, g),
                             tuple(float(x) for x in args.nb_factors.split(","))))
+        if args.emit_plans:
+            from benchmarks import stage_programs
+
+            bar.set_postfix_str(f"{case.model} on {g} GPUs: compiling its stages")
+            row = rows[-1]
+            row.compiled = stage_programs.summary(stage_programs.compile_row_in_subprocess(
+                args.suite, args.cluster, dataclasses.asdict(row), stage_programs.plan_dir(args.suite, args.cluster, g)))
         doc = {"command": "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
                "load_average_1_5_15min": os.getloadavg(),        # the machine is shared: planning times vary

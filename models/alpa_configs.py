@@ -46,6 +46,22 @@ def gpt_config(name: str) -> GPTConfig:
     return GPTConfig(vocab=VOCAB, seq_len=SEQ_LEN, d_model=hidden, heads=heads, layers=layers)
 
 
+# BERT: Alpa benchmarks BERT with the GPT specifications (its gpt/bert 3D benchmark shares
+# `gpt_specs`); meshweave's rows pair them with the GPT weak-scaling GPU counts, batch and micro-batches.
+BERT_WEAK_SCALING = GPT_WEAK_SCALING
+
+
+def bert_config(name: str):
+    from meshweave.models.bert import BertConfig
+
+    if name == "tiny":
+        return BertConfig(vocab=256, seq_len=32, d_model=64, heads=4, layers=4, d_ff=256)
+    if name not in GPT_SPECS:
+        raise ValueError(f"unknown BERT size {name!r}; known: tiny, {', '.join(GPT_SPECS)}")
+    hidden, layers, heads = GPT_SPECS[name]
+    return BertConfig(vocab=VOCAB, seq_len=SEQ_LEN, d_model=hidden, heads=heads, layers=layers, d_ff=4 * hidden)
+
+
 # GShard MoE (Alpa's `suite_manual_moe.py`: sequence 1024, vocabulary 32000, 16 heads, expert group
 # 2048 tokens; every block's MLP is a mixture of experts). name: (hidden, layers, experts)
 MOE_SPECS = {

@@ -1,7 +1,8 @@
 """A BERT encoder (post-LN: attention and MLP each followed by a residual add and layer norm,
 GELU) with a masked-token prediction head, in plain JAX, with an optax training step.
 
-Layer norms use `jnp.square` for the variance, as many user models do (on jax 0.10 that lowers
+A pipeline layer per encoder layer (`mark_pipeline_boundary` between layers; identity outside
+PipeshardParallel). Layer norms use `jnp.square` for the variance, as many user models do (on jax 0.10 that lowers
 to `chlo.square`, which the planner must shard like any elementwise op).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from meshweave.markers import mark_pipeline_boundary
 from meshweave.models import training
 
 
@@ -30,30 +32,30 @@ class BertConfig:
         return self.d_model // self.heads
 
 
-def _dense(key, shape, fan_in):
-    return jax.random.normal(key, shape) / np.sqrt(fan_in)
+def _dense(key, shape, fan_in, dtype=jnp.float32):
+    return (jax.random.normal(key, shape) / np.sqrt(fan_in)).astype(dtype)
 
 
-def _norm(d):
-    return {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}
+def _norm(d, dtype=jnp.float32):
+    return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
 
 
-def init(key, cfg: BertConfig):
+def init(key, cfg: BertConfig, dtype=jnp.float32):
     d, h, k, f = cfg.d_model, cfg.heads, cfg.head_dim, cfg.d_ff
     keys = iter(jax.random.split(key, 3 + 6 * cfg.layers))
-    params = {"embed": _dense(next(keys), (cfg.vocab, d), 1.0) * 0.02,
-              "pos": _dense(next(keys), (cfg.seq_len, d), 1.0) * 0.02,
-              "ln_embed": _norm(d),
-              "head": {"kernel": _dense(next(keys), (d, cfg.vocab), d), "bias": jnp.zeros((cfg.vocab,))},
+    params = {"embed": _dense(next(keys), (cfg.vocab, d), 1.0, dtype) * 0.02,
+              "pos": _dense(next(keys), (cfg.seq_len, d), 1.0, dtype) * 0.02,
+              "ln_embed": _norm(d, dtype),
+              "head": {"kernel": _dense(next(keys), (d, cfg.vocab), d, dtype), "bias": jnp.zeros((cfg.vocab,), dtype)},
               "layers": []}
     for _ in range(cfg.layers):
         params["layers"].append({
-            "qkv": {"kernel": _dense(next(keys), (d, 3, h, k), d), "bias": jnp.zeros((3, h, k))},
-            "out": {"kernel": _dense(next(keys), (h, k, d), d), "bias": jnp.zeros((d,))},
-            "ln_attn": _norm(d),
-            "fc1": {"kernel": _dense(next(keys), (d, f), d), "bias": jnp.zeros((f,))},
-            "fc2": {"kernel": _dense(next(keys), (f, d), f), "bias": jnp.zeros((d,))},
-            "ln_mlp": _norm(d),
+            "qkv": {"kernel": _dense(next(keys), (d, 3, h, k), d, dtype), "bias": jnp.zeros((3, h, k), dtype)},
+            "out": {"kernel": _dense(next(keys), (h, k, d), d, dtype), "bias": jnp.zeros((d,), dtype)},
+            "ln_attn": _norm(d, dtype),
+            "fc1": {"kernel": _dense(next(keys), (d, f), d, dtype), "bias": jnp.zeros((f,), dtype)},
+            "fc2": {"kernel": _dense(next(keys), (f, d), f, dtype), "bias": jnp.zeros((d,), dtype)},
+            "ln_mlp": _norm(d, dtype),
         })
     return params
 
@@ -77,7 +79,9 @@ def encoder_layer(p, x, mask):
 
 def apply(params, tokens, mask):
     x = layer_norm(params["ln_embed"], params["embed"][tokens] + params["pos"][None, : tokens.shape[1]])
-    for p in params["layers"]:
+    for i, p in enumerate(params["layers"]):
+        if i:
+            x = mark_pipeline_boundary(x)   # a pipeline layer per encoder layer (identity elsewhere)
         x = encoder_layer(p, x, mask)
     return x @ params["head"]["kernel"] + params["head"]["bias"]
 
@@ -93,8 +97,8 @@ def make_train_step(optimizer: optax.GradientTransformation, grad_fn=jax.value_a
     return training.make_train_step(loss_fn, optimizer, grad_fn)
 
 
-def init_state(key, cfg: BertConfig, optimizer):
-    return training.init_state(init(key, cfg), optimizer)
+def init_state(key, cfg: BertConfig, optimizer, dtype=jnp.float32):
+    return training.init_state(init(key, cfg, dtype), optimizer)
 
 
 def synthetic_batch(key, cfg: BertConfig, batch_size):

@@ -39,9 +39,9 @@ def init(key, cfg: MoEConfig, dtype=jnp.float32):
 
 def top2_gating(logits, capacity):
     """(combine [G,S,E,C], dispatch [G,S,E,C]): GShard's top-2 routing with capacity; tokens over
-    an expert's capacity are dropped."""
+    an expert's capacity are dropped. The routing runs in float32 whatever the logits' dtype."""
     experts = logits.shape[-1]
-    gates = jax.nn.softmax(logits, axis=-1)
+    gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     index1 = jnp.argmax(gates, axis=-1)
     mask1 = jax.nn.one_hot(index1, experts, dtype=gates.dtype)
     index2 = jnp.argmax(gates * (1.0 - mask1), axis=-1)
@@ -57,16 +57,22 @@ def top2_gating(logits, capacity):
     slot2 = jax.nn.one_hot(jnp.sum(pos2 * mask2, axis=-1).astype(jnp.int32), capacity, dtype=gates.dtype)
     combine = ((gate1 / norm)[..., None, None] * mask1[..., None] * slot1[:, :, None, :]
                + (gate2 / norm)[..., None, None] * mask2[..., None] * slot2[:, :, None, :])
-    return combine, (combine > 0).astype(gates.dtype)
+    return combine.astype(logits.dtype), (combine > 0).astype(logits.dtype)
+
+
+def experts_layer(tokens, gate, wi, wo, capacity, activation=jax.nn.relu):
+    """The expert feed-forward of token groups [G, S, M]: top-2 dispatch to `capacity` slots per
+    expert (E x M x H and E x H x M expert weights), combined back to [G, S, M]."""
+    combine, dispatch = top2_gating(jnp.einsum("gsm,me->gse", tokens, gate), capacity)
+    expert_in = jnp.einsum("gsec,gsm->egcm", dispatch, tokens)
+    h = activation(jnp.einsum("egcm,emh->egch", expert_in, wi))
+    expert_out = jnp.einsum("egch,ehm->egcm", h, wo)
+    return jnp.einsum("gsec,egcm->gsm", combine, expert_out)
 
 
 def apply(params, x, cfg: MoEConfig):
     x = jnp.tanh(x @ params["proj"])
-    combine, dispatch = top2_gating(jnp.einsum("gsm,me->gse", x, params["gate"]), cfg.capacity)
-    expert_in = jnp.einsum("gsec,gsm->egcm", dispatch, x)
-    h = jax.nn.relu(jnp.einsum("egcm,emh->egch", expert_in, params["wi"]))
-    expert_out = jnp.einsum("egch,ehm->egcm", h, params["wo"])
-    return x + jnp.einsum("gsec,egcm->gsm", combine, expert_out)
+    return x + experts_layer(x, params["gate"], params["wi"], params["wo"], cfg.capacity)
 
 
 def make_loss_fn(cfg: MoEConfig):

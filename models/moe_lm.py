@@ -2,9 +2,8 @@
 top-2 gated mixture of experts with a fixed capacity per expert, tokens routed in groups.
 
 Attention and layer norm are models/gpt.py's. A pipeline boundary precedes every block after the
-first. Expert weights (`E x M x H`, `E x H x M`) are what expert parallelism splits.
-(A single MoE layer for tests lives on the quality branch as models/moe.py; when it lands, the
-gating below should be shared with it.)
+first. Expert weights (`E x M x H`, `E x H x M`) are what expert parallelism splits. The gating
+and the expert feed-forward are models/moe.py's (the single MoE layer the tests use).
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import numpy as np
 import optax
 
 from meshweave.markers import mark_pipeline_boundary
-from meshweave.models import gpt, training
+from meshweave.models import gpt, moe, training
 
 
 @dataclass(frozen=True)
@@ -55,33 +54,14 @@ def init(key, cfg: MoELMConfig, dtype=jnp.float32):
     return params
 
 
-def top2_dispatch(logits, capacity):
-    """(combine, dispatch), both [G, S, E, C]: each token goes to its two best experts while they
-    have room in this group; tokens past an expert's capacity are dropped (GShard)."""
-    experts = logits.shape[-1]
-    gates = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    first = jax.nn.one_hot(jnp.argmax(gates, -1), experts, dtype=gates.dtype)
-    second = jax.nn.one_hot(jnp.argmax(gates * (1 - first), -1), experts, dtype=gates.dtype)
-    pos1 = jnp.cumsum(first, axis=1) - first
-    first = first * (pos1 < capacity)
-    pos2 = jnp.cumsum(second, axis=1) - second + first.sum(axis=1, keepdims=True)
-    second = second * (pos2 < capacity)
-    g1, g2 = (gates * first).sum(-1), (gates * second).sum(-1)
-    norm = g1 + g2 + 1e-9
-    slot = lambda pos, mask: jax.nn.one_hot((pos * mask).sum(-1).astype(jnp.int32), capacity, dtype=gates.dtype)
-    combine = ((g1 / norm)[..., None, None] * first[..., None] * slot(pos1, first)[:, :, None, :]
-               + (g2 / norm)[..., None, None] * second[..., None] * slot(pos2, second)[:, :, None, :])
-    return combine.astype(logits.dtype), (combine > 0).astype(logits.dtype)
+top2_dispatch = moe.top2_gating        # the name this module exported before the layer was shared
 
 
 def moe_mlp(blk, x, cfg: MoELMConfig):
     b, t, d = x.shape
     tokens = x.reshape(-1, cfg.group_size, d)              # [G, S, M]
-    combine, dispatch = top2_dispatch(jnp.einsum("gsm,me->gse", tokens, blk["gate"]), cfg.capacity)
-    expert_in = jnp.einsum("gsec,gsm->egcm", dispatch, tokens)
-    hidden = jax.nn.gelu(jnp.einsum("egcm,emh->egch", expert_in, blk["wi"]))
-    expert_out = jnp.einsum("egch,ehm->egcm", hidden, blk["wo_e"])
-    return jnp.einsum("gsec,egcm->gsm", combine, expert_out).reshape(b, t, d)
+    out = moe.experts_layer(tokens, blk["gate"], blk["wi"], blk["wo_e"], cfg.capacity, jax.nn.gelu)
+    return out.reshape(b, t, d)
 
 
 def apply(params, tokens, cfg: MoELMConfig):

@@ -181,7 +181,8 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 st = graph.groups[rec.group].op_strategies[s]
                 if st is not None and st.scatter is not None:
                     scatters.append((rec, s, st))
-                elif st is not None and rec.op.operation.name == "stablehlo.scatter" and local_scatter(st.a, rec.op):
+                elif (st is not None and rec.op.operation.name == "stablehlo.scatter" and graph.mesh.num_devices > 1
+                      and local_scatter(st.a, rec.op)):   # one device: XLA skips partitioning, nothing to guard
                     locals_.append((rec, s))
         # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays;
         # one constraint per value and layout within a block, shared by its consumers.

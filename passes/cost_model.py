@@ -150,14 +150,13 @@ class LogicalMesh:
                 moved = [a for a in gathered if a in dst_extra]
                 if moved and self._one_all_to_all(src, dst, moved):
                     # XLA gathers the axes that leave first, then moves the rest with one
-                    # all-to-all; when that changes the order of the sharding axes (read dim by
-                    # dim), the devices hold their tiles in another order: a collective-permute.
+                    # all-to-all; when a dim both gives and takes moved axes (a swap), the
+                    # devices end up holding their tiles in another order: a collective-permute.
                     rest = [a for a in gathered if a not in moved]
                     frac = 1 / self.mesh.axes_size(kept + moved)
                     a2a = self._gather_per_dim(src, [a for a in src.used_axes() if a not in rest])
                     a2a += (("all-to-all", tuple(moved), frac),)
-                    stay = set(kept) | set(moved)
-                    if [a for a in src.used_axes() if a in stay] != [a for a in dst.used_axes() if a in stay]:
+                    if {_dim_of(src, a) for a in moved} & {_dim_of(dst, a) for a in moved}:
                         a2a += (("collective-permute", tuple(moved), frac),)
                     hit += (a2a,)
         cache[key] = hit

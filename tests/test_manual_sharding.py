@@ -93,3 +93,23 @@ def test_wrong_number_of_arguments_and_types():
         mw.parallelize(step, method=_method({"btach": P("dp")})).get_executable(state, batch)
     with pytest.raises(mw.MethodError, match="manual_sharding must be a ManualShardingOption"):
         mw.ShardParallel(manual_sharding=(P("dp"),))
+
+
+def test_benchmark_megatron_specs_cover_gpt_and_its_optimizer_state():
+    from benchmarks.hand_plans import manual_option
+    from meshweave.models import gpt
+
+    opt = optax.sgd(1e-2, momentum=0.9)
+    cfg = gpt.GPTConfig(vocab=64, seq_len=8, d_model=32, heads=4, layers=1)
+    state = jax.eval_shape(lambda k: gpt.init_state(k, cfg, opt), jax.random.PRNGKey(0))
+    batch = jax.eval_shape(lambda: gpt.synthetic_batch(jax.random.PRNGKey(1), cfg, 16))
+    option = manual_option("gpt", "megatron", state, batch)
+    result = mw.plan(gpt.make_train_step(opt), state, batch, cluster=ClusterSpec(num_hosts=2, devices_per_host=4),
+                     method=mw.ShardParallel(mesh_shape=(2, 4), axis_names=("x", "y"), manual_sharding=option))
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path((state, batch))[0]]
+    placed = dict(zip((jax.tree_util.keystr(p) for p in paths), result.arg_shardings))
+    assert placed["[0]['params']['embed']"] == "[y,-]"                    # vocab-parallel
+    assert placed["[0]['opt_state'][0].trace['embed']"] == "[y,-]"        # momentum mirrors it
+    assert placed["[0]['params']['blocks'][0]['wq']"] == "[-,y,-]"        # heads over tp
+    assert placed["[0]['params']['blocks'][0]['fc2']['kernel']"] == "[y,-]"
+    assert placed["[1]['tokens']"] == "[x,-]"

@@ -202,6 +202,7 @@ RESHARDS = [   # (shape, from, to): the patterns the 4x2 / 2x4 zoo plans need, a
     ((16, 32), (("x",), ("y",)), ((), ())),                          # one all-gather per dim
     ((16, 32), (("y",), ("x",)), (("x",), ())),                      # gather y, move x
     ((16, 32), (("y",), ()), (("x",), ("y",))),                      # move y, then slice x
+    ((16, 32), ((), ("x", "y")), (("y",), ("x",))),                 # keep x, move y: no permute
 ]
 
 

@@ -134,3 +134,66 @@ def test_moe_and_wresnet_cases_match_alpa_sizes():
         assert case.model == size == table[64].model
         params = sum(math.prod(x.shape) for x in __import__("jax").tree.leaves(case.state["params"]))
         assert params / 1e9 == pytest.approx(billions, rel=0.02)
+
+
+def test_tiny_bert_row_through_the_suite():
+    case = suite.make_case("bert", "tiny", global_batch=32, micro_batches=2)
+    cluster = mw.ClusterSpec.preset("h100", 4)
+    row = suite.run_row(case, cluster)
+    stages = row.auto_detail.stages
+    assert stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == 4      # a pipeline layer per encoder layer
+    assert sum(s["devices"] for s in stages) == 4
+    floor = row.step_matmul_tflop * 1e12 / 4 / cluster.device_flops
+    for m in [row.auto] + row.baselines:
+        assert m.step_time is None or m.step_time >= floor * 0.999, m
+    assert row.megatron_configs_priced > 1 and any(m.method.startswith("Megatron") for m in row.baselines)
+    json.dumps(dataclasses.asdict(row))
+
+
+def test_planned_stages_compile_on_simulated_devices_and_are_judged(tmp_path):
+    """The --emit-plans path: a planned row's stages compiled in a process with the row's devices,
+    stage_<k>.hlo.gz written, collectives counted from it and judged by the α-β evaluator."""
+    import gzip
+
+    from benchmarks import stage_programs
+    from meshweave.plugin import hlo_stats
+    from meshweave.dialects.sharding import default_axis_names
+    from meshweave.step_time import estimate_compiled_step
+
+    case = suite.make_case("gpt", "tiny", global_batch=32, micro_batches=2)
+    cluster = mw.ClusterSpec.preset("h100", 4)
+    row = dataclasses.asdict(suite.run_row(case, cluster))
+    results = tmp_path / "gpt_h100.json"
+    results.write_text(json.dumps({"rows": [row]}))
+    stage_programs.main([str(results), "--plans-dir", str(tmp_path / "plans")])
+    compiled = json.loads(results.read_text())["rows"][0]["compiled"]
+    out = tmp_path / "plans" / "gpt_h100_4"
+    plan = json.loads((out / "plan.json").read_text())
+    assert [s["layers"] for s in compiled["stages"]] == [s["layers"] for s in row["auto_detail"]["stages"]]
+    assert compiled["evaluator"].endswith("estimate_compiled_step")
+    for s, planned in zip(plan["stages"], row["auto_detail"]["stages"]):
+        text = gzip.open(out / s["hlo_file"], "rt").read()
+        modules = text.split("// fragment ")[1:]
+        assert [m.split()[1] for m in modules] == ["(forward)", "(backward)", "(apply)"]
+        assert all("HloModule" in m for m in modules)
+        sub = stage_programs.stage_cluster(cluster, s["logical_shape"])
+        judged = 0.0
+        for m, frag in zip(modules, s["fragments"]):
+            hlo = m.split("\n", 1)[1]
+            assert frag["collectives"] == hlo_stats.summarize(hlo_stats.collectives(hlo))
+            est = estimate_compiled_step(hlo, s["logical_shape"], default_axis_names(len(s["logical_shape"])), sub)
+            assert frag["judged"]["total_s"] == pytest.approx(est.total_s)
+            judged += est.total_s if frag["phase"] != "apply" else 0.0
+        assert s["judged_latency"] == pytest.approx(judged) and judged > 0
+        assert s["ilp_latency"] > 0 and s["predicted_latency"] == planned["latency"]
+        if s["logical_shape"] == [1]:              # one device: nothing to communicate
+            assert all(not f["collectives"] for f in s["fragments"])
+
+
+def test_compiling_stages_needs_their_devices():
+    from benchmarks import stage_programs
+
+    case = suite.make_case("gpt", "tiny", global_batch=32, micro_batches=2)
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16"):
+        stage_programs.compile_stages(case.step, case.state, case.batch,
+                                      [stage_programs.StageLayout((0, 4), (16,))], 2, mw.ClusterSpec.preset("h100", 16))

@@ -57,6 +57,12 @@ def _spec_for(tree, keypath, where: str, used: set):
     return node
 
 
+def broadcast_specs(spec_tree, target) -> list:
+    """The PartitionSpec (or None) of every leaf of `target` under the prefix pytree `spec_tree`."""
+    used: set = set()
+    return [_spec_for(spec_tree, path, "spec", used) for path, _ in jax.tree_util.tree_flatten_with_path(target)[0]]
+
+
 def to_tensor_sharding(spec: PartitionSpec, shape, mesh: MeshSpec, what: str) -> TensorSharding:
     """A PartitionSpec for an array of `shape`, checked against the mesh: wrong rank, unknown or
     repeated axes and dimensions the axes do not divide are errors naming `what`."""

@@ -277,6 +277,10 @@ class PipeshardParallel(ParallelMethod):
     auto-sharded on its sub-mesh, and micro-batches flow through the stages per
     `pipeline_schedule` ("1f1b" or "gpipe"). The step must compute gradients with
     `meshweave.grad` / `meshweave.value_and_grad` when `num_micro_batches > 1`.
+
+    manual_sharding: hand-written layouts of the step's arguments (in_axis_resources only), in the
+    stages' logical mesh axes; every fragment that reads an argument keeps its layout (Megatron's
+    layouts on a ManualStageOption pipeline, for instance).
     """
 
     num_micro_batches: int = 1
@@ -285,6 +289,7 @@ class PipeshardParallel(ParallelMethod):
     pipeline_schedule: str = "1f1b"
     default_auto_sharding_option: AutoShardingOption = field(default_factory=AutoShardingOption)
     num_hosts: int = 1
+    manual_sharding: ManualShardingOption | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_micro_batches, int) or self.num_micro_batches < 1:
@@ -306,6 +311,12 @@ class PipeshardParallel(ParallelMethod):
                               "ManualStageOption(..., submesh_logical_shapes=...))")
         if not isinstance(self.num_hosts, int) or self.num_hosts < 1:
             raise MethodError(f"PipeshardParallel.num_hosts must be a positive int, got {self.num_hosts!r}")
+        if self.manual_sharding is not None:
+            if not isinstance(self.manual_sharding, ManualShardingOption):
+                raise MethodError("PipeshardParallel.manual_sharding must be a ManualShardingOption (or None)")
+            if self.manual_sharding.out_axis_resources is not None:
+                raise MethodError("PipeshardParallel.manual_sharding takes in_axis_resources only: a pipeline's "
+                                  "results come from several stages; pin the arguments they are computed from")
 
     def pipeline_for(self, spec: MeshSpec) -> str:
         return f"inline-calls,cse,layer-clustering{{micro-batches={self.num_micro_batches}}}"

@@ -88,9 +88,10 @@ def _sig(ts, aval) -> TensorSig:
 
 
 def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, int],
-                     batch_args: frozenset = frozenset()) -> str:
+                     batch_args: frozenset = frozenset(), pins=None) -> str:
     """The private fragment function as a standalone module with a public @main (arguments in
-    `batch_args` carry the micro-batch on dimension 0, for force_batch_dim_to_mesh_dim)."""
+    `batch_args` carry the micro-batch on dimension 0, for force_batch_dim_to_mesh_dim; `pins`: a
+    hand-written TensorSharding or None per argument, kept by the auto-sharding ILP)."""
     fn = mw.funcs(module)[name]
     text = str(fn.operation)
     text = re.sub(r"^func\.func private @" + re.escape(name) + r"\(", "func.func @main(", text, count=1)
@@ -98,10 +99,12 @@ def _fragment_module(module, name: str, arg_names: list[str], keeps: dict[int, i
     main = mw.main_func(m)
     with m.context:
         attrs = mw.arg_attr_dicts(main)
-        for i, (d, n) in enumerate(zip(attrs, arg_names)):
+        for i, (d, n, pin) in enumerate(zip(attrs, arg_names, pins or [None] * len(arg_names))):
             d[mw.ARG_PATH] = mw.string_attr(n)
             if i in batch_args:
                 d[mw.BATCH_DIM] = mw.i64_attr(0)
+            if pin is not None:
+                d[mw.PINNED_SHARDING] = pin.to_attr()
         mw.set_arg_attr_dicts(main, attrs)
         res = mw.result_attr_dicts(main)
         for r, a in keeps.items():
@@ -149,6 +152,15 @@ def _with_transfer_layouts(instructions, descs):
             new.append(ins)
         out[mesh] = new
     return out
+
+
+def _manual_pins(method, micro_call, stage) -> list:
+    """PipeshardParallel.manual_sharding resolved on a stage's logical mesh (at micro-batch size):
+    a TensorSharding or None per flat argument of the step."""
+    from meshweave import manual_sharding as ms
+
+    return ms.resolve_inputs(method.manual_sharding, micro_call, MeshSpec.from_shape(stage.mesh.shape,
+                                                                                     stage.mesh.axis_names))
 
 
 def _insert_transfers(module, state, compiled):
@@ -242,6 +254,7 @@ def compile_pipeshard(fun, call, method):
                for n, m in meshes.items()}
     funcs = mw.funcs(module)
     compiled: dict[str, CompiledFragment] = {}
+    pins_of_stage: dict[int, list] = {}
     keep_partial = partial_candidates(outlined)
     partial_layouts = {}               # (backward fragment, output) -> its layout, left partial
     # Backward fragments first: apply-grad reads their partial gradients in the layouts they leave.
@@ -256,6 +269,10 @@ def compile_pipeshard(fun, call, method):
                     if s.arg == keeps_arg[r]:
                         keeps[src.index] = j
         stage = stages.stages[f.stage]
+        if method.manual_sharding is not None and f.stage not in pins_of_stage:
+            pins_of_stage[f.stage] = _manual_pins(method, micro_call, stage)
+        pins = pins_of_stage.get(f.stage)
+        pins = [pins[s.arg] if pins is not None and s.arg is not None else None for s in f.inputs]
         opt = method.default_auto_sharding_option
         if stage.auto_sharding:
             import dataclasses
@@ -266,7 +283,7 @@ def compile_pipeshard(fun, call, method):
         ftype_inputs = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value).inputs
         batch_args = frozenset(j for j, s in enumerate(f.inputs) if batch_axes and s.batch_dependent
                                and len(ir.RankedTensorType(ftype_inputs[j]).shape) >= 1)
-        text = _fragment_module(module, f.name, names, keeps, batch_args)
+        text = _fragment_module(module, f.name, names, keeps, batch_args, pins)
         fmod = parse_module(text)
         fstate = PipelineState(mesh=spec, options={"solve_cache": cache})
         t = clock()
@@ -428,16 +445,86 @@ def plan_pipeline(fun, call, method, cluster):
     state = PipelineState(mesh=MeshSpec.from_shape((cluster.num_devices,)),
                           options={"stage_option": method.stage_option, "method": method, "cluster": cluster,
                                    "auto_layer_clustering": cfg["clustering"], "micro_batches": k})
+    auto = method.stage_option == "auto"
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
-                        f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}")
+                        f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}"
+                        + ("" if auto else ",stage-outlining"))
     t1 = time.perf_counter()
     pipeline.run(module, state, record_ir=False)
     t_passes = time.perf_counter() - t1
     stages = state.results["stage-construction"]
-    objective = float(stages.objective) if stages.objective is not None else float("nan")
-    shape = (len(stages.stages),)
     timings = {"trace": t_trace, "passes": t_passes - stages.seconds,
                "stage_ilps": stages.solve_seconds, "stage_dp": stages.seconds - stages.solve_seconds}
+    if not auto:                 # stages given by hand: price them as the DP prices its candidates
+        t2 = time.perf_counter()
+        stages.objective = _price_given_stages(module, state, stages, method, _micro_batch_call(call, k), step, cluster)
+        timings["stage_ilps"] = time.perf_counter() - t2
+    objective = float(stages.objective) if stages.objective is not None else float("nan")
+    shape = (len(stages.stages),)
     return PlanResult(MeshSpec.from_shape(shape, ("stage",)), pipeline.spec(), objective, objective, 0.0,
                       warnings=list(state.warnings), stages=stages, layers=state.results["layer-clustering"],
                       timings=timings)
+
+
+def _price_given_stages(module, state, stages, method, micro_call, step, cluster) -> float:
+    """The pipeline time of hand-given stages in the stage DP's terms: each stage's forward and
+    backward fragments auto-sharded on its logical mesh with the α-β of the part of `cluster` it
+    occupies (hand-written pins kept, weight gradients left partial across micro-batches as in the
+    DP's pricing), latency = ILP communication + FLOPs at the device rate, plus the forward/backward
+    transfers between consecutive stages (the amortized once-per-step reduction the DP adds to a
+    layer is not added here). Sets each stage's `latency`."""
+    import math
+
+    from meshweave.methods import _auto_sharding_pipeline
+    from meshweave.passes.solver.cache import SolveCache
+    from meshweave.passes.stage_dp import pipeline_objective
+    from meshweave.passes.stage_profiling import _flops, _tensor_bytes
+
+    outlined = state.results["stage-outlining"]
+    funcs = mw.funcs(module)
+    phase_of = {f.name: (f.stage, f.phase) for f in outlined.fragments}
+    latency = [0.0] * len(stages.stages)
+    crossing = [0] * len(stages.stages)              # bytes a stage's forward receives from earlier stages
+    cache, pins_of = SolveCache(), {}
+    keep_partial = partial_candidates(outlined)      # weight gradients reduced once per step, as the DP prices
+    for f in outlined.fragments:
+        if f.phase == "apply":
+            continue
+        stage = stages.stages[f.stage]
+        logical = tuple(stage.mesh.shape)
+        n = math.prod(logical)
+        sub = dataclasses.replace(cluster, num_hosts=max(1, n // cluster.devices_per_host),
+                                  devices_per_host=min(n, cluster.devices_per_host), mesh_shape=logical)
+        _, alpha, beta = sub.logical_mesh()
+        opt = dataclasses.replace(method.default_auto_sharding_option, alpha=alpha, beta=beta,
+                                  **(stage.auto_sharding or {}))
+        if method.manual_sharding is not None and f.stage not in pins_of:
+            pins_of[f.stage] = _manual_pins(method, micro_call, stage)
+        pins = pins_of.get(f.stage)
+        names = [step.arg_paths[src.arg] if src.arg is not None else value_name(src) for src in f.inputs]
+        text = _fragment_module(module, f.name, names, {}, frozenset(),
+                                [pins[src.arg] if pins is not None and src.arg is not None else None
+                                 for src in f.inputs])
+        fmod = parse_module(text)
+        fstate = PipelineState(mesh=MeshSpec.from_shape(logical, stage.mesh.axis_names),
+                               options={"solve_cache": cache})
+        Pipeline(_auto_sharding_pipeline(opt, len(logical), gradient_results=keep_partial.get(f.name, ()),
+                                         micro_batches=method.num_micro_batches)).run(fmod, fstate, record_ir=False)
+        solved = fstate.results.get("auto-sharding")
+        latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + \
+            _flops(fmod) / n / sub.device_flops
+        if f.phase == "forward":
+            types = ir.FunctionType(ir.TypeAttr(funcs[f.name].attributes["function_type"]).value).inputs
+            for src, t in zip(f.inputs, types):
+                if src.fragment is not None and phase_of[src.fragment] != (f.stage, "forward") \
+                        and phase_of[src.fragment][1] == "forward":
+                    crossing[f.stage] += _tensor_bytes(t)
+    k = method.num_micro_batches
+    transfers = []
+    for before, after in zip(stages.stages, stages.stages[1:]):
+        hosts = before.physical_shape[0] > 1 or after.physical_shape[0] > 1
+        bw = cluster.inter_host_bandwidth if hosts else cluster.intra_host_bandwidth
+        transfers.append(2.0 * crossing[after.index] / k / bw)      # as the stage DP prices a cut
+    for st, lat in zip(stages.stages, latency):
+        st.latency = lat
+    return pipeline_objective(latency, transfers, k)
