@@ -113,3 +113,29 @@ def test_benchmark_megatron_specs_cover_gpt_and_its_optimizer_state():
     assert placed["[0]['params']['blocks'][0]['wq']"] == "[-,y,-]"        # heads over tp
     assert placed["[0]['params']['blocks'][0]['fc2']['kernel']"] == "[y,-]"
     assert placed["[1]['tokens']"] == "[x,-]"
+
+
+def test_user_step_fed_its_own_outputs_with_a_keyword_batch():
+    """A step written outside the zoo, called as people call jax.jit: the batch by keyword, the
+    state it returned fed back, the second call with inputs already placed by the first."""
+    import jax.numpy as jnp
+
+    def step(params, *, batch):
+        def loss(p):
+            h = jnp.tanh(batch["x"] @ p["w1"])
+            return jnp.mean((h @ p["w2"] - batch["y"]) ** 2)
+        l, g = jax.value_and_grad(loss)(params)
+        return jax.tree.map(lambda a, b: a - 0.1 * b, params, g), l
+
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    params = {"w1": jax.random.normal(k[0], (32, 64)) * 0.1, "w2": jax.random.normal(k[1], (64, 8)) * 0.1}
+    batch = {"x": jax.random.normal(k[2], (16, 32)), "y": jax.random.normal(k[3], (16, 8))}
+    specs = {"params": {"w1": P(None, "tp"), "w2": P("tp", None)}, "batch": P("dp")}
+    f = mw.parallelize(step, method=_method(specs))
+    ref = jax.jit(step)
+    p_mw, p_ref = params, params
+    for _ in range(3):
+        p_mw, l_mw = f(p_mw, batch=batch)
+        p_ref, l_ref = ref(p_ref, batch=batch)
+        assert_trees_close((p_mw, l_mw), (p_ref, l_ref), rtol=1e-5, atol=1e-6)
+    assert p_mw["w1"].sharding.spec == P(None, "tp")
