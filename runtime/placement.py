@@ -4,8 +4,10 @@
 own resharding of such an argument when an executable is called with it) compiles a slicing
 program per shape and sharding: on a first call, one XLA compile per distinct parameter shape.
 A host buffer is instead cut into per-device shards and copied, with no compile; so a
-one-device array goes to the mesh through the host (on CPU devices the host view is free;
-elsewhere it costs one copy to the host, once per call for inputs that arrive that way).
+one-device array on a CPU device goes to the mesh through the host, where its host view is free.
+On an accelerator the route would cost a device-to-host copy on every call for inputs that
+arrive that way (a batch produced on device 0 each step), more than jax's slicing program, which
+compiles once per shape and is cached: there jax's own placement is kept.
 """
 from __future__ import annotations
 
@@ -30,5 +32,7 @@ def misplaced(x, sharding) -> bool:
 
 
 def _host_route(x, sharding) -> bool:
-    return (len(x.sharding.device_set) == 1 and len(sharding.device_set) > 1 and x.is_fully_addressable
+    devices = x.sharding.device_set
+    return (len(devices) == 1 and next(iter(devices)).platform == "cpu" and len(sharding.device_set) > 1
+            and x.is_fully_addressable
             and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended))     # PRNG keys have no host view
