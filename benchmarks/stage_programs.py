@@ -45,6 +45,7 @@ class StageLayout:
     logical_shape: tuple[int, ...]
     predicted_latency: float | None = None     # s per micro-batch, forward + backward (stage DP)
     device_ids: tuple[int, ...] = ()           # the plan's ids on the cluster
+    memory_price: dict | None = None           # the DP's memory-lean candidate: MemoryPrice fields (None: fastest)
 
 
 @dataclass
@@ -100,11 +101,15 @@ def stage_cluster(cluster, logical_shape):
 
 
 def stage_options(stages: list[StageLayout], cluster) -> tuple:
-    """Per stage: the auto-sharding α-β of its sub-cluster, and the stage DP's solver time limit."""
+    """Per stage: the auto-sharding α-β of its sub-cluster, the stage DP's solver time limit and the
+    memory price of the candidate the DP chose (as the DP priced it)."""
     out = []
     for s in stages:
         _, alpha, beta = stage_cluster(cluster, s.logical_shape).logical_mesh()
-        out.append({"alpha": alpha, "beta": beta, "time_limit": 5.0})
+        from meshweave.methods import MemoryPrice
+
+        price = MemoryPrice(**s.memory_price) if s.memory_price else None
+        out.append({"alpha": alpha, "beta": beta, "time_limit": 5.0, "memory_price": price})
     return tuple(out)
 
 
@@ -191,7 +196,8 @@ def compile_stages(step, state, batch, stages: list[StageLayout], micro_batches:
 # ----------------------------------------------------------------------------- planned rows
 def layouts_of_row(row: dict) -> list[StageLayout]:
     """The stages of a suite JSON row's automatic plan."""
-    return [StageLayout(tuple(s["layers"]), tuple(s["logical"]), s.get("latency"), tuple(s.get("device_ids", ())))
+    return [StageLayout(tuple(s["layers"]), tuple(s["logical"]), s.get("latency"), tuple(s.get("device_ids", ())),
+                        (s.get("auto_sharding") or {}).get("memory_price"))
             for s in row["auto_detail"]["stages"]]
 
 

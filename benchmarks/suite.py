@@ -172,21 +172,31 @@ class AutoPlan:
     planning_seconds: float
     ilp_solves: int = 0                 # distinct (layer program, logical shape) intra-op solves
     error: str = ""
+    tries: list = field(default_factory=list)   # the micro-batch search: {micro_batches, step_time, seconds, error}
 
 
-def plan_auto(case: Case, cluster: mw.ClusterSpec, capacity=True):
-    method = mw.PipeshardParallel(num_micro_batches=case.micro_batches, layer_option=case.layer_option)
+def plan_auto(case: Case, cluster: mw.ClusterSpec, capacity=True, micro_batches=None):
+    """The automatic plan at `micro_batches` (default: the case's count; "auto" or a tuple: the
+    planner's own micro-batch search, PipeshardParallel(num_micro_batches=...))."""
+    method = mw.PipeshardParallel(num_micro_batches=micro_batches or case.micro_batches, layer_option=case.layer_option)
     c = cluster if capacity else dataclasses.replace(cluster, device_memory=None)
     t0 = time.perf_counter()
     result = mw.plan(case.step, case.state, case.batch, method=method, cluster=c)
     seconds = time.perf_counter() - t0
     st = result.stages
     stages = [{"layers": list(s.layers), "physical": list(s.physical_shape), "logical": list(s.mesh.shape),
-               "devices": len(s.mesh.device_ids), "device_ids": list(s.mesh.device_ids), "latency": s.latency, "memory": s.memory} for s in st.stages]
+               "devices": len(s.mesh.device_ids), "device_ids": list(s.mesh.device_ids), "latency": s.latency,
+               "memory": s.memory, "auto_sharding": _json_options(s.auto_sharding)} for s in st.stages]
     plan = AutoPlan(result.predicted_step_time, result.predicted_step_time,
-                    max((s.memory or 0.0) for s in st.stages), stages, case.micro_batches,
+                    max((s.memory or 0.0) for s in st.stages), stages, st.micro_batches,
                     {k: round(v, 3) for k, v in result.timings.items()}, seconds, st.candidates)
+    plan.tries = [dataclasses.asdict(t) for t in result.micro_batch_search]
     return plan, st
+
+
+def _json_options(options: dict) -> dict:
+    """A stage's auto-sharding settings (α-β, memory price) as JSON values."""
+    return {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in (options or {}).items()}
 
 
 def model_stats(case: Case, st, step_flops: float) -> baselines.ModelStats:
@@ -239,38 +249,39 @@ def _result(method, plan, step_time, memory, fits, flops, cluster) -> MethodResu
     return MethodResult(method, plan, step_time, tf, pct, memory / 1e9, fits)
 
 
-def _plan_or_oom(case: Case, cluster: mw.ClusterSpec):
+def _plan_or_oom(case: Case, cluster: mw.ClusterSpec, micro_batches=None):
     """(plan, stage result), or (None, error text) when no stage plan fits memory."""
+    from meshweave.pipeshard import NoPlanFits
+
     try:
-        return plan_auto(case, cluster)
+        return plan_auto(case, cluster, micro_batches=micro_batches)
+    except NoPlanFits as e:
+        return None, str(e)
     except PassError as e:
         if not isinstance(e.__cause__, StageOptionError):
             raise
         return None, str(e)
 
 
-def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=(1,)) -> Row:
-    """Plan `case` automatically (at each micro-batch count case.micro_batches x factor that divides
-    the batch; the fastest plan that fits wins) and price the baselines."""
-    notes, tries, best = [], [], None
-    for f in nb_factors:
-        nb = int(case.micro_batches * f)
-        if nb < 1 or case.global_batch % nb:
-            continue
-        plan, st_or_error = _plan_or_oom(dataclasses.replace(case, micro_batches=nb), cluster)
-        tries.append({"micro_batches": nb, "step_time": plan.step_time if plan else None,
-                      "planning_seconds": plan.planning_seconds if plan else None,
-                      "error": "" if plan else st_or_error})
-        if plan is not None and (best is None or plan.step_time < best[0].step_time):
-            best = (plan, st_or_error)
-    if best is not None:
-        auto, st = best
-    else:                               # nothing fits: the stats come from a plan without the limit
-        notes.append(f"automatic plan: {tries[0]['error']}")
+def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=None) -> Row:
+    """Plan `case` automatically, with the planner's micro-batch search (PipeshardParallel(
+    num_micro_batches="auto"), or over the counts case.micro_batches x factor that divide the batch
+    when `nb_factors` is given; the fastest plan that fits wins) and price the baselines."""
+    notes = []
+    if nb_factors is None:
+        option = "auto"
+    else:
+        option = tuple(sorted({int(case.micro_batches * f) for f in nb_factors
+                               if int(case.micro_batches * f) >= 1 and case.global_batch % int(case.micro_batches * f) == 0}))
+    auto, st = _plan_or_oom(case, cluster, option)
+    if auto is None:                    # nothing fits: the stats come from a plan without the limit
+        error = st
+        notes.append(f"automatic plan: {error}")
         auto, st = plan_auto(case, cluster, capacity=False)
-        auto.step_time, auto.error = None, tries[0]["error"]
-    notes += [f"micro-batches {t['micro_batches']}: " + (f"{t['step_time']:.4g} s, planned in "
-              f"{t['planning_seconds']:.0f} s" if t["step_time"] else "no plan fits memory") for t in tries]
+        auto.step_time, auto.error = None, error
+    else:
+        notes += [f"micro-batches {t['micro_batches']}: " + (f"{t['step_time']:.4g} s, planned in "
+                  f"{t['seconds']:.0f} s" if t["step_time"] else "no plan fits memory") for t in auto.tries]
     flops = step_matmul_flops(case)
     stats = model_stats(case, st, flops)
     shape = " ".join(f"{'x'.join(map(str, s['logical']))}[{s['layers'][0]}:{s['layers'][1]}]" for s in auto.stages)
@@ -346,8 +357,9 @@ def main(argv=None):
     p.add_argument("--suite", choices=("gpt", "bert", "moe", "wresnet"), default="gpt")
     p.add_argument("--cluster", choices=("h100", "p3"), default="h100")
     p.add_argument("--gpus", default="8,16,32,64")
-    p.add_argument("--nb-factors", default="1", help="micro-batch counts to plan, as multiples of Alpa's count for "
-                   "the row (e.g. 0.5,1,4); the fastest automatic plan that fits is reported")
+    p.add_argument("--nb-factors", default=None, help="micro-batch counts to plan, as multiples of Alpa's count for "
+                   "the row (e.g. 0.5,1,4); the fastest automatic plan that fits is reported (default: the "
+                   "planner's own search, num_micro_batches='auto')")
     p.add_argument("--emit-plans", action="store_true", help="also compile every automatic plan's stages on "
                    "simulated CPU devices (one process per row) into benchmarks/results/plans/<suite>_<cluster>_<gpus>/")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<suite>_<cluster>.json)")
@@ -371,7 +383,7 @@ def main(argv=None):
         case = weak_scaling_case(args.suite, g)
         bar.set_postfix_str(f"{case.model} on {g} GPUs")
         rows.append(run_row(case, mw.ClusterSpec.preset(args.cluster, g),
-                            tuple(float(x) for x in args.nb_factors.split(","))))
+                            tuple(float(x) for x in args.nb_factors.split(",")) if args.nb_factors else None))
         if args.emit_plans:
             from benchmarks import stage_programs
 

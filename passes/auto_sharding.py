@@ -338,7 +338,50 @@ class AutoSharding(Pass):
                "@main results that are weight gradients a pipeline accumulates over micro-batches"),
         Option("micro-batches", "int", 1, "micro-batches per step: the gradient sums behind gradient-results are "
                "all-reduced once per step, so each run pays 1/micro-batches of that all-reduce"),
+        Option("memory-price", "float", 0.0, "objective units per byte per device of the priced arguments and "
+               "results (what a pipeline stage holds between fragments); 0 = off; the reported objective excludes it"),
+        Option("priced-args", "int-list", (), "@main arguments whose bytes per device are priced (parameters)"),
+        Option("priced-arg-scale", "float", 1.0, "bytes held per priced argument byte (parameter, gradient, "
+               "optimizer state)"),
+        Option("priced-results", "int-list", (), "@main results whose bytes per device are priced"),
+        Option("priced-result-scales", "float-list", (), "per priced result: bytes held per byte (default 1)"),
     )
+
+    def _price_held_memory(self, graph: CostGraph, func) -> list[tuple[int, np.ndarray]]:
+        """Add the memory price of the priced arguments/results to their groups' strategy costs;
+        returns (group, added cost per strategy) so the objective can be reported without it."""
+        if not self.memory_price:
+            return []
+        nargs = len(mw.entry_block(func).arguments)
+        scales = list(self.priced_result_scales) or [1.0] * len(self.priced_results)
+        if len(scales) != len(self.priced_results):
+            raise PassError(self.name, f"priced-result-scales has {len(scales)} entries for {len(self.priced_results)} "
+                            "priced-results; give one scale per result (or none for 1 each)")
+        bad = [a for a in self.priced_args if not 0 <= a < nargs]
+        if bad:
+            raise PassError(self.name, f"priced-args {bad}: @main has {nargs} arguments")
+        tids = [(graph.value_ids[mw.entry_block(func).arguments[a]], self.priced_arg_scale) for a in self.priced_args]
+        outputs = {r: (tid, alias) for r, tid, alias in graph.outputs}
+        for r, scale in zip(self.priced_results, scales):
+            if r not in outputs:
+                raise PassError(self.name, f"priced-results: @main has no result {r}")
+            tid, alias = outputs[r]
+            if alias is not None:
+                tid = graph.value_ids[mw.entry_block(func).arguments[alias]]
+            if tid is not None:
+                tids.append((tid, scale))
+        unit = graph.lmesh.to_user_units(1.0)          # user units per graph unit
+        added: dict[int, np.ndarray] = {}
+        for tid, scale in tids:
+            t = graph.tensors[tid]
+            if t.group < 0:                             # a constant: not planned, nothing to choose
+                continue
+            per_device = np.array([t.nbytes / graph.mesh.axes_size(sh.used_axes()) for sh in t.shardings])
+            add = per_device * (self.memory_price * scale / unit)
+            added[t.group] = added.get(t.group, 0.0) + add
+        for g, add in added.items():
+            graph.groups[g].node_cost = graph.groups[g].node_cost + add
+        return list(added.items())
 
     def run(self, module, state):
         from meshweave.passes.solver import solve
@@ -372,6 +415,7 @@ class AutoSharding(Pass):
             graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
                               zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
                               warn=state.warn, gradient_share=share).build(func)
+            held = self._price_held_memory(graph, func)
             problem = build_problem(graph, budget)
         t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
         sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,
@@ -389,7 +433,8 @@ class AutoSharding(Pass):
             state.warn(f"auto-sharding: solver stopped at its {self.time_limit:g} s limit; using the best plan "
                        f"found (status {sol.status})")
         choice = [int(x) for x in sol.assignment[: len(graph.groups)]]
-        objective = lmesh.to_user_units(sol.cost / COST_SCALE)
+        held_cost = sum(float(price[choice[g]]) for g, price in held)     # in the graph's units
+        objective = lmesh.to_user_units(sol.cost / COST_SCALE - held_cost)
         if sol.cost / COST_SCALE >= 1e13:
             state.warn("auto-sharding: the plan needs a forbidden (infinite-cost) resharding; check the warnings "
                        "above for ops that run replicated")

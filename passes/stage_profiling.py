@@ -108,6 +108,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             if f.phase == "apply" and src.accumulated and src.fragment is not None:
                 accumulated.setdefault(src.fragment, set()).add(src.index)
     grad_roles: dict[str, tuple[list[int], list[int]]] = {}   # backward text -> (may stay partial, accumulated)
+    priced: dict[str, tuple] = {}                              # fragment text -> held_values(...)
     for f in per_layer.fragments:
         fn = funcs[f.name]
         text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
@@ -118,6 +119,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         if f.phase != "apply":
             text = "module {\n" + text + "\n}"
             texts[f.stage].append(text)
+            priced[text] = held_values(per_layer.fragments, f)
             if f.phase == "backward":
                 grad_roles[text] = (candidates.get(f.name, []), sorted(accumulated.get(f.name, ())))
             if f.phase == "forward":
@@ -141,34 +143,58 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 producer = int(src.fragment[1:].split("_")[0])
                 for b in range(producer + 1, f.stage + 1):
                     cross_bytes[b] += _tensor_bytes(t)
-    solves: dict[tuple[str, tuple], float] = {}
-    held: dict[tuple[str, tuple], tuple[float, float]] = {}   # per device, in the chosen layouts
-    acc_held: dict[tuple[str, tuple], float] = {}             # gradient accumulators per device
+    solves: dict[tuple[str, tuple, int], float | None] = {}
+    held: dict[tuple[str, tuple, int], tuple[float, float]] = {}   # per device, in the chosen layouts
+    acc_held: dict[tuple[str, tuple, int], float] = {}             # gradient accumulators per device
     solve_seconds = [0.0]
     from meshweave.passes.solver.cache import SolveCache
 
     cache = state.options.get("solve_cache") or SolveCache()
+    total_params = sum(param_bytes)
+    # Bytes apply-grad holds per parameter byte (parameter, optimizer state), over the whole model so
+    # that every layer of a stage, and the stage's own fragment when compiled, use one scale.
+    held_ratio = (sum(state_bytes) + total_params) / total_params if total_params else 1.0
+    memory = getattr(opt, "memory_budget_per_device", None) or cluster.device_memory
+    num_devices = num_hosts * devices_per_host
 
-    def layer_cost(layer: int, logical: tuple[int, ...]) -> float:
+    def sub_cluster(logical):
         import dataclasses
 
         n = math.prod(logical)
-        spec = MeshSpec.from_shape(logical)
         hosts, per_host = max(1, n // cluster.devices_per_host), min(n, cluster.devices_per_host)
-        c = dataclasses.replace(cluster, num_hosts=hosts, devices_per_host=per_host, mesh_shape=tuple(logical))
-        _, alpha, beta = c.logical_mesh()       # an axis spanning hosts uses the inter-host link
+        return dataclasses.replace(cluster, num_hosts=hosts, devices_per_host=per_host, mesh_shape=tuple(logical))
+
+    prices: dict[tuple, tuple] = {}
+
+    def level_options(logical, level: int) -> dict:
+        """The auto-sharding settings of a candidate: the sub-cluster's α-β (what it is priced with,
+        and so compiled with) and, for memory-lean levels, the memory price."""
+        _, alpha, beta = sub_cluster(logical).logical_mesh()
+        o = {"alpha": alpha, "beta": beta, "time_limit": min(opt.time_limit, 5.0), "memory_price": None}
+        if level:
+            o["memory_price"] = prices[logical][level - 1]
+        return o
+
+    def layer_cost(layer: int, logical: tuple[int, ...], level: int = 0) -> float:
+        import dataclasses
+
+        from meshweave.methods import AutoShardingOption
+
+        n = math.prod(logical)
+        spec = MeshSpec.from_shape(logical)
+        c = sub_cluster(logical)
         total = 0.0
         for text in texts[layer]:
-            key = (text, logical)
+            key = (text, logical, level)
             if key not in solves:
                 t_solve = time.perf_counter()
-                o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
+                o = dataclasses.replace(opt, **level_options(logical, level))
                 m = parse_module(text)
                 st = PipelineState(mesh=spec, options={"solve_cache": cache})
                 grads = grad_roles[text][0] if text in grad_roles else ()
                 try:
-                    Pipeline(_auto_sharding_pipeline(o, len(logical), gradient_results=grads, micro_batches=k)).run(
-                        m, st, record_ir=False)
+                    Pipeline(_auto_sharding_pipeline(o, len(logical), gradient_results=grads, micro_batches=k,
+                                                     priced=priced.get(text))).run(m, st, record_ir=False)
                 except MemoryBudgetError:
                     solves[key] = None          # this layer does not fit this sub-mesh's budget
                     solve_seconds[0] += time.perf_counter() - t_solve
@@ -187,37 +213,74 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             total += solves[key]
         return total
 
-    def layer_accumulators(layer: int, logical) -> float:
+    def layer_accumulators(layer: int, logical, level: int = 0) -> float:
         """Gradient accumulator bytes per device of a layer (its backward fragment's layouts)."""
-        return sum(acc_held.get((t, logical), 0.0) for t in texts[layer] if t in grad_roles)
+        return sum(acc_held.get((t, logical, level), 0.0) for t in texts[layer] if t in grad_roles)
 
-    def layer_held(layer: int, logical, n: int) -> tuple[float, float]:
-        """(parameter bytes, activation bytes) per device of a layer, in the planner's layouts."""
+    def layer_held(layer: int, logical, n: int, level: int = 0) -> tuple[float, float]:
+        """(fixed bytes, activation bytes) per device of a layer, in the planner's layouts: the
+        planner's layout of the parameters scales everything apply-grad holds per parameter (the
+        parameter, its gradient, the optimizer state); plus the gradient accumulators."""
         fwd = [t for t in texts[layer] if t in roles]
         if not fwd:
-            return param_bytes[layer] / n, act_bytes[layer] / n
-        layer_cost(layer, logical)
-        return held[(fwd[0], logical)]
+            params_dev, acts_dev = param_bytes[layer] / n, act_bytes[layer] / n
+        else:
+            layer_cost(layer, logical, level)
+            params_dev, acts_dev = held[(fwd[0], logical, level)]
+        ratio = (state_bytes[layer] + param_bytes[layer]) / param_bytes[layer] if param_bytes[layer] else 0.0
+        return params_dev * ratio + layer_accumulators(layer, logical, level), acts_dev
+
+    def in_flight_guess(logical) -> int:
+        """Micro-batches a stage on this shape would hold at most if every stage were this size."""
+        return max(1, min(k, num_layers, num_devices // math.prod(logical)))
+
+    def lean_levels(logical) -> int:
+        """How many memory-lean levels to offer on a logical shape: none when the fastest layouts
+        hold the whole model there with the most micro-batches in flight (nothing can fail on
+        memory), or on one device (nothing to shard); else LEAN_PRICE_FACTORS, priced relative to
+        the fastest plans' time per held byte on this shape."""
+        if logical in prices:
+            return len(prices[logical])
+        prices[logical] = ()
+        if memory is None or math.prod(logical) == 1 or not LEAN_PRICE_FACTORS:
+            return 0
+        try:
+            lat = sum(layer_cost(i, logical) for i in range(num_layers))
+        except MemoryBudgetError:
+            lat = None
+        fixed = act = 0.0
+        if lat is not None:
+            for i in range(num_layers):
+                f_, a_ = layer_held(i, logical, math.prod(logical))
+                fixed, act = fixed + f_, act + a_
+            if fixed + in_flight_guess(logical) * act <= memory or fixed + act <= 0:
+                return 0
+        else:
+            lat, fixed, act = 1.0, 1.0, 0.0     # no fast plan at all: price memory heavily
+        from meshweave.methods import MemoryPrice
+
+        unit = lat / (fixed + in_flight_guess(logical) * act)
+        prices[logical] = tuple(MemoryPrice(f * unit, held_ratio, float(in_flight_guess(logical)))
+                                for f in LEAN_PRICE_FACTORS)
+        return len(prices[logical])
 
     def stage_cost(start, end, submesh):
         out = []
         for logical in logical_shape_choices(submesh):
             logical = tuple(x for x in logical if x > 1) or (1,)
             n = submesh.num_devices
-            try:
-                lat = sum(layer_cost(i, logical) for i in range(start, end))
-            except MemoryBudgetError:
-                continue                        # no plan of some layer fits: not a candidate
-            mem = act = 0.0
-            for i in range(start, end):
-                params_dev, acts_dev = layer_held(i, logical, n)
-                # The planner's layout of the parameters scales everything apply-grad holds per
-                # parameter (the parameter, its gradient, the optimizer state).
-                ratio = (state_bytes[i] + param_bytes[i]) / param_bytes[i] if param_bytes[i] else 0.0
-                mem += params_dev * ratio + layer_accumulators(i, logical)
-                act += acts_dev
-            out.append(StageCandidate(logical, lat, mem, act))
-            out.append(StageCandidate(logical, lat, mem, act))
+            found = []
+            for level in range(1 + lean_levels(logical)):
+                try:
+                    lat = sum(layer_cost(i, logical, level) for i in range(start, end))
+                except MemoryBudgetError:
+                    continue                        # no plan of some layer fits: not a candidate
+                mem = act = 0.0
+                for i in range(start, end):
+                    f_, a_ = layer_held(i, logical, n, level)
+                    mem, act = mem + f_, act + a_
+                found.append(StageCandidate(logical, lat, mem, act, level_options(logical, level)))
+            out += _pareto(found)
         return out
 
     def transfer_cost(boundary, before, after):
@@ -225,7 +288,6 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             else cluster.intra_host_bandwidth
         return 2.0 * cross_bytes[boundary] / k / bw
 
-    memory = getattr(opt, "memory_budget_per_device", None) or cluster.device_memory
     sol = solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost, transfer_cost=transfer_cost,
                        memory_capacity=memory, schedule=schedule if schedule in ("1f1b", "gpipe") else "1f1b")
     ids = list(device_ids) if device_ids is not None else list(range(num_hosts * devices_per_host))
@@ -233,11 +295,42 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     for i, s in enumerate(sol.stages):     # the DP packs sub-meshes into hosts (first fit), not in stage order
         logical = tuple(s.logical_shape)
         mesh = MeshDesc(f"mesh{i}", logical, default_axis_names(len(logical)), tuple(ids[d] for d in s.device_ids))
-        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, {}, s.latency, s.memory))
+        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, dict(s.options), s.latency, s.memory))
     return StageConstructionResult("auto", num_layers, stages, objective=sol.objective,
                                    seconds=time.perf_counter() - t0, candidates=len(solves),
                                    solve_seconds=solve_seconds[0], layer_param_bytes=list(param_bytes),
                                    layer_activation_bytes=list(act_bytes), micro_batches=k)
+
+
+LEAN_PRICE_FACTORS = (0.25, 1.0, 4.0)
+"""Memory-lean candidates per logical shape (when the fastest layouts may not fit): the ILP re-solved
+with held bytes priced at factor x (the fastest plans' time / their held bytes on that shape)."""
+
+
+def _pareto(cands):
+    """The candidates no other one beats on both latency and memory (per micro-batch in flight too)."""
+    out = []
+    for c in sorted(cands, key=lambda c: (c.latency, c.memory_bytes, c.activation_bytes_per_micro_batch)):
+        if all(c.memory_bytes < o.memory_bytes * (1 - 1e-6) or
+               c.activation_bytes_per_micro_batch < o.activation_bytes_per_micro_batch * (1 - 1e-6) for o in out):
+            out.append(c)
+    return out
+
+
+def held_values(fragments, f) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """What fragment `f` holds for its stage, as (parameter arguments, activation results read by the
+    stage's backward, gradient results apply-grad accumulates): the values a MemoryPrice prices.
+    The stage DP prices per-layer fragments and the compiler the stage's fragments with it alike."""
+    if f.phase == "apply":
+        return (), (), ()
+    params = tuple(j for j, src in enumerate(f.inputs) if src.arg is not None and not src.batch_dependent)
+    if f.phase == "forward":
+        acts = sorted({src.index for g in fragments if g.stage == f.stage and g.phase == "backward"
+                       for src in g.inputs if src.fragment == f.name})
+        return params, tuple(acts), ()
+    accs = sorted({src.index for g in fragments if g.phase == "apply"
+                   for src in g.inputs if src.accumulated and src.fragment == f.name})
+    return params, (), tuple(accs)
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def test_tiny_gpt_row_through_the_suite():
     floor = row.step_matmul_tflop * 1e12 / 4 / cluster.device_flops
     for m in [row.auto] + row.baselines:
         assert m.step_time is None or m.step_time >= floor * 0.999, m
-    assert set(auto.timings) == {"trace", "passes", "stage_ilps", "stage_dp"}
+    assert set(auto.timings) == {"trace", "passes", "stage_ilps", "stage_dp", "micro_batch_search"}
     # Identical blocks share their solves: 3 distinct layers (embedding + block, block, block + head)
     # x forward/backward x 4 logical shapes on 4 devices ((1,), (2,), (4,), (2, 2)), not 4 x 2 x 4.
     assert auto.ilp_solves == 3 * 2 * 4
@@ -162,7 +162,7 @@ def test_planned_stages_compile_on_simulated_devices_and_are_judged(tmp_path):
 
     case = suite.make_case("gpt", "tiny", global_batch=32, micro_batches=2)
     cluster = mw.ClusterSpec.preset("h100", 4)
-    row = dataclasses.asdict(suite.run_row(case, cluster))
+    row = dataclasses.asdict(suite.run_row(case, cluster, nb_factors=(1,)))
     results = tmp_path / "gpt_h100.json"
     results.write_text(json.dumps({"rows": [row]}))
     stage_programs.main([str(results), "--plans-dir", str(tmp_path / "plans")])

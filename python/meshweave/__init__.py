@@ -21,7 +21,7 @@ _EXPORTS = {
     "Executable": "meshweave.executable", "Plan": "meshweave.parallel_plan",
     "grad": "meshweave.markers", "value_and_grad": "meshweave.markers",
     "mark_pipeline_boundary": "meshweave.markers",
-    "AutoShardingOption": "meshweave.methods", "ManualShardingOption": "meshweave.methods", "DataParallel": "meshweave.methods",
+    "AutoShardingOption": "meshweave.methods", "MemoryPrice": "meshweave.methods", "ManualShardingOption": "meshweave.methods", "DataParallel": "meshweave.methods",
     "MethodError": "meshweave.methods", "ParallelMethod": "meshweave.methods",
     "ShardParallel": "meshweave.methods", "Zero2Parallel": "meshweave.methods", "Zero3Parallel": "meshweave.methods",
     "PipeshardParallel": "meshweave.methods", "AutoLayerOption": "meshweave.methods",

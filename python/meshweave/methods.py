@@ -20,6 +20,32 @@ class MethodError(ValueError):
 
 
 @dataclass(frozen=True)
+class MemoryPrice:
+    """Held memory priced in the auto-sharding objective, so the ILP trades time for memory.
+
+    A pipeline stage keeps its parameters (with their gradients and optimizer state) for the whole
+    step and each micro-batch's activations until its backward runs; the fastest layouts often
+    keep them replicated. With a price, each planned fragment pays `per_byte` (objective units:
+    seconds under a cluster's α-β) for every byte per device of its parameter arguments, scaled by
+    `parameter_scale` (bytes held per parameter byte), and of the values it hands to a later
+    fragment of its stage (activations for the backward, scaled by `activation_scale`, the
+    micro-batches assumed in flight; gradient accumulators for apply-grad, scaled by 1). The
+    reported objective stays the time alone. The stage DP offers such plans as memory-lean
+    candidates (passes/stage_profiling.py) and compiles the chosen stage with the same price.
+    """
+
+    per_byte: float
+    parameter_scale: float = 1.0
+    activation_scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("per_byte", "parameter_scale", "activation_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise MethodError(f"MemoryPrice.{name}={v!r}: expected a finite number >= 0")
+
+
+@dataclass(frozen=True)
 class AutoShardingOption:
     """Knobs of the intra-op auto-sharding ILP (see passes/auto_sharding.py).
 
@@ -31,6 +57,8 @@ class AutoShardingOption:
     dimension other than the batch, e.g. Megatron over all devices) while others use it as 2-D,
     paying the resharding between the two; off (Alpa's default): only the batch is split that way.
     solver: "highs" or "cbc"; time_limit in seconds (the solver stops earlier once its plan is proven optimal).
+    memory_price: a MemoryPrice on the bytes a pipeline stage holds (PipeshardParallel only; the
+    stage DP sets it on the stages it picks memory-lean candidates for).
     """
 
     alpha: tuple[float, ...] | None = None
@@ -43,6 +71,7 @@ class AutoShardingOption:
     allow_mixed_mesh_shape: bool = False
     solver: str = "highs"
     time_limit: float = 10.0
+    memory_price: MemoryPrice | None = None
 
     def __post_init__(self):
         if self.solver not in ("highs", "cbc"):
@@ -55,6 +84,8 @@ class AutoShardingOption:
             raise MethodError(f"AutoShardingOption.memory_budget_per_device={budget!r}: expected a positive whole "
                               f"number of bytes (e.g. {max(int(budget), 1) if isinstance(budget, (int, float)) else 2**30}),"
                               f" or None for no limit")
+        if self.memory_price is not None and not isinstance(self.memory_price, MemoryPrice):
+            raise MethodError(f"AutoShardingOption.memory_price={self.memory_price!r}: expected a MemoryPrice or None")
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,8 +157,21 @@ class DataParallel(ParallelMethod):
 
 
 def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_axes=(), zero_stage=0,
-                            gradient_results=(), micro_batches=1) -> str:
+                            gradient_results=(), micro_batches=1, priced=None) -> str:
+    """The pass pipeline string; `priced` = (parameter args, activation results, accumulator results)
+    of a pipeline fragment, priced when `opt.memory_price` is set."""
     o = []
+    price = opt.memory_price
+    if price is not None and price.per_byte > 0 and priced is not None and any(priced):
+        params, acts, accs = priced
+        o.append(f"memory-price={price.per_byte!r}")
+        if params:
+            o.append("priced-args=" + ",".join(map(str, params)))
+            o.append(f"priced-arg-scale={price.parameter_scale!r}")
+        results = [(r, price.activation_scale) for r in acts] + [(r, 1.0) for r in accs]
+        if results:
+            o.append("priced-results=" + ",".join(str(r) for r, _ in results))
+            o.append("priced-result-scales=" + ",".join(repr(float(x)) for _, x in results))
     if gradient_results and micro_batches > 1:
         o.append("gradient-results=" + ",".join(map(str, gradient_results)))
         o.append(f"micro-batches={micro_batches}")
@@ -178,6 +222,9 @@ class ShardParallel(ParallelMethod):
             raise MethodError("auto_sharding must be an AutoShardingOption")
         if self.manual_sharding is not None and not isinstance(self.manual_sharding, ManualShardingOption):
             raise MethodError("manual_sharding must be a ManualShardingOption (or None)")
+        if self.auto_sharding.memory_price is not None:
+            raise MethodError(f"{type(self).__name__}: AutoShardingOption.memory_price prices what a pipeline stage "
+                              "holds between its fragments (PipeshardParallel); here use memory_budget_per_device")
 
     def forced_batch_axes(self, spec: MeshSpec) -> tuple[str, ...]:
         """Mesh axes the batch must split over (the driver checks the batch divides them)."""
@@ -281,6 +328,11 @@ class PipeshardParallel(ParallelMethod):
     manual_sharding: hand-written layouts of the step's arguments (in_axis_resources only), in the
     stages' logical mesh axes; every fragment that reads an argument keeps its layout (Megatron's
     layouts on a ManualStageOption pipeline, for instance).
+
+    num_micro_batches: an int, or a search: a tuple of counts, or "auto" (the powers of two that
+    divide the global batch, walked from the middle towards less predicted step time). The whole
+    plan is made at each count tried and the least predicted step time that fits the cluster's
+    memory wins (meshweave.pipeshard.search_micro_batches); counts must divide the batch.
     """
 
     num_micro_batches: int = 1
@@ -292,9 +344,13 @@ class PipeshardParallel(ParallelMethod):
     manual_sharding: ManualShardingOption | None = None
 
     def __post_init__(self):
-        if not isinstance(self.num_micro_batches, int) or self.num_micro_batches < 1:
-            raise MethodError(f"PipeshardParallel.num_micro_batches must be a positive int, got "
-                              f"{self.num_micro_batches!r}")
+        k = self.num_micro_batches
+        ok = (k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1)
+              or (isinstance(k, tuple) and k and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                      for x in k)))
+        if not ok:
+            raise MethodError(f"PipeshardParallel.num_micro_batches must be a positive int, a non-empty tuple of "
+                              f"positive ints to choose from, or 'auto'; got {k!r}")
         if not isinstance(self.layer_option, (ManualLayerOption, AutoLayerOption)):
             raise MethodError("PipeshardParallel.layer_option must be ManualLayerOption() or AutoLayerOption(n)")
         if not (self.stage_option == "auto" or isinstance(self.stage_option, (UniformStageOption, ManualStageOption))):
@@ -318,7 +374,14 @@ class PipeshardParallel(ParallelMethod):
                 raise MethodError("PipeshardParallel.manual_sharding takes in_axis_resources only: a pipeline's "
                                   "results come from several stages; pin the arguments they are computed from")
 
+    @property
+    def searches_micro_batches(self) -> bool:
+        return not isinstance(self.num_micro_batches, int)
+
     def pipeline_for(self, spec: MeshSpec) -> str:
+        if self.searches_micro_batches:
+            raise MethodError("PipeshardParallel.pipeline_for needs a fixed num_micro_batches; the search runs in "
+                              "meshweave.pipeshard (plan / parallelize)")
         return f"inline-calls,cse,layer-clustering{{micro-batches={self.num_micro_batches}}}"
 
     def describe(self) -> str:

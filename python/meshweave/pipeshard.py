@@ -23,6 +23,7 @@ from meshweave.dialects.sharding import MeshSpec, TensorSharding
 from meshweave.markers import pipeline_tracing
 from meshweave.passes.partial_gradients import expect_partial_args, partial_candidates
 from meshweave.passes.pipeline import PassResult, Pipeline, PipelineState, module_text
+from meshweave.passes.stage_profiling import held_values
 from meshweave.plugin.compile import arg_shardings, named_sharding, result_shardings
 from meshweave.plugin.jax_adapter import replace_lowered_module
 from meshweave.plugin.lowering import trace
@@ -201,9 +202,126 @@ def _forced_batch_axes(opt, spec: MeshSpec, stage: int) -> tuple[str, ...]:
     return (spec.axis_names[k],)
 
 
+@dataclass(frozen=True)
+class MicroBatchTry:
+    """One micro-batch count the search planned: its predicted step time (None: no plan fits memory)."""
+
+    micro_batches: int
+    step_time: float | None
+    seconds: float
+    error: str = ""
+
+
+def micro_batch_counts(call, option) -> tuple[int, ...]:
+    """The counts a PipeshardParallel(num_micro_batches=option) search may try, ascending: a tuple's
+    counts (each must divide the global batch), or for "auto" every power of two that divides it."""
+    sizes = {x.shape[0] for x, r in zip(call.leaves, call.leaf_roles()) if r[1] and len(getattr(x, "shape", ())) >= 1}
+    if len(sizes) != 1:
+        raise PipeshardError(f"num_micro_batches={option!r} searches micro-batch counts of the batch, but the batch "
+                             f"arguments (batch_argnums={call.spec.batch_argnums}) have batch sizes {sorted(sizes)}; "
+                             "give one batch size on dimension 0, or a fixed num_micro_batches")
+    batch = sizes.pop()
+    if option == "auto":
+        return tuple(2 ** e for e in range(batch.bit_length()) if batch % 2 ** e == 0)
+    bad = [k for k in option if batch % k]
+    if bad:
+        raise PipeshardError(f"num_micro_batches={option!r}: {bad} do not divide the global batch of {batch}; "
+                             f"choose counts among its divisors")
+    return tuple(sorted(set(option)))
+
+
+def search_micro_batches(counts, plan_at, walk: bool):
+    """The count whose plan has the least predicted step time among those that fit, as
+    (count, its plan, tries). `plan_at(k)` returns (plan, step time) or raises NoPlanFits.
+
+    walk=False plans every count. walk=True (for "auto") starts in the middle (if nothing fits
+    there, at the fewest micro-batches above it that fit, found by bisection) and walks to the
+    better neighbour until neither improves: step
+    time over the count is bubble-dominated at few micro-batches and overhead-dominated at many,
+    so the walk plans a few counts instead of all of them (a local optimum, if the curve is not
+    unimodal)."""
+    import time
+
+    tried: dict[int, tuple] = {}
+
+    def at(i):
+        k = counts[i]
+        if k not in tried:
+            t0 = time.perf_counter()
+            try:
+                plan, step = plan_at(k)
+                tried[k] = (plan, step, MicroBatchTry(k, step, time.perf_counter() - t0))
+            except NoPlanFits as e:
+                tried[k] = (None, None, MicroBatchTry(k, None, time.perf_counter() - t0, str(e)))
+        return tried[k][1]
+
+    if not walk:
+        for i in range(len(counts)):
+            at(i)
+    else:
+        i = len(counts) // 2
+        if at(i) is None:               # bisect for the fewest micro-batches above it that fit (more
+            lo, hi = i + 1, len(counts) - 1     # micro-batches hold less activation memory)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if at(mid) is not None else (mid + 1, hi)
+            i = lo
+        while at(i) is not None:
+            better = [j for j in (i - 1, i + 1) if 0 <= j < len(counts) and at(j) is not None and at(j) < at(i)]
+            if not better:
+                break
+            i = min(better, key=at)
+    tries = [tried[k][2] for k in sorted(tried)]
+    fitting = [(v[1], k) for k, v in tried.items() if v[1] is not None]
+    if not fitting:
+        raise NoPlanFits(f"no micro-batch count in {list(counts)} has a plan that fits (tried "
+                         f"{[t.micro_batches for t in tries]}): " + tries[-1].error)
+    step, k = min(fitting)
+    return k, tried[k][0], tries
+
+
+class NoPlanFits(PipeshardError):
+    """The stage DP found no plan that fits memory at this micro-batch count."""
+
+
+def _plan_or_no_fit(fun, call, method, cluster):
+    from meshweave.passes.registry import PassError
+    from meshweave.passes.stage_dp import StageOptionError
+
+    try:
+        result = plan_pipeline(fun, call, method, cluster)
+    except PassError as e:
+        if isinstance(e.__cause__, StageOptionError) and "memory_capacity" in str(e):
+            raise NoPlanFits(str(e)) from e
+        raise
+    return result, result.predicted_step_time
+
+
+def _search_plan(fun, call, method, cluster):
+    """plan_pipeline over the micro-batch counts `method` names: (count, its PlanResult with the tries attached)."""
+    counts = micro_batch_counts(call, method.num_micro_batches)
+    k, best, tries = search_micro_batches(
+        counts, lambda k: _plan_or_no_fit(fun, call, dataclasses.replace(method, num_micro_batches=k), cluster),
+        walk=method.num_micro_batches == "auto")
+    best.micro_batch_search = tries
+    best.timings = {**best.timings, "micro_batch_search": sum(t.seconds for t in tries)}
+    return k, best
+
+
 def compile_pipeshard(fun, call, method):
     """Compile `fun` for one bound call under a PipeshardParallel method."""
     from meshweave.methods import _auto_sharding_pipeline
+
+    if method.searches_micro_batches:
+        # The count is chosen by planning for the cluster the stage DP assumes here, then compiled.
+        from meshweave.planning import ClusterSpec
+
+        devices = list(np.asarray(method.devices, dtype=object).flat) if method.devices is not None else jax.devices()
+        cluster = ClusterSpec(method.num_hosts, len(devices) // method.num_hosts)
+        from dataclasses import replace
+
+        k, _ = _search_plan(fun, call, method, cluster)
+        method = replace(method, num_micro_batches=k)
 
     devices = list(np.asarray(method.devices, dtype=object).flat) if method.devices is not None else jax.devices()
     if len(devices) % method.num_hosts:
@@ -288,7 +406,8 @@ def compile_pipeshard(fun, call, method):
         fstate = PipelineState(mesh=spec, options={"solve_cache": cache})
         t = clock()
         Pipeline(_auto_sharding_pipeline(opt, len(spec.shape), batch_axes=batch_axes,
-                                         gradient_results=keep_partial.get(f.name, ()), micro_batches=k)).run(
+                                         gradient_results=keep_partial.get(f.name, ()), micro_batches=k,
+                                         priced=held_values(outlined.fragments, f))).run(
             fmod, fstate, record_ir=True)
         if keep_partial.get(f.name):
             Pipeline("partial-gradients{results=" + ",".join(map(str, keep_partial[f.name])) + "}").run(
@@ -433,6 +552,8 @@ def plan_pipeline(fun, call, method, cluster):
 
     from meshweave.planning import PlanResult
 
+    if method.searches_micro_batches:
+        return _search_plan(fun, call, method, cluster)[1]
     k = method.num_micro_batches
     t0 = time.perf_counter()
     with pipeline_tracing(method.layer_option) as cfg:
@@ -509,7 +630,8 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
         fstate = PipelineState(mesh=MeshSpec.from_shape(logical, stage.mesh.axis_names),
                                options={"solve_cache": cache})
         Pipeline(_auto_sharding_pipeline(opt, len(logical), gradient_results=keep_partial.get(f.name, ()),
-                                         micro_batches=method.num_micro_batches)).run(fmod, fstate, record_ir=False)
+                                         micro_batches=method.num_micro_batches,
+                                         priced=held_values(outlined.fragments, f))).run(fmod, fstate, record_ir=False)
         solved = fstate.results.get("auto-sharding")
         latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + \
             _flops(fmod) / n / sub.device_flops
@@ -528,3 +650,47 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
     for st, lat in zip(stages.stages, latency):
         st.latency = lat
     return pipeline_objective(latency, transfers, k)
+
+
+def compiled_stage_memory(program, outlined) -> list[float]:
+    """Per stage of a compiled pipeline, bytes per device by the stage DP's account, read from the
+    compiled fragments' layouts: forward parameter arguments x (parameter + optimizer state bytes
+    apply-grad reads) / parameter bytes, plus gradient accumulators, plus the forward's activations
+    for the backward x the micro-batches in flight. Equal to the DP's `StageSpec.memory` when the
+    stage was compiled in the layouts the DP priced. `outlined`: the stage-outlining result
+    (`exe.state.results["stage-outlining"]` of an Executable, with `exe.program`)."""
+    import math
+
+    from meshweave.passes.stage_dp import in_flight
+
+    desc = {d.name: d for d in program.fragments}
+    meshes = {m.name: dict(zip(m.axis_names, m.shape)) for m in program.meshes}
+
+    def nbytes(sig, per_device=True):
+        full = math.prod(sig.shape) * np.dtype(sig.dtype).itemsize
+        if not per_device:
+            return full
+        return full / math.prod(axes[a] for d in sig.sharding for a in d)
+
+    num_stages = max(f.stage for f in outlined.fragments) + 1
+    out = []
+    for s in range(num_stages):
+        frags = [f for f in outlined.fragments if f.stage == s]
+        params_dev = params_full = state_full = acc = acts = 0.0
+        for f in frags:
+            d = desc[f.name]
+            axes = meshes[d.mesh]
+            p_args, act_res, acc_res = held_values(outlined.fragments, f)
+            if f.phase == "forward":
+                params_dev += sum(nbytes(d.inputs[j]) for j in p_args)
+                params_full += sum(nbytes(d.inputs[j], False) for j in p_args)
+                acts += sum(nbytes(d.outputs[j]) for j in act_res)
+            elif f.phase == "backward":
+                acc += sum(nbytes(d.outputs[j]) for j in acc_res)
+            else:
+                state_full += sum(nbytes(sig, False) for src, sig in zip(f.inputs, d.inputs)
+                                  if src.arg is not None and not src.batch_dependent)
+        ratio = (state_full + params_full) / params_full if params_full else 0.0
+        n = in_flight(program.schedule, s, num_stages, program.num_micro_batches)
+        out.append(params_dev * ratio + acc + n * acts)
+    return out

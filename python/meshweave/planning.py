@@ -80,6 +80,7 @@ class PlanResult:
     stages: object = None            # PipeshardParallel: passes.stage_construction.StageConstructionResult
     layers: object = None            # PipeshardParallel: passes.layer_clustering.LayerClusteringResult
     timings: dict = field(default_factory=dict)   # PipeshardParallel: seconds per planning phase
+    micro_batch_search: list = field(default_factory=list)   # PipeshardParallel search: MicroBatchTry per count tried
 
     @property
     def problem(self):

@@ -1,0 +1,121 @@
+"""Memory-aware stage candidates and the micro-batch search (passes/stage_profiling.py,
+meshweave/pipeshard.py): a tight memory capacity is met by memory-lean candidates, the stage
+is compiled in the layouts the DP priced, and the micro-batch count is searched."""
+import jax
+import numpy as np
+import optax
+import pytest
+
+import meshweave as mw
+from meshweave.models import gpt, mlp
+from meshweave.passes import stage_profiling
+from meshweave.pipeshard import PipeshardError, compiled_stage_memory
+from conftest import assert_trees_close
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+    opt = optax.adam(1e-3)
+    cfg = gpt.GPTConfig(vocab=64, seq_len=16, d_model=64, heads=4, layers=4)
+    key = jax.random.PRNGKey(1)
+    return gpt.make_train_step(opt, grad_fn=mw.value_and_grad), gpt.init_state(key, cfg, opt), \
+        gpt.synthetic_batch(key, cfg, 16)
+
+
+def _plan(model, capacity, micro_batches=2):
+    step, state, batch = model
+    return mw.plan(step, state, batch, method=mw.PipeshardParallel(num_micro_batches=micro_batches),
+                   cluster=mw.ClusterSpec(1, 4, device_memory=capacity))
+
+
+_FASTEST = {}
+
+
+def _fastest_memory(model) -> float:
+    """The most memory a stage of the unconstrained (fastest) plan holds per device."""
+    if id(model) not in _FASTEST:
+        _FASTEST[id(model)] = max(s.memory for s in _plan(model, None).stages.stages)
+    return _FASTEST[id(model)]
+
+
+def test_tight_capacity_is_met_by_memory_lean_candidates(tiny_gpt, monkeypatch):
+    fast = _fastest_memory(tiny_gpt)
+    loose = _plan(tiny_gpt, 10 * fast)
+    assert all(s.auto_sharding["memory_price"] is None for s in loose.stages.stages)
+    assert [s.layers for s in loose.stages.stages] == [s.layers for s in _plan(tiny_gpt, None).stages.stages]
+    tight = 0.8 * fast
+    lean = _plan(tiny_gpt, tight)
+    assert all(s.memory <= tight for s in lean.stages.stages)
+    assert any(s.auto_sharding["memory_price"] is not None for s in lean.stages.stages)
+    assert lean.predicted_step_time > loose.predicted_step_time      # memory is paid for in time
+    monkeypatch.setattr(stage_profiling, "LEAN_PRICE_FACTORS", ())   # only the fastest plan per shape
+    with pytest.raises(Exception, match="fit memory_capacity"):
+        _plan(tiny_gpt, tight)
+
+
+def test_stage_is_compiled_in_the_layouts_the_dp_priced(tiny_gpt):
+    """The chosen candidate's settings (α-β, memory price) compile the stage: the compiled
+    fragments hold what the DP predicted per device; without the price they hold more."""
+    step, state, batch = tiny_gpt
+    stages = _plan(tiny_gpt, 0.95 * _fastest_memory(tiny_gpt)).stages.stages
+    assert any(s.auto_sharding["memory_price"] is not None for s in stages)
+
+    def compile_with(options):
+        option = mw.ManualStageOption(tuple(tuple(range(*s.layers)) for s in stages),
+                                      tuple(s.physical_shape for s in stages),
+                                      tuple(tuple(s.mesh.shape) for s in stages), tuple(options))
+        par = mw.parallelize(step, method=mw.PipeshardParallel(num_micro_batches=2, stage_option=option,
+                                                               devices=tuple(jax.devices()[:4])))
+        s1, l1 = par(state, batch)
+        s2, l2 = jax.jit(step)(state, batch)
+        np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+        assert_trees_close(s1, s2, rtol=1e-4, atol=1e-5)     # sharded sums: float32 summation order
+        exe = par.last_executable
+        return compiled_stage_memory(exe.program, exe.state.results["stage-outlining"])
+
+    held = compile_with(dict(s.auto_sharding) for s in stages)
+    assert held == pytest.approx([s.memory for s in stages], rel=1e-3)
+    unpriced = compile_with({**s.auto_sharding, "memory_price": None} for s in stages)
+    assert max(unpriced) > max(held) * 1.01
+
+
+def test_micro_batch_search_picks_the_fastest_count_that_fits(tiny_gpt):
+    capacity = 0.7 * _fastest_memory(tiny_gpt)
+    result = _plan(tiny_gpt, capacity, micro_batches="auto")
+    tries = result.micro_batch_search
+    assert all(16 % t.micro_batches == 0 for t in tries) and len(tries) < 5      # a walk, not every count
+    fitting = [t for t in tries if t.step_time is not None]
+    assert fitting and result.predicted_step_time == min(t.step_time for t in fitting)
+    assert result.stages.micro_batches == min(fitting, key=lambda t: t.step_time).micro_batches
+    assert all(s.memory <= capacity for s in result.stages.stages)
+    assert "micro_batch_search" in result.timings
+    listed = _plan(tiny_gpt, capacity, micro_batches=(8, 2))
+    assert [t.micro_batches for t in listed.micro_batch_search] == [2, 8]
+
+
+def test_searched_micro_batch_count_runs_like_jit():
+    opt = optax.adam(1e-2)
+    key = jax.random.PRNGKey(0)
+    state = mlp.init_state(key, [16, 32, 32, 32, 8], opt)
+    batch = mlp.synthetic_batch(key, 32, 16, 8)
+    step = mlp.make_train_step(opt, grad_fn=mw.value_and_grad)
+    par = mw.parallelize(step, method=mw.PipeshardParallel(num_micro_batches=(1, 2, 4), devices=tuple(jax.devices()[:4])))
+    s1 = s2 = state
+    for _ in range(2):
+        s1, l1 = par(s1, batch)
+        s2, l2 = jax.jit(step)(s2, batch)
+        np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    assert_trees_close(s1, s2, rtol=1e-5, atol=1e-6)
+    assert par.last_executable.program.num_micro_batches in (1, 2, 4)
+
+
+def test_bad_micro_batch_and_memory_price_settings_say_what_to_change(tiny_gpt):
+    for bad in (0, (), (2, 0), "many", 2.0):
+        with pytest.raises(mw.MethodError, match="num_micro_batches"):
+            mw.PipeshardParallel(num_micro_batches=bad)
+    with pytest.raises(PipeshardError, match="do not divide the global batch of 16"):
+        _plan(tiny_gpt, None, micro_batches=(2, 3))
+    with pytest.raises(mw.MethodError, match="memory_budget_per_device"):
+        mw.ShardParallel(auto_sharding=mw.AutoShardingOption(memory_price=mw.MemoryPrice(1e-12)))
+    with pytest.raises(mw.MethodError, match="per_byte"):
+        mw.MemoryPrice(-1.0)
