@@ -67,6 +67,7 @@ class OutliningResult(PassResult):
 _SOURCES = ("stablehlo.constant", "stablehlo.iota", "arith.constant")
 _CHEAP = ("stablehlo.broadcast_in_dim", "stablehlo.reshape", "stablehlo.convert", "stablehlo.transpose")
 SMALL_BYTES = 64          # operands up to this size are moved rather than the ops' results
+BROADCAST_GROWTH = 8      # a broadcast this many times larger than its operand is recomputed where read
 
 
 def _small(value) -> bool:
@@ -80,12 +81,28 @@ def _small(value) -> bool:
     return n * 8 <= SMALL_BYTES
 
 
-def rematerializable(ops, producer, returned) -> set[int]:
-    """Ops cheaper to recompute in every fragment that reads them than to transfer: constants,
+def _nbytes(value) -> int:
+    try:
+        t = ir.RankedTensorType(value.type)
+    except ValueError:
+        return 0
+    n = 1
+    for d in t.shape:
+        n *= d
+    return n * max(getattr(t.element_type, "width", 32) // 8, 1)
+
+
+def rematerializable(ops, producer, returned, params=frozenset()) -> set[int]:
+    """Ops cheaper to recompute in every fragment that reads them than to transfer or keep: constants,
     iotas, ops computed from those alone, and broadcasts / reshapes / converts of small values (Adam's bias
     correction broadcast from a scalar). CSE shares such ops across layers; rematerializing them
-    keeps each layer's copy on the layer's own mesh."""
-    out = set()
+    keeps each layer's copy on the layer's own mesh.
+
+    Also views of parameters (`params`: @main arguments the batch does not flow into), e.g. a bf16
+    weight converted to f32, and broadcasts at least BROADCAST_GROWTH x larger than their operand
+    (a softmax's row max or sum spread over its row): a backward would otherwise receive, and
+    its stage hold per micro-batch in flight, the large result instead of what it is made from."""
+    out, views = set(), set()
     for i, op in enumerate(ops):
         name = op.operation.name
         if len(op.regions):
@@ -98,7 +115,13 @@ def rematerializable(ops, producer, returned) -> set[int]:
             out.add(i)                  # computed from constants only (a causal mask from iotas)
         elif name in _CHEAP and all(producer.get(v) in out or _small(v) for v in op.operands):
             out.add(i)
-    return out
+        elif name in _CHEAP and all(producer.get(v) in out or producer.get(v) in views or _small(v) or v in params
+                                    for v in op.operands):
+            views.add(i)                # a view of parameters: not a source for rule 2 (a dot of two is no view)
+        elif name == "stablehlo.broadcast_in_dim" and \
+                _nbytes(op.results[0]) >= BROADCAST_GROWTH * max(_nbytes(op.operands[0]), 1):
+            views.add(i)
+    return out | views
 
 
 def _captured(op, inside: set) -> list:
@@ -155,7 +178,8 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
         if any(v in batch_dep for v in deps):
             batch_dep.update(op.results)
     returned = set(ret.operands)
-    remat = rematerializable(ops, producer, returned)
+    params = {a for i, a in enumerate(args) if i not in batch_args and a not in batch_dep}
+    remat = rematerializable(ops, producer, returned, params)
 
     def _is_free(op_or_index) -> bool:
         return op_or_index in remat

@@ -56,3 +56,36 @@ module {
     return %8#0, %9 : tensor<4xf32>, tensor<4xf32>
   }
 }
+
+// -----
+
+// What the backward could rebuild for free is not held from the forward: the bf16 weight's f32
+// view is recomputed from the weight, and the broadcast of a row slice (8x its operand) from the
+// slice, so the forward hands the backward a 4x1 value instead of two 8-wide ones.
+// CHECK-LABEL: func.func public @parameter_views_recomputed
+// CHECK-LABEL: func.func private @s1_forward(%arg0: tensor<4x8xf32>, %arg1: tensor<8x8xbf16>) -> (tensor<4x1xf32>, tensor<4x8xf32>)
+// CHECK-LABEL: func.func private @s1_backward(%arg0: tensor<4x8xf32>, %arg1: tensor<4x1xf32>, %arg2: tensor<8x8xbf16>) -> tensor<8x8xbf16>
+// CHECK-DAG:     stablehlo.broadcast_in_dim %arg1, dims = [0, 1] : (tensor<4x1xf32>) -> tensor<4x8xf32>
+// CHECK-DAG:     stablehlo.convert %arg2 : (tensor<8x8xbf16>) -> tensor<8x8xf32>
+// CHECK:         return
+module {
+  func.func public @parameter_views_recomputed(%x: tensor<4x8xf32>, %w: tensor<8x8xbf16>) -> (tensor<4x8xf32>, tensor<8x8xbf16>) {
+    %0 = stablehlo.multiply %x, %x : tensor<4x8xf32>
+    %1 = stablehlo.optimization_barrier {mhlo.frontend_attributes = {mw.marker = "boundary", mw.name = "b0"}} %0 : tensor<4x8xf32>
+    %wf = stablehlo.convert %w : (tensor<8x8xbf16>) -> tensor<8x8xf32>
+    %2 = stablehlo.dot_general %1, %wf, contracting_dims = [1] x [0] : (tensor<4x8xf32>, tensor<8x8xf32>) -> tensor<4x8xf32>
+    %s = stablehlo.slice %2 [0:4, 0:1] : (tensor<4x8xf32>) -> tensor<4x1xf32>
+    %b = stablehlo.broadcast_in_dim %s, dims = [0, 1] : (tensor<4x1xf32>) -> tensor<4x8xf32>
+    %3 = stablehlo.multiply %2, %b : tensor<4x8xf32>
+    %4 = stablehlo.optimization_barrier {mhlo.frontend_attributes = {mw.marker = "loss", mw.name = "loss"}} %3 : tensor<4x8xf32>
+    %c = stablehlo.constant dense<1.0> : tensor<4x8xf32>
+    %5 = stablehlo.optimization_barrier {mhlo.frontend_attributes = {mw.marker = "loss", mw.name = "loss.bwd"}} %c : tensor<4x8xf32>
+    %6 = stablehlo.multiply %5, %b : tensor<4x8xf32>
+    %dw = stablehlo.dot_general %1, %6, contracting_dims = [0] x [0] : (tensor<4x8xf32>, tensor<4x8xf32>) -> tensor<8x8xf32>
+    %dwm = stablehlo.multiply %dw, %wf : tensor<8x8xf32>
+    %dwb = stablehlo.convert %dwm : (tensor<8x8xf32>) -> tensor<8x8xbf16>
+    %10:2 = stablehlo.optimization_barrier {mhlo.frontend_attributes = {mw.marker = "grad", mw.name = "grad"}} %4, %dwb : tensor<4x8xf32>, tensor<8x8xbf16>
+    %11 = stablehlo.subtract %w, %10#1 : tensor<8x8xbf16>
+    return %10#0, %11 : tensor<4x8xf32>, tensor<8x8xbf16>
+  }
+}
