@@ -235,10 +235,10 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         return max(1, min(k, num_layers, num_devices // math.prod(logical)))
 
     def lean_levels(logical) -> int:
-        """How many memory-lean levels to offer on a logical shape: none when the fastest layouts
-        hold the whole model there with the most micro-batches in flight (nothing can fail on
-        memory), or on one device (nothing to shard); else LEAN_PRICE_FACTORS, priced relative to
-        the fastest plans' time per held byte on this shape."""
+        """How many memory-lean levels to offer on a logical shape: none on one device (nothing to
+        shard), or when the fastest layouts hold a stage's share of the model there (its share of
+        the devices, the most micro-batches in flight) within LEAN_TRIGGER of the memory; else
+        LEAN_PRICE_FACTORS, priced relative to the fastest plans' time per held byte on this shape."""
         if logical in prices:
             return len(prices[logical])
         prices[logical] = ()
@@ -253,7 +253,8 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             for i in range(num_layers):
                 f_, a_ = layer_held(i, logical, math.prod(logical))
                 fixed, act = fixed + f_, act + a_
-            if fixed + in_flight_guess(logical) * act <= memory or fixed + act <= 0:
+            share = math.prod(logical) / num_devices
+            if share * (fixed + in_flight_guess(logical) * act) <= LEAN_TRIGGER * memory or fixed + act <= 0:
                 return 0
         else:
             lat, fixed, act = 1.0, 1.0, 0.0     # no fast plan at all: price memory heavily
@@ -302,9 +303,12 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                    layer_activation_bytes=list(act_bytes), micro_batches=k)
 
 
-LEAN_PRICE_FACTORS = (0.25, 1.0, 4.0)
+LEAN_PRICE_FACTORS = (0.2, 5.0)
 """Memory-lean candidates per logical shape (when the fastest layouts may not fit): the ILP re-solved
 with held bytes priced at factor x (the fastest plans' time / their held bytes on that shape)."""
+LEAN_TRIGGER = 0.5
+"""Offer lean candidates on a shape when the fastest layouts of its proportional share of the model
+take more than this fraction of the device memory (stages are not balanced exactly)."""
 
 
 def _pareto(cands):
