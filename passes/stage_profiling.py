@@ -265,13 +265,13 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                 for f in LEAN_PRICE_FACTORS)
         return len(prices[logical])
 
-    def stage_cost(start, end, submesh):
+    def stage_cost(start, end, submesh, lean=True):
         out = []
         for logical in logical_shape_choices(submesh):
             logical = tuple(x for x in logical if x > 1) or (1,)
             n = submesh.num_devices
             found = []
-            for level in range(1 + lean_levels(logical)):
+            for level in range(1 + (lean_levels(logical) if lean else 0)):
                 try:
                     lat = sum(layer_cost(i, logical, level) for i in range(start, end))
                 except MemoryBudgetError:
@@ -289,8 +289,19 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             else cluster.intra_host_bandwidth
         return 2.0 * cross_bytes[boundary] / k / bw
 
-    sol = solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost, transfer_cost=transfer_cost,
-                       memory_capacity=memory, schedule=schedule if schedule in ("1f1b", "gpipe") else "1f1b")
+    schedule = schedule if schedule in ("1f1b", "gpipe") else "1f1b"
+    sol = None
+    if memory is not None:
+        # The fastest candidates' best plan, memory ignored: when it fits, it is the optimum (a lean
+        # candidate is never faster than the fastest one of its cell), and no lean solve is needed.
+        fastest = solve_stages(num_layers, num_hosts, devices_per_host, k,
+                               lambda i, j, sub: stage_cost(i, j, sub, lean=False), transfer_cost=transfer_cost,
+                               memory_capacity=None, schedule=schedule)
+        if all(st.memory is not None and st.memory <= memory for st in fastest.stages):
+            sol = fastest
+    if sol is None:
+        sol = solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost, transfer_cost=transfer_cost,
+                           memory_capacity=memory, schedule=schedule)
     ids = list(device_ids) if device_ids is not None else list(range(num_hosts * devices_per_host))
     stages = []
     for i, s in enumerate(sol.stages):     # the DP packs sub-meshes into hosts (first fit), not in stage order
