@@ -2,7 +2,7 @@
 each fragment on its sub-mesh, emit the per-mesh instruction lists, run them.
 
     trace (markers: layers, loss, grad) -> inline-calls, cse, layer-clustering, stage-construction,
-    stage-outlining -> per fragment: install-mesh + auto-sharding on its sub-mesh, XLA compile
+    rematerialize, stage-outlining -> per fragment: install-mesh + auto-sharding on its sub-mesh, XLA compile
     -> insert-transfers (mpmd form of @main, for dumps) -> schedule -> Program -> executor
 """
 from __future__ import annotations
@@ -236,7 +236,8 @@ def compile_pipeshard(fun, call, method):
                                    "auto_layer_clustering": cfg["clustering"], "method": method,
                                    "micro_batches": k, "solve_cache": cache})
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},"
-                        f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},stage-outlining")
+                        f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},rematerialize,"
+                        "stage-outlining")
     timings["trace"] = clock() - t
     t = clock()
     pipeline.run(module, state, record_ir=True)
@@ -387,7 +388,7 @@ def compile_pipeline_step(fun, call, method):
                       for c in compiled.values()],
         "stages": [{"index": s.index, "layers": list(s.layers), "mesh": s.mesh.name, "physical_shape":
                     list(s.physical_shape), "logical_shape": list(s.mesh.shape), "device_ids": list(s.mesh.device_ids),
-                    "predicted_latency": s.latency} for s in stages.stages],
+                    "predicted_latency": s.latency, "remat": s.remat} for s in stages.stages],
         "instructions": {m: [i.describe() for i in ins] for m, ins in program.instructions.items()},
         "bubble_fraction": getattr(schedule, "bubble_fraction", None),
         "timings": program.notes.get("timings", {}),
@@ -448,7 +449,7 @@ def plan_pipeline(fun, call, method, cluster):
     auto = method.stage_option == "auto"
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
                         f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}"
-                        + ("" if auto else ",stage-outlining"))
+                        + ("" if auto else ",rematerialize,stage-outlining"))
     t1 = time.perf_counter()
     pipeline.run(module, state, record_ir=False)
     t_passes = time.perf_counter() - t1
