@@ -15,6 +15,12 @@ sums; their all-reduce leaves the per-micro-batch latency and is charged once pe
 over the micro-batches (latency + once / B: in the pipeline objective that is about one reduction
 of the slowest stage, which the apply-grad phase adds). Memory adds the gradient accumulators
 each device holds, in the layouts the backward fragment leaves them.
+
+Rematerialization (PipeshardParallel(remat=True | "auto")): a candidate's remat variant reruns
+each layer's forward in the backward (passes/rematerialize.py), priced with the solves above and
+none more: latency + every layer's forward solve again; per micro-batch it keeps each layer's
+activation inputs (in the layouts the forward ILP chose) instead of the residuals; the largest
+layer's residuals count once, as a transient.
 """
 from __future__ import annotations
 
