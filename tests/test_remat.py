@@ -194,3 +194,26 @@ def test_planner_rematerializes_a_stage_only_when_the_budget_requires_it():
     tight = plan(budget, "auto")
     assert any(s.remat for s in tight.stages.stages)
     assert all(s.memory <= budget for s in tight.stages.stages)
+
+
+def test_the_remat_the_dp_chooses_is_what_runs():
+    """Compiled (not plan-only): remat="auto" rematerializes nothing without a budget; under a
+    budget only the remat variant fits, the DP picks it, the rematerialize pass recomputes exactly
+    the layers of the stages it marked, and the step still equals jax.jit."""
+    step, state, batch = _dropout_mlp()
+    batch = {"x": jnp.tile(batch["x"], (16, 1)), "y": jnp.tile(batch["y"], (16, 1)),
+             "seeds": jnp.arange(256, dtype=jnp.uint32)}
+
+    def method(budget):
+        return mw.PipeshardParallel(num_micro_batches=8, pipeline_schedule="gpipe", remat="auto",
+                                    default_auto_sharding_option=mw.AutoShardingOption(memory_budget_per_device=budget))
+
+    free = mw.parallelize(step, method=method(None)).get_executable(state, batch)
+    stages = free.state.results["stage-construction"].stages
+    assert not any(s.remat for s in stages) and not free.state.results["rematerialize"].layers
+    budget = int(0.6 * max(s.memory for s in stages))
+    exe = _run(step, state, batch, method(budget), steps=2)
+    stages = exe.state.results["stage-construction"].stages
+    assert any(s.remat for s in stages) and all(s.memory <= budget for s in stages)
+    remat_layers = tuple(layer for s in stages if s.remat for layer in range(*s.layers))
+    assert exe.state.results["rematerialize"].layers == remat_layers
