@@ -89,7 +89,8 @@ class StageChoice:
     """One stage of a plan: layers [start, end), where it runs, and its predicted cost.
 
     latency / memory are None when the plan was made without a cost callback; memory counts
-    `in_flight` micro-batches of activations under the schedule.
+    `in_flight` micro-batches of activations under the schedule. remat: the chosen candidate
+    recomputes the forward in the backward (StageCandidate.remat).
     """
 
     layers: tuple[int, int]
