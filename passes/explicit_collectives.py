@@ -185,6 +185,8 @@ def spell_reshard(value: ir.Value, src: TensorSharding, dst: TensorSharding, pla
     (else a constraint: XLA's own all-to-all, with the collective-permute the plan priced), and a
     last constraint to dst, which only slices. Left to itself XLA may take another route."""
     cur = src
+    if any(k == "collective-permute" for k, _, _ in plan) and not any(k == "all-to-all" for k, _, _ in plan):
+        plan = []                   # a relayout within one dim: XLA's route from src to dst as it is
     for kind, axes, _ in plan:
         if kind == "all-gather":
             nxt = TensorSharding(tuple(tuple(a for a in d if a not in axes) for d in cur.dims), cur.mesh)

@@ -203,6 +203,11 @@ RESHARDS = [   # (shape, from, to): the patterns the 4x2 / 2x4 zoo plans need, a
     ((16, 32), (("y",), ("x",)), (("x",), ())),                      # gather y, move x
     ((16, 32), (("y",), ()), (("x",), ("y",))),                      # move y, then slice x
     ((16, 32), ((), ("x", "y")), (("y",), ("x",))),                 # keep x, move y: no permute
+    ((64,), (("x", "y"),), (("y",),)),                               # ZeRO state: permute, gather x
+    ((64,), (("y",),), (("x", "y"),)),                               # slice, then one permute
+    ((16, 32), ((), ("x", "y")), ((), ("y", "x"))),                  # reorder in place: one permute
+    ((16, 32), (("x",), ()), (("y",), ())),                          # another axis, same dim: permute
+    ((8, 8, 16), ((), (), ("y", "x")), ((), (), ("x",))),            # permute, then gather y
 ]
 
 
