@@ -325,3 +325,19 @@ def test_a_window_spanning_the_input_is_not_split_when_outputs_need_halos():
     assert spatial and spatial <= padded.need_replication
     exact = rule(module(1, 0))                  # one output position: splitting the window is a true sum
     assert not ({f for d in (1, 2) for f in exact.operands[0][d]} & exact.need_replication)
+
+
+def test_a_sum_over_dims_split_on_two_axes_is_priced_as_one_all_reduce_per_axis():
+    # Root cause (a pipeline fragment's loss): XLA sums a reduce over dims split on x and on y with
+    # two all-reduces (over y, then over x), not one over both; the plan priced one.
+    def step(t):
+        return jnp.sum(jnp.tanh(t))
+
+    t = jax.random.normal(jax.random.PRNGKey(0), (16, 32))
+    method = mw.ShardParallel(mesh_shape=(2, 4), devices=devices(8),
+                              manual_sharding=mw.ManualShardingOption((P("x", "y"),), P()))
+    f = mw.parallelize(step, method=method)
+    assert_trees_close(f(t), jax.jit(step)(t))
+    rows = {r["kind"]: r for r in f.last_executable.plan.stages[0].fidelity}
+    assert rows["all-reduce"]["compiled_count"] == rows["all-reduce"]["predicted_count"] == 2, rows
+    assert rows["all-reduce"]["status"] == "match", rows
