@@ -184,7 +184,8 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 elif (st is not None and rec.op.operation.name == "stablehlo.scatter" and graph.mesh.num_devices > 1
                       and local_scatter(st.a, rec.op)):   # one device: XLA skips partitioning, nothing to guard
                     locals_.append((rec, s))
-                elif st is not None and graph.mesh.num_devices > 1 and local_grouped_conv(st.a, rec.op) is not None:
+                elif (st is not None and graph.mesh.num_devices > 1
+                      and local_grouped_conv(st.a, rec.op, graph.mesh) is not None):
                     locals_.append((rec, s))
         # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays;
         # one constraint per value and layout within a block, shared by its consumers.
@@ -263,7 +264,7 @@ def local_scatter(a, op) -> bool:
     return not sr.reduced_axes(rule, a) and not any(a[f] for f in scattered)
 
 
-def local_grouped_conv(a, op, mesh=None) -> dict | None:
+def local_grouped_conv(a, op, mesh) -> dict | None:
     """For a grouped convolution (feature or batch groups) whose plan sums over no mesh axis: the
     group counts each device's local convolution has ({attribute: count}); None for other ops.
     XLA's partitioner gathers such a convolution's operands (and exchanges halos) although every
@@ -282,11 +283,11 @@ def local_grouped_conv(a, op, mesh=None) -> dict | None:
     group = shared[0] & shared[1] & shared[2]
     if len(group) != 1:
         return None
-    if mesh is None:
-        return {}
     split = mesh.axes_size(a[group.pop()])
+    if any(v > 1 and v % split for v in counts.values()):
+        return None                 # a device would hold part of a group: not a local op
     i64 = ir.IntegerType.get_signless(64)
-    return {k: ir.IntegerAttr.get(i64, v // split) for k, v in counts.items() if v > 1 and v % split == 0}
+    return {k: ir.IntegerAttr.get(i64, v // split) for k, v in counts.items() if v > 1}
 
 
 @dataclass(frozen=True)
