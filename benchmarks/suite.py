@@ -175,10 +175,13 @@ class AutoPlan:
     tries: list = field(default_factory=list)   # the micro-batch search: {micro_batches, step_time, seconds, error}
 
 
-def plan_auto(case: Case, cluster: mw.ClusterSpec, capacity=True, micro_batches=None):
+def plan_auto(case: Case, cluster: mw.ClusterSpec, capacity=True, micro_batches=None, remat="auto"):
     """The automatic plan at `micro_batches` (default: the case's count; "auto" or a tuple: the
-    planner's own micro-batch search, PipeshardParallel(num_micro_batches=...))."""
-    method = mw.PipeshardParallel(num_micro_batches=micro_batches or case.micro_batches, layer_option=case.layer_option)
+    planner's own micro-batch search, PipeshardParallel(num_micro_batches=...)). remat:
+    PipeshardParallel(remat=...); "auto" lets the stage DP rematerialize the stages whose
+    activations would not fit (the Megatron baseline gets the same choice)."""
+    method = mw.PipeshardParallel(num_micro_batches=micro_batches or case.micro_batches, layer_option=case.layer_option,
+                                  remat=remat)
     c = cluster if capacity else dataclasses.replace(cluster, device_memory=None)
     t0 = time.perf_counter()
     result = mw.plan(case.step, case.state, case.batch, method=method, cluster=c)
@@ -186,7 +189,7 @@ def plan_auto(case: Case, cluster: mw.ClusterSpec, capacity=True, micro_batches=
     st = result.stages
     stages = [{"layers": list(s.layers), "physical": list(s.physical_shape), "logical": list(s.mesh.shape),
                "devices": len(s.mesh.device_ids), "device_ids": list(s.mesh.device_ids), "latency": s.latency,
-               "memory": s.memory, "auto_sharding": _json_options(s.auto_sharding)} for s in st.stages]
+               "memory": s.memory, "remat": s.remat, "auto_sharding": _json_options(s.auto_sharding)} for s in st.stages]
     plan = AutoPlan(result.predicted_step_time, result.predicted_step_time,
                     max((s.memory or 0.0) for s in st.stages), stages, st.micro_batches,
                     {k: round(v, 3) for k, v in result.timings.items()}, seconds, st.candidates)
@@ -249,12 +252,12 @@ def _result(method, plan, step_time, memory, fits, flops, cluster) -> MethodResu
     return MethodResult(method, plan, step_time, tf, pct, memory / 1e9, fits)
 
 
-def _plan_or_oom(case: Case, cluster: mw.ClusterSpec, micro_batches=None):
+def _plan_or_oom(case: Case, cluster: mw.ClusterSpec, micro_batches=None, remat="auto"):
     """(plan, stage result), or (None, error text) when no stage plan fits memory."""
     from meshweave.pipeshard import NoPlanFits
 
     try:
-        return plan_auto(case, cluster, micro_batches=micro_batches)
+        return plan_auto(case, cluster, micro_batches=micro_batches, remat=remat)
     except NoPlanFits as e:
         return None, str(e)
     except PassError as e:
@@ -263,7 +266,7 @@ def _plan_or_oom(case: Case, cluster: mw.ClusterSpec, micro_batches=None):
         return None, str(e)
 
 
-def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=None) -> Row:
+def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=None, remat="auto") -> Row:
     """Plan `case` automatically, with the planner's micro-batch search (PipeshardParallel(
     num_micro_batches="auto"), or over the counts case.micro_batches x factor that divide the batch
     when `nb_factors` is given; the fastest plan that fits wins) and price the baselines."""
@@ -273,21 +276,22 @@ def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=None) -> Row:
     else:
         option = tuple(sorted({int(case.micro_batches * f) for f in nb_factors
                                if int(case.micro_batches * f) >= 1 and case.global_batch % int(case.micro_batches * f) == 0}))
-    auto, st = _plan_or_oom(case, cluster, option)
+    auto, st = _plan_or_oom(case, cluster, option, remat)
     if auto is None:                    # nothing fits: the stats come from a plan without the limit
         error = st
         notes.append(f"automatic plan: {error}")
-        auto, st = plan_auto(case, cluster, capacity=False)
+        auto, st = plan_auto(case, cluster, capacity=False, remat=remat)
         auto.step_time, auto.error = None, error
     else:
         notes += [f"micro-batches {t['micro_batches']}: " + (f"{t['step_time']:.4g} s, planned in "
                   f"{t['seconds']:.0f} s" if t["step_time"] else "no plan fits memory") for t in auto.tries]
     flops = step_matmul_flops(case)
     stats = model_stats(case, st, flops)
-    shape = " ".join(f"{'x'.join(map(str, s['logical']))}[{s['layers'][0]}:{s['layers'][1]}]" for s in auto.stages)
+    shape = " ".join(f"{'x'.join(map(str, s['logical']))}[{s['layers'][0]}:{s['layers'][1]}]"
+                     + ("r" if s.get("remat") else "") for s in auto.stages)
     auto_res = _result("meshweave auto", f"{len(auto.stages)} stages {shape} mb={auto.micro_batches}",
                        auto.step_time, auto.memory_per_device, auto.step_time is not None, flops, cluster)
-    mega, tried = baselines.megatron(stats, cluster)
+    mega, tried = baselines.megatron(stats, cluster, remat=(False, True) if remat else (False,))
     rows = []
     plans = [baselines.data_parallel(stats, cluster), baselines.zero2(stats, cluster),
              baselines.zero3(stats, cluster), mega]
@@ -360,6 +364,8 @@ def main(argv=None):
     p.add_argument("--nb-factors", default=None, help="micro-batch counts to plan, as multiples of Alpa's count for "
                    "the row (e.g. 0.5,1,4); the fastest automatic plan that fits is reported (default: the "
                    "planner's own search, num_micro_batches='auto')")
+    p.add_argument("--remat", choices=("auto", "true", "false"), default="auto", help="rematerialization: 'auto' "
+                   "lets the stage DP choose per stage and Megatron choose full recomputation; 'false' offers neither")
     p.add_argument("--emit-plans", action="store_true", help="also compile every automatic plan's stages on "
                    "simulated CPU devices (one process per row) into benchmarks/results/plans/<suite>_<cluster>_<gpus>/")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<suite>_<cluster>.json)")
@@ -383,7 +389,8 @@ def main(argv=None):
         case = weak_scaling_case(args.suite, g)
         bar.set_postfix_str(f"{case.model} on {g} GPUs")
         rows.append(run_row(case, mw.ClusterSpec.preset(args.cluster, g),
-                            tuple(float(x) for x in args.nb_factors.split(",")) if args.nb_factors else None))
+                            tuple(float(x) for x in args.nb_factors.split(",")) if args.nb_factors else None,
+                            {"auto": "auto", "true": True, "false": False}[args.remat]))
         if args.emit_plans:
             from benchmarks import stage_programs
 
