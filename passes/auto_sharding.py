@@ -409,6 +409,14 @@ class AutoSharding(Pass):
             per_device = np.array([t.nbytes / graph.mesh.axes_size(sh.used_axes()) for sh in t.shardings])
             add = per_device * (self.memory_price * scale / unit)
             added[t.group] = added.get(t.group, 0.0) + add
+        # Keep the priced costs far from the solver's "forbidden" cost, or every strategy would look
+        # forbidden: scale the price down where it would get close (the ranking by memory stays).
+        from meshweave.passes.solver.problem import INF_COST
+
+        top = max((float(np.max(a)) for a in added.values()), default=0.0)
+        limit = 1e-6 * INF_COST / COST_SCALE
+        if top > limit:
+            added = {g: a * (limit / top) for g, a in added.items()}
         for g, add in added.items():
             graph.groups[g].node_cost = graph.groups[g].node_cost + add
         return list(added.items())
