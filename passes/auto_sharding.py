@@ -20,6 +20,7 @@ from jaxlib.mlir.passmanager import PassManager
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
+from meshweave.passes.combined_all_reduces import CombinerSpec, hub_terms, merge_predicted
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph, gc_paused
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
@@ -81,6 +82,18 @@ def build_problem(graph: CostGraph, memory_budget: float | None, name: str = "me
         if a > b:
             a, b, m = b, a, m.T
         merged[(a, b)] = merged.get((a, b), 0) + m
+    for c in graph.combined:      # XLA's combiner: one hub per group of combinable all-reduces
+        if not c.needs_hub:
+            continue
+        hub_cost, hub_edges = hub_terms(c, lambda g: len(graph.groups[g].strategies))
+        hub = len(costs)
+        costs.append(to_int_cost(hub_cost))
+        usages.append(np.zeros(2, dtype=np.int64))
+        intervals.append([0, 0])
+        names.append(c.name)
+        strategy_names.append(["separate", "combined"])
+        for g, m in hub_edges.items():
+            merged[(g, hub)] = m
     edge_nodes = list(merged)
     edge_costs = [to_int_cost(merged[k]) for k in edge_nodes]
     if memory_budget is not None:
@@ -114,10 +127,12 @@ def build_problem(graph: CostGraph, memory_budget: float | None, name: str = "me
 
 def predicted_collectives(graph: CostGraph, choice) -> list[tuple[str, tuple, float, str]]:
     """The collectives the plan pays for, as (kind, axes, per-device bytes, why); an operand
-    resharded alike for several consumers counts once, as the annotation inserts it once."""
-    out = []
+    resharded alike for several consumers counts once, as the annotation inserts it once; sums XLA's
+    combiner merges are listed as the combined all-reduces it emits."""
+    skip, out = merge_predicted(graph.groups, choice, graph.combined, graph.combiner)
     for g in graph.groups:
-        out += g.node_plans[choice[g.id]]
+        s = choice[g.id]
+        out += [p for i, p in enumerate(g.node_plans[s]) if (g.id, s, i) not in skip]
     for e in graph.edges:
         if e.operand:
             continue
@@ -332,6 +347,10 @@ class AutoSharding(Pass):
         Option("prefer-reduce-scatter", "bool", False, "offer reduce-scatter variants of summing ops"),
         Option("allow-mixed-mesh-shape", "bool", False,
                "let ops split a non-batch dim over several mesh axes (the mesh as 1-D) beside 2-D ops"),
+        Option("combine-all-reduces", "bool", True,
+               "price independent all-reduces of one kind, dtype and axes as XLA's combiner merges them (α once)"),
+        Option("all-reduce-combine-bytes", "float", 0.0,
+               "the combiner's byte limit per combined op; 0 = none (XLA's CPU pipeline; its GPU default is 30 MiB)"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
         Option("time-limit", "float", 10.0, "solver time limit in seconds (it stops earlier at a proven optimum)"),
         Option("gradient-results", "int-list", (),
@@ -371,7 +390,9 @@ class AutoSharding(Pass):
         with gc_paused():   # the build allocates many objects and frees few: spare it the collector's scans
             graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
                               zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
-                              warn=state.warn, gradient_share=share).build(func)
+                              warn=state.warn, gradient_share=share,
+                              combiner=CombinerSpec(self.all_reduce_combine_bytes or None)
+                              if self.combine_all_reduces else None).build(func)
             problem = build_problem(graph, budget)
         t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
         sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,

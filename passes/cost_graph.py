@@ -25,6 +25,7 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
+from meshweave.passes.combined_all_reduces import CombinedAllReduces, CombinerSpec, SumStep, combine, element_type
 from meshweave.passes.cost_memo import CostMemo, Layout
 from meshweave.passes.cost_model import INF, LogicalMesh
 from meshweave.passes import sharding_rules as sr
@@ -125,13 +126,18 @@ class CostGraphError(ValueError):
 
 class CostGraph:
     def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
-                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0):
+                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0,
+                 combiner: CombinerSpec | None = CombinerSpec()):
         self.lmesh = lmesh
         # Ops marked mw.gradient_sum sum a weight gradient that a pipeline reduces once per step:
         # their all-reduce costs this share (1 / micro-batches) per run; `gradient_charges` keeps
         # (group, strategy, full cost) so a planner can re-price what ends up not partial.
         self.gradient_share = gradient_share
         self.gradient_charges: list[tuple[int, int, float]] = []
+        # XLA's all-reduce combiner (None: price every all-reduce alone): see combined_all_reduces.py.
+        self.combiner = combiner
+        self.sum_steps: list[SumStep] = []
+        self.combined: list[CombinedAllReduces] = []
         self.mesh = lmesh.mesh
         self.prefer_reduce_scatter = prefer_reduce_scatter
         self.batch_axes = tuple(batch_axes)   # batch arguments split their batch dim over these axes first
@@ -201,6 +207,8 @@ class CostGraph:
                 continue
             self._add_op(op, step)
         self.num_steps += 1
+        if self.combiner is not None:
+            self.combined = combine(self.groups, self.sum_steps, block, ANCHORS, self.lmesh, self.combiner)
         return self
 
     def _add_argument(self, i, arg, attrs):
@@ -440,10 +448,14 @@ class CostGraph:
         if plan.sums:
             result_bytes = tuple(self.tensors[t].nbytes for t in res_tids)
             share = self.gradient_share if mw.GRADIENT_SUM in op.attributes else 1.0
+            combinable = share == 1.0 and self.scale == 1.0 and not self.scope
             for s, cost, step in self.memo.sum_charges(plan, result_bytes, self.scale):
                 if share != 1.0 and step[0] == "all-reduce":
                     self.gradient_charges.append((g.id, s, cost))
                     cost *= share
+                if combinable and step[0] == "all-reduce" and cost > 0:
+                    self.sum_steps.append(SumStep(g.id, s, len(g.node_plans[s]), step[1], step[2], op.results[0],
+                                                  element_type(op.results[0])))
                 g.node_cost[s] += cost
                 g.node_plans[s].append(step + (f"{label} sums over {','.join(step[1])}",))
         for k, tid in enumerate(operand_tids):

@@ -31,6 +31,10 @@ class AutoShardingOption:
     dimension other than the batch, e.g. Megatron over all devices) while others use it as 2-D,
     paying the resharding between the two; off (Alpa's default): only the batch is split that way.
     solver: "highs" or "cbc"; time_limit in seconds (the solver stops earlier once its plan is proven optimal).
+    combine_all_reduces: price independent all-reduces of one dtype over the same axes (gradients) as
+    XLA's all-reduce combiner emits them, one op paying α once; all_reduce_combine_threshold_bytes:
+    the combiner's byte limit per op (None: no limit, as XLA's CPU pipeline; XLA's GPU default is
+    30 MiB, `--xla_gpu_all_reduce_combine_threshold_bytes`).
     """
 
     alpha: tuple[float, ...] | None = None
@@ -43,6 +47,8 @@ class AutoShardingOption:
     allow_mixed_mesh_shape: bool = False
     solver: str = "highs"
     time_limit: float = 10.0
+    combine_all_reduces: bool = True
+    all_reduce_combine_threshold_bytes: int | None = None
 
     def __post_init__(self):
         if self.solver not in ("highs", "cbc"):
@@ -149,6 +155,10 @@ def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_
         o.append("prefer-reduce-scatter=true")
     if opt.allow_mixed_mesh_shape:
         o.append("allow-mixed-mesh-shape=true")
+    if not opt.combine_all_reduces:
+        o.append("combine-all-reduces=false")
+    if opt.all_reduce_combine_threshold_bytes:
+        o.append(f"all-reduce-combine-bytes={int(opt.all_reduce_combine_threshold_bytes)}")
     if opt.solver != "highs":
         o.append(f"solver={opt.solver}")
     if opt.time_limit != 10.0:
