@@ -14,7 +14,8 @@ over those axes, so the second sums locally. Sums of one (mesh axes, element typ
 `CombinedAllReduces`: each member pays β per byte; α is paid once per group through a hub node
 of the ILP (`hub_terms`): a member strategy pays α when the hub is idle, the hub pays α when on,
 so the ILP pays min(α · #members chosen, α), exactly α once any member is chosen. A member's
-own entries combine with each other too (α once per strategy, without a hub).
+own entries combine with each other too (α once per strategy, without a hub). Pipelines' gradient
+sums, priced at 1/micro-batches, combine among themselves.
 """
 from __future__ import annotations
 
@@ -34,18 +35,17 @@ class CombinerSpec:
     threshold_bytes: float | None = None
     threshold_count: int = CPU_COMBINE_COUNT
 
-    def extra_alpha_share(self, nbytes: float) -> float:
-        """A member's share of the α of the further ops a full group splits into (linear in bytes)."""
-        share = 1.0 / self.threshold_count
-        if self.threshold_bytes:
-            share += nbytes / self.threshold_bytes
-        return share
+    def split_share(self, nbytes: float) -> float:
+        """A member's share of the further ops a group over the byte limit splits into (linear in
+        its bytes; the ILP does not see the count limit, which `merge_predicted` applies)."""
+        return nbytes / self.threshold_bytes if self.threshold_bytes else 0.0
 
 
 @dataclass
 class SumStep:
     """One partial-sum all-reduce the cost graph charged: group g, strategy s, entry `index` of
-    g.node_plans[s], on `axes` of per-device `nbytes`; `key` names the op (its first result)."""
+    g.node_plans[s], on `axes` of per-device `nbytes`, at `share` of its cost (a pipeline's
+    gradient sum runs once per step); `key` names the op (its first result)."""
 
     group: int
     strategy: int
@@ -54,15 +54,19 @@ class SumStep:
     nbytes: float
     key: object
     dtype: str
+    share: float = 1.0
 
 
 @dataclass
 class CombinedAllReduces:
-    """Sums on one (axes, dtype) that XLA merges; `members[g][s]`: entries of node_plans[s]."""
+    """Sums on one (axes, dtype) that XLA merges; `members[g][s]`: entries of node_plans[s].
+    `price`: what one combined op costs beyond its bytes (α and the all-reduce tie-breaker, times
+    the members' share), paid once."""
 
     axes: tuple[str, ...]
     dtype: str
-    alpha: float                                  # normalized cost units (the hub's price)
+    share: float
+    price: float                                  # normalized cost units
     members: dict[int, dict[int, list[int]]] = field(default_factory=dict)
 
     @property
@@ -104,21 +108,32 @@ def combine(groups, steps: list[SumStep], block, sinks: set, lmesh, spec: Combin
     for st in steps:
         if st.key not in keep:
             continue
-        alpha = lmesh.alpha_of(st.axes)
-        c = combined.get((st.axes, st.dtype))
+        k = (st.axes, st.dtype, st.share)
+        c = combined.get(k)
         if c is None:
-            c = combined[(st.axes, st.dtype)] = CombinedAllReduces(st.axes, st.dtype, alpha)
+            c = combined[k] = CombinedAllReduces(st.axes, st.dtype, st.share, lmesh.all_reduce(0.0, st.axes) * st.share)
         c.members.setdefault(st.group, {}).setdefault(st.strategy, []).append(st.index)
         # The entry stays listed in node_plans; `merge_predicted` merges the chosen ones.
-        groups[st.group].node_cost[st.strategy] += alpha * (spec.extra_alpha_share(st.nbytes) - 1.0)
+        groups[st.group].node_cost[st.strategy] += c.price * (spec.split_share(st.nbytes) - 1.0)
     out = list(combined.values())
     for c in out:
-        for g, by_s in c.members.items():
-            for s in by_s:
-                # α once per member strategy: here when alone, else on the edge to the hub.
-                if not c.needs_hub:
-                    groups[g].node_cost[s] += c.alpha
+        if not c.needs_hub:       # one ILP node: its strategy pays the price once (else the hub does)
+            for g, by_s in c.members.items():
+                for s in by_s:
+                    groups[g].node_cost[s] += c.price
     return out
+
+
+def combined_refund(combined: list[CombinedAllReduces], choice, share: float) -> float:
+    """How much less the chosen members of the groups at `share` cost in full than separately:
+    the price of every op but one per group (normalized units, at full share)."""
+    refund = 0.0
+    for c in combined:
+        if c.share != share:
+            continue
+        n = sum(len(by_s.get(choice[g], ())) for g, by_s in c.members.items())
+        refund += max(n - 1, 0) * c.price / c.share
+    return refund
 
 
 def hub_terms(c: CombinedAllReduces, num_strategies) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -126,9 +141,9 @@ def hub_terms(c: CombinedAllReduces, num_strategies) -> tuple[np.ndarray, dict[i
     edges = {}
     for g, by_s in c.members.items():
         m = np.zeros((num_strategies(g), 2))
-        m[list(by_s), 0] = c.alpha
+        m[list(by_s), 0] = c.price
         edges[g] = m
-    return np.array([0.0, c.alpha]), edges
+    return np.array([0.0, c.price]), edges
 
 
 def merge_predicted(groups, choice, combined: list[CombinedAllReduces], spec: CombinerSpec):

@@ -25,7 +25,8 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
-from meshweave.passes.combined_all_reduces import CombinedAllReduces, CombinerSpec, SumStep, combine, element_type
+from meshweave.passes.combined_all_reduces import (CombinedAllReduces, CombinerSpec, SumStep, combine,
+                                                   combined_refund, element_type)
 from meshweave.passes.cost_memo import CostMemo, Layout
 from meshweave.passes.cost_model import INF, LogicalMesh
 from meshweave.passes import sharding_rules as sr
@@ -448,14 +449,14 @@ class CostGraph:
         if plan.sums:
             result_bytes = tuple(self.tensors[t].nbytes for t in res_tids)
             share = self.gradient_share if mw.GRADIENT_SUM in op.attributes else 1.0
-            combinable = share == 1.0 and self.scale == 1.0 and not self.scope
+            combinable = self.scale == 1.0 and not self.scope
             for s, cost, step in self.memo.sum_charges(plan, result_bytes, self.scale):
                 if share != 1.0 and step[0] == "all-reduce":
                     self.gradient_charges.append((g.id, s, cost))
                     cost *= share
                 if combinable and step[0] == "all-reduce" and cost > 0:
                     self.sum_steps.append(SumStep(g.id, s, len(g.node_plans[s]), step[1], step[2], op.results[0],
-                                                  element_type(op.results[0])))
+                                                  element_type(op.results[0]), share))
                 g.node_cost[s] += cost
                 g.node_plans[s].append(step + (f"{label} sums over {','.join(step[1])}",))
         for k, tid in enumerate(operand_tids):
@@ -608,6 +609,14 @@ class CostGraph:
                 key = (tid, rec.scope, req[s])
                 yield rec, k, tid, req[s], key not in seen
                 seen.add(key)
+
+    def marked_gradient_cost(self, choice) -> float:
+        """Full cost (normalized) of the chosen gradient sums priced at `gradient_share`, combined as
+        XLA's combiner emits them."""
+        if not self.gradient_charges:
+            return 0.0
+        full = sum(cost for g, s, cost in self.gradient_charges if choice[g] == s)
+        return full - combined_refund(self.combined, choice, self.gradient_share)
 
     def memory_terms(self):
         """(group, start, end, per-strategy bytes per device) for every non-free tensor."""

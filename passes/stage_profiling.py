@@ -264,15 +264,20 @@ def _gradients_once_per_step(module, state, spec, may_stay_partial, accumulated)
 
     saved = once = 0.0
     solved = state.results["auto-sharding"]
-    marked = sum(solved.graph.lmesh.to_user_units(cost) for g, s, cost in solved.graph.gradient_charges
-                 if solved.choice[g] == s)
+    marked = solved.graph.lmesh.to_user_units(solved.graph.marked_gradient_cost(solved.choice))
     if may_stay_partial:
         Pipeline("partial-gradients{results=" + ",".join(map(str, may_stay_partial)) + "}").run(
             module, state, record_ir=False)
         lm = state.logical_mesh
-        for p in state.results["partial-gradients"].partial:
-            saved += lm.to_user_units(lm.plan_cost([("all-reduce", p.sharding.unreduced, p.root_bytes)]))
-            once += lm.to_user_units(lm.plan_cost([("all-reduce", p.sharding.unreduced, p.bytes)]))
+        partial = state.results["partial-gradients"].partial
+        # With XLA's combiner priced, gradients summed over the same axes are one all-reduce.
+        ops: dict = {}
+        for k, p in enumerate(partial):
+            ops.setdefault(p.sharding.unreduced if solved.graph.combiner is not None else k, []).append(p)
+        for ps in ops.values():
+            axes = ps[0].sharding.unreduced
+            saved += lm.to_user_units(lm.plan_cost([("all-reduce", axes, sum(p.root_bytes for p in ps))]))
+            once += lm.to_user_units(lm.plan_cost([("all-reduce", axes, sum(p.bytes for p in ps))]))
     main = mw.main_func(module)
     types = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value).results
     layouts = result_shardings(module)
