@@ -1,7 +1,7 @@
 """XLA's all-reduce combiner, as the cost graph sees it: which partial-sum all-reduces end up in one op.
 
 After SPMD partitioning XLA merges all-reduces that have the same reduction, element type and
-device groups and that do not depend on one another (the CPU pipeline with no byte limit and at
+device groups (its AllReduceKey) and that do not depend on one another (the CPU pipeline with no byte limit and at
 most 256 operands per op; the GPU pipeline up to `xla_gpu_all_reduce_combine_threshold_bytes`,
 30 MiB by default). A data-parallel step's ~50 gradient all-reduces compile to one op, so
 charging α per all-reduce overprices them against one all-to-all + all-gather of the same bytes.
@@ -53,13 +53,13 @@ class SumStep:
     axes: tuple[str, ...]
     nbytes: float
     key: object
-    dtype: str
+    dtype: str                                    # element type and reduction (`reduction_key`)
     share: float = 1.0
 
 
 @dataclass
 class CombinedAllReduces:
-    """Sums on one (axes, dtype) that XLA merges; `members[g][s]`: entries of node_plans[s].
+    """Sums on one (axes, dtype and reduction) that XLA merges; `members[g][s]`: entries of node_plans[s].
     `price`: what one combined op costs beyond its bytes (α and the all-reduce tie-breaker, times
     the members' share), paid once."""
 
@@ -94,8 +94,14 @@ def _holds(op, names: set) -> bool:
                for region in op.operation.regions for b in region.blocks for inner in b.operations)
 
 
-def element_type(value) -> str:
-    return str(ir.RankedTensorType(value.type).element_type)
+def reduction_key(op) -> str:
+    """What an op's all-reduce combines with: its element type and reduction ("f32 add"); a
+    reduce's body names the reduction (max and add all-reduces stay apart), anything else adds."""
+    kind = "add"
+    if op.operation.name == "stablehlo.reduce":
+        body = [o.operation.name for o in op.regions[0].blocks[0].operations]
+        kind = body[0].split(".")[-1] if len(body) == 2 else "+".join(body)
+    return f"{ir.RankedTensorType(op.results[0].type).element_type} {kind}"
 
 
 def combine(groups, steps: list[SumStep], block, sinks: set, lmesh, spec: CombinerSpec) -> list[CombinedAllReduces]:

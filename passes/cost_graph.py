@@ -26,7 +26,7 @@ from jaxlib.mlir import ir
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.combined_all_reduces import (CombinedAllReduces, CombinerSpec, SumStep, combine,
-                                                   combined_refund, element_type)
+                                                   combined_refund, reduction_key)
 from meshweave.passes.cost_memo import CostMemo, Layout
 from meshweave.passes.cost_model import INF, LogicalMesh
 from meshweave.passes import sharding_rules as sr
@@ -456,7 +456,7 @@ class CostGraph:
                     cost *= share
                 if combinable and step[0] == "all-reduce" and cost > 0:
                     self.sum_steps.append(SumStep(g.id, s, len(g.node_plans[s]), step[1], step[2], op.results[0],
-                                                  element_type(op.results[0]), share))
+                                                  reduction_key(op), share))
                 g.node_cost[s] += cost
                 g.node_plans[s].append(step + (f"{label} sums over {','.join(step[1])}",))
         for k, tid in enumerate(operand_tids):

@@ -118,4 +118,30 @@ def test_two_gradient_sums_pay_alpha_once(combine):
     one_op = lm.all_reduce(2 * 16 * 16 * 4, ("x",))
     assert solved.predicted_costs["all-reduce"] == pytest.approx(one_op + (0 if combine else lm.all_reduce(0, ("x",))))
     hubs = [n for n in solved.problem.node_names if n.startswith("combined all-reduce")]
-    assert hubs == (["combined all-reduce over x (f32)"] if combine else [])
+    assert hubs == (["combined all-reduce over x (f32 add)"] if combine else [])
+
+
+MAX_AND_SUM = """
+module {
+  func.func @main(%x: tensor<64x16xf32> {mw.batch_dim = 0 : i64}) -> (tensor<16xf32>, tensor<16xf32>, tensor<16xf32>) {
+    %z = stablehlo.constant dense<0.0> : tensor<f32>
+    %m = stablehlo.constant dense<0xFF800000> : tensor<f32>
+    %a = stablehlo.reduce(%x init: %z) applies stablehlo.add across dimensions = [0] : (tensor<64x16xf32>, tensor<f32>) -> tensor<16xf32>
+    %x2 = stablehlo.multiply %x, %x : tensor<64x16xf32>
+    %b = stablehlo.reduce(%x2 init: %z) applies stablehlo.add across dimensions = [0] : (tensor<64x16xf32>, tensor<f32>) -> tensor<16xf32>
+    %c = stablehlo.reduce(%x init: %m) applies stablehlo.maximum across dimensions = [0] : (tensor<64x16xf32>, tensor<f32>) -> tensor<16xf32>
+    return %a, %b, %c : tensor<16xf32>, tensor<16xf32>, tensor<16xf32>
+  }
+}
+"""
+
+
+def test_a_max_all_reduce_does_not_combine_with_sums():
+    """XLA combines all-reduces of one reduction only: two sums make one op, the max its own."""
+    module = parse_module(MAX_AND_SUM)
+    state = PipelineState(mesh=MeshSpec.from_shape((4,)), options={})
+    Pipeline("install-mesh{shape=4},auto-sharding{batch-axes=x}").run(module, state, record_ir=False)
+    solved = state.results["auto-sharding"]
+    assert sorted((c.dtype, sum(len(v) for m in c.members.values() for v in m.values()))
+                  for c in solved.graph.combined) == [("f32 add", 2), ("f32 maximum", 1)]
+    assert solved.predicted_collectives["all-reduce"] == {"count": 2, "bytes": 3 * 16 * 4}
