@@ -329,6 +329,10 @@ def _explain(graph: CostGraph, choice, colls, info) -> str:
         lines.append(f"  {kind:15s} x{n:<4d} {b:14.0f} B/device   cost {c:.6g}")
     if not by_kind:
         lines.append("  none")
+    merged = [c for c in colls if c[3].endswith(")") and "sums combined by XLA" in c[3]]
+    if merged:
+        lines.append("XLA's all-reduce combiner (priced: α once per combined op):")
+        lines += [f"  {why}: {nbytes:.0f} B/device" for _, _, nbytes, why in merged]
     return "\n".join(lines)
 
 

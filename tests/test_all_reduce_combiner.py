@@ -145,3 +145,11 @@ def test_a_max_all_reduce_does_not_combine_with_sums():
     assert sorted((c.dtype, sum(len(v) for m in c.members.values() for v in m.values()))
                   for c in solved.graph.combined) == [("f32 add", 2), ("f32 maximum", 1)]
     assert solved.predicted_collectives["all-reduce"] == {"count": 2, "bytes": 3 * 16 * 4}
+
+
+def test_explain_lists_the_combined_all_reduces():
+    module = parse_module(MAX_AND_SUM)
+    state = PipelineState(mesh=MeshSpec.from_shape((4,)), options={})
+    Pipeline("install-mesh{shape=4},auto-sharding{batch-axes=x}").run(module, state, record_ir=False)
+    text = state.results["auto-sharding"].explain()
+    assert "XLA's all-reduce combiner" in text and "2 sums combined by XLA (combined all-reduce over x (f32 add))" in text
