@@ -1,10 +1,11 @@
 """Issue 12 rule 5: is the automatic plan ever worse than a hand-written one?
 
-    python -m benchmarks.handwritten_baselines [--models gpt,bert,moe] [--meshes 1x8,2x4,4x2]
+    python -m benchmarks.handwritten_baselines [--models gpt,bert,moe,llama,vit,t5] [--meshes 1x8,2x4,4x2]
         [--presets h100,p3] [--out benchmarks/results/handwritten_baselines.json]
 
 For GPT, BERT and the MoE language model of the zoo (hidden 1024, sequence 512, batch 16, 4
-layers, vocabulary 1024; the MoE model with 8 experts) on meshes 1x8, 2x4 and 4x2 of 8 simulated
+layers, vocabulary 1024; the MoE model with 8 experts) -- and, by --models, the models a user brings
+(benchmarks/user_models.py: LLaMA-style, ViT, T5-style at the same size) -- on meshes 1x8, 2x4 and 4x2 of 8 simulated
 CPU devices, every plan -- automatic (ShardParallel with the preset's α-β), data parallel,
 ZeRO-2, ZeRO-3, Megatron dp x tp and (MoE) expert parallel (benchmarks/hand_plans.py) -- is
 compiled by XLA and its compiled, partitioned HLO judged by one evaluator
@@ -38,7 +39,9 @@ import optax  # noqa: E402
 import meshweave as mw  # noqa: E402
 from meshweave.step_time import estimate_executable  # noqa: E402
 
+from benchmarks import user_models  # noqa: E402
 from benchmarks.hand_plans import HAND_PLANS, method_for, plans_for  # noqa: E402
+from benchmarks.user_models import USER_MODELS  # noqa: E402
 
 BATCH = 16
 MESHES = ((1, 8), (2, 4), (4, 2))
@@ -84,8 +87,12 @@ def build(model: str, size: ModelSize, abstract: bool):
                                  layers=size.layers, experts=8, group_size=size.seq_len, mlp_ratio=2)
         step, init, batch = moe_lm.make_train_step(cfg, opt), lambda k: moe_lm.init_state(k, cfg, opt), \
             lambda: moe_lm.synthetic_batch(data, cfg, BATCH)
+    elif model in USER_MODELS:     # written outside the zoo (benchmarks/user_models.py)
+        step, init, make_batch = user_models.make(model, user_models.Size(size.vocab, size.seq_len, size.d_model,
+                                                                          size.heads, size.layers))
+        batch = lambda: make_batch(data, BATCH)
     else:
-        raise ValueError(f"unknown model {model!r}; known: gpt, bert, moe")
+        raise ValueError(f"unknown model {model!r}; known: gpt, bert, moe, {', '.join(USER_MODELS)}")
     if abstract:
         return step, jax.eval_shape(init, key), jax.eval_shape(batch)
     return step, init(key), batch()
@@ -98,8 +105,9 @@ def cluster_for(preset: str, mesh) -> mw.ClusterSpec:
 
 
 def auto_option(cluster: mw.ClusterSpec, mesh) -> mw.AutoShardingOption:
+    """The preset's α-β per mesh axis and its matmul rate: the ILP prices communication and compute."""
     _, alpha, beta = dataclasses.replace(cluster, mesh_shape=tuple(mesh)).logical_mesh()
-    return mw.AutoShardingOption(alpha=alpha, beta=beta)
+    return mw.AutoShardingOption(alpha=alpha, beta=beta, device_flops=cluster.device_flops)
 
 
 @dataclasses.dataclass

@@ -91,6 +91,7 @@ class Group:
     arg_index: int | None = None
     op_strategies: list[OpStrategy] | None = None
     members: list[int] = field(default_factory=list)    # tensor ids
+    compute_cost: np.ndarray | None = None  # heavy anchors with compute priced: per strategy, part of node_cost
 
 
 @dataclass
@@ -125,8 +126,11 @@ class CostGraphError(ValueError):
 
 class CostGraph:
     def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
-                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0):
+                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0, flop_cost: float = 0.0):
         self.lmesh = lmesh
+        # Cost (in lmesh's normalized units) of one FLOP on one device; 0: compute is not priced.
+        # A dot/convolution strategy pays its per-device FLOPs at this rate (`CostMemo.compute_charges`).
+        self.flop_cost = flop_cost
         # Ops marked mw.gradient_sum sum a weight gradient that a pipeline reduces once per step:
         # their all-reduce costs this share (1 / micro-batches) per run; `gradient_charges` keeps
         # (group, strategy, full cost) so a planner can re-price what ends up not partial.
@@ -402,6 +406,9 @@ class CostGraph:
         return out
 
     def _anchor_strategies(self, rule, heavy, bf) -> list[OpStrategy]:
+        # Without compute in the objective a heavy op must use every mesh axis (replicated compute
+        # would look free); with it, the ILP may replicate compute where that saves more communication.
+        heavy = heavy and not self.flop_cost
         assigns = []
         forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
         shape_ok = lambda a: self._mesh_shape_ok(a, bf)
@@ -426,6 +433,9 @@ class CostGraph:
         reqs = self._charge_op(op, g, plan, operand_tids, res_tids, label)
         self._set_result_batch_dims(rule, res_tids, bf)
         flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
+        if heavy and self.flop_cost:
+            g.compute_cost = self.memo.compute_charges(plan, flops, self.flop_cost * self.scale)
+            g.node_cost += g.compute_cost
         self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, plan.names, scope=self.scope))
 
     def _add_results(self, op, step, plan, g, label) -> list[int]:

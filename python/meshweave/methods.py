@@ -31,6 +31,11 @@ class AutoShardingOption:
     dimension other than the batch, e.g. Megatron over all devices) while others use it as 2-D,
     paying the resharding between the two; off (Alpa's default): only the batch is split that way.
     solver: "highs" or "cbc"; time_limit in seconds (the solver stops earlier once its plan is proven optimal).
+    device_flops: achievable dot/conv FLOP/s per device, in alpha/beta's time unit; when set, each
+    dot/convolution strategy also pays its per-device FLOPs at that rate, so the ILP weighs compute
+    against communication (a split that needs no collective still wins on compute, replicated
+    compute is no longer free). None (the default with no cluster): compute is not priced.
+    `mw.plan`, pipelines and the benchmarks fill it, with alpha/beta, from `ClusterSpec.device_flops`.
     """
 
     alpha: tuple[float, ...] | None = None
@@ -43,8 +48,13 @@ class AutoShardingOption:
     allow_mixed_mesh_shape: bool = False
     solver: str = "highs"
     time_limit: float = 10.0
+    device_flops: float | None = None
 
     def __post_init__(self):
+        rate = self.device_flops
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise MethodError(f"AutoShardingOption.device_flops={rate!r}: expected a positive FLOP/s rate per device "
+                              "(e.g. ClusterSpec.preset('h100', 8).device_flops), or None to leave compute unpriced")
         if self.solver not in ("highs", "cbc"):
             raise MethodError(f"AutoShardingOption.solver={self.solver!r}: expected 'highs' or 'cbc'")
         if self.time_limit <= 0:
@@ -135,6 +145,8 @@ def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_
         o.append("alpha=" + ",".join(map(str, opt.alpha)))
     if opt.beta is not None:
         o.append("beta=" + ",".join(map(str, opt.beta)))
+    if opt.device_flops is not None:
+        o.append(f"device-flops={float(opt.device_flops)!r}")
     if opt.memory_budget_per_device is not None:
         o.append(f"memory-budget={int(opt.memory_budget_per_device)}")
     if batch_axes:
