@@ -2,13 +2,18 @@
 
 Every non-constant tensor gets its sharding from one *group* (an ILP node):
 - anchors start a group and enumerate strategies from their sharding rule: function
-  arguments, dot_general / convolution (heavy: no replicated compute), gather / scatter;
+  arguments, dot_general / convolution (heavy: no replicated compute unless compute is priced),
+  gather / scatter;
 - followers (elementwise, broadcast, reshape, transpose, reduce, slice, ... : any other op
   with a rule) join the group of their biggest non-constant operand and derive their
   sharding from it, paying an all-gather where the rule cannot carry a split over and an
   all-reduce where they sum over a split dimension. Followers keep the ILP small.
 - ops without a rule (custom_call, unknown ops) are replicated anchors, with a warning.
 Constants, iotas and ops computed only from them are *free*: any layout is a local slice.
+
+With a FLOP cost (`flop_cost`, from the pass's device-flops), each dot/convolution strategy also
+pays its per-device FLOPs, and heavy ops may then leave mesh axes unused (replicated compute is
+priced, not forbidden). Elementwise ops are not priced: the rate is calibrated on whole blocks.
 
 Edges carry the resharding cost between a producer's sharding and what a consumer needs.
 Costs come from passes/cost_model.py; the result converts to a `ShardingProblem` for the solver.
