@@ -17,7 +17,8 @@ mesh[0] hosts x mesh[1] devices of the preset (the first axis crosses hosts; 1x8
 Numerics: executing these steps on 2 shared CPU cores takes over a minute each, so every row is
 also built at a reduced size (hidden 64, sequence 32, 2 layers; same code, methods, meshes and
 α-β), run, and compared with single-device jax.jit; the reduced plans are planned anew for their
-size, so this checks each method's partitioning of the model, not the full-size executable.
+size, so this checks each method's partitioning of the model, not the full-size executable (the
+automatic plan's device rate scaled down with the size: NUMERICS_RATE_SCALE).
 """
 from __future__ import annotations
 
@@ -147,8 +148,16 @@ def _compile(model, plan, mesh, step, state, batch, opt):
     return mw.parallelize(step, method=method).get_executable(state, batch), method
 
 
+# At the numerics size a step's FLOPs shrink far more than its collectives' latency: at the preset's
+# rate the automatic plan would run (correctly) replicated and check nothing. Its rate is scaled by
+# the tokens x width ratio, so compute weighs against communication about as at the timed size.
+NUMERICS_RATE_SCALE = (REDUCED.seq_len * REDUCED.d_model) / (FULL.seq_len * FULL.d_model)
+
+
 def _numerics(model, plan, mesh, opt) -> tuple[bool, float]:
     step, state, batch = build(model, REDUCED, abstract=False)
+    if plan == "auto" and opt.device_flops:
+        opt = dataclasses.replace(opt, device_flops=opt.device_flops * NUMERICS_RATE_SCALE)
     method = method_for(plan, model, mesh, state, batch, plan_option(plan, opt))
     got = mw.parallelize(step, method=method)(state, batch)
     want = jax.jit(step)(state, batch)
@@ -160,12 +169,12 @@ def _numerics(model, plan, mesh, opt) -> tuple[bool, float]:
     return ok, err
 
 
-def run_row(model, mesh, preset, numerics: bool, log, size: ModelSize = FULL) -> Row:
+def run_row(model, mesh, preset, numerics: bool, log, size: ModelSize = FULL, only=None) -> Row:
     cluster = cluster_for(preset, mesh)
     opt = auto_option(cluster, mesh)
     step, state, batch = build(model, size, abstract=True)
     results = []
-    for plan in ("auto",) + plans_for(model):
+    for plan in [p for p in ("auto",) + plans_for(model) if only is None or p in only]:
         t0 = time.perf_counter()
         try:
             exe, _ = _compile(model, plan, mesh, step, state, batch, opt)
@@ -210,6 +219,7 @@ def main(argv=None):
     p.add_argument("--presets", default="h100,p3")
     p.add_argument("--rows", default=None, help="only these rows, model:mesh:preset comma-separated "
                    "(e.g. gpt:1x8:h100,moe:1x8:h100); overrides --models/--meshes/--presets")
+    p.add_argument("--plans", default=None, help="only these plans (auto and HAND_PLANS keys), comma-separated")
     p.add_argument("--no-numerics", action="store_true", help="skip the reduced-size numerics check")
     p.add_argument("--size", choices=("full", "reduced"), default="full",
                    help="reduced: time the numerics size too (a quick look, not the table)")
@@ -226,7 +236,7 @@ def main(argv=None):
                 for m, mesh, preset in (r.split(":") for r in args.rows.split(","))]
     for model, mesh, preset in todo:
         rows.append(run_row(model, mesh, preset, not args.no_numerics, lambda s: print(s, flush=True),
-                            FULL if args.size == "full" else REDUCED))
+                            FULL if args.size == "full" else REDUCED, args.plans.split(",") if args.plans else None))
         write(args, argv, rows, load_before, t0)      # after every row: a stopped run keeps its rows
     print(table(rows))
     print(f"wrote {args.out}")
