@@ -363,6 +363,8 @@ class CostGraph:
             return
         rule_attr = op.attributes[RULE_ATTR]
         rule = self.memo.rule(rule_attr)
+        if name == "stablehlo.convolution":
+            rule = sr.whole_compound_dims(rule)
         if name in ANCHORS or (name == "stablehlo.broadcast_in_dim" and
                                self._type_info(results[0].type)[1] > 2 * self._type_info(op.operands[0].type)[1]) \
                 or (self.prefer_reduce_scatter and is_sum_reduce(op, rule)):
