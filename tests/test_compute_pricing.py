@@ -86,3 +86,35 @@ def test_plan_splits_the_objective_into_communication_and_compute():
 def test_bad_device_flops_is_refused_with_the_fix(rate):
     with pytest.raises(MethodError, match="device_flops"):
         mw.AutoShardingOption(device_flops=rate)
+
+
+_PATCHIFY = """
+func.func public @c(%x: tensor<16x64x64x3xf32>, %k: tensor<16x16x3x64xf32>) -> tensor<16x4x4x64xf32> {
+  %0 = stablehlo.convolution(%x, %k) dim_numbers = [b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f], window = {stride = [16, 16]} {batch_group_count = 1 : i64, feature_group_count = 1 : i64} : (tensor<16x64x64x3xf32>, tensor<16x16x3x64xf32>) -> tensor<16x4x4x64xf32>
+  return %0 : tensor<16x4x4x64xf32>
+}
+"""
+
+
+def test_patch_embedding_convolution_never_splits_its_window():
+    """Shardy factors a strided convolution's input rows as (window x output); a plan splitting the
+    window with the kernel's rows and summing compiled to a wrong ViT loss, so those stay whole
+    (with compute priced such partial splits became cheap enough to be chosen)."""
+    from jaxlib.mlir.passmanager import PassManager
+
+    from meshweave.dialects.context import parse_module
+    from meshweave.dialects.sharding import MeshSpec
+    from meshweave.passes import sharding_rules as sr
+
+    m = parse_module(_PATCHIFY)
+    PassManager.parse("builtin.module(func.func(sdy-populate-op-sharding-rules))", context=m.context).run(m.operation)
+    conv = next(op for op in m.body.operations[0].regions[0].blocks[0].operations
+                if op.operation.name == "stablehlo.convolution")
+    rule = sr.Rule.from_attr(conv.attributes["sdy.sharding_rule"])
+    compound = {f for dims in rule.operands for fs in dims if len(fs) > 1 for f in fs}
+    assert compound and any(rule.shardable(f) for f in compound)      # what Shardy offers
+    safe = sr.whole_compound_dims(rule)
+    mesh = MeshSpec.from_shape((4, 2), ("x", "y"))
+    assigns = sr.enumerate_assignments(safe, mesh)
+    assert assigns and all(not a[f] for a in assigns for f in compound)
+    assert any(a[0] for a in assigns)                                  # the batch still splits
