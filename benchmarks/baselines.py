@@ -1,7 +1,7 @@
 """Hand-parallelized baselines priced with the planner's own cluster model.
 
 Data parallel, ZeRO-2, ZeRO-3 and Megatron-style dp x tp x pp (searched exhaustively over the
-three degrees and the micro-batch count) are priced analytically from quantities measured on the
+three degrees, the micro-batch count and full activation recomputation on or off) are priced analytically from quantities measured on the
 traced program (`ModelStats`: dot FLOPs of the step, parameter bytes, per-layer activation bytes)
 with the same α-β collectives (`passes/cost_model.LogicalMesh` on the cluster's links), the same
 compute rate (matmul FLOPs at `ClusterSpec.device_flops`), the same pipeline objective
@@ -166,10 +166,17 @@ def megatron_configs(stats: ModelStats, cluster: ClusterSpec):
 
 
 def megatron_config(stats: ModelStats, cluster: ClusterSpec, dp: int, tp: int, pp: int, k: int,
-                    schedule: str = "1f1b") -> BaselinePlan:
+                    schedule: str = "1f1b", remat: bool = False) -> BaselinePlan:
     """One Megatron-LM layout: tensor parallel inside a host, data parallel next, pipeline stages
     outermost; 4 activation all-reduces per layer and micro-batch over tp, one gradient all-reduce
-    per step over dp, activations sent between stages."""
+    per step over dp, activations sent between stages.
+
+    remat: Megatron's full activation recomputation (`--recompute-granularity full`), the same
+    choice the automatic plan has (PipeshardParallel(remat=...)): every layer's forward runs again
+    in its backward (+1 forward of compute, i.e. 4/3 of forward + backward, and the forward's 2
+    tensor-parallel all-reduces again); between forward and backward a stage keeps only each
+    layer's input (replicated over tp: Megatron of Alpa's time had no sequence parallelism) per
+    micro-batch in flight, plus one layer's activations while that layer's backward runs."""
     n, dph, B, L = cluster.num_devices, cluster.devices_per_host, stats.global_batch, stats.num_layers
     layers = math.ceil(L / pp)
     stage_params = max(sum(stats.layer_param_bytes[i:i + layers]) for i in range(0, L, layers))
@@ -178,21 +185,29 @@ def megatron_config(stats: ModelStats, cluster: ClusterSpec, dp: int, tp: int, p
     compute = stats.step_flops / k / dp / pp / tp / cluster.device_flops
     tp_comm = 4 * layers * group_collective(cluster, "all-reduce",
                                             samples * stats.tp_allreduce_bytes_per_sample / 4, tp, False)
+    if remat:
+        compute, tp_comm = compute * 4 / 3, tp_comm * 6 / 4
     bw = cluster.inter_host_bandwidth if n > dph else cluster.intra_host_bandwidth
     transfer = 2.0 * samples * stats.boundary_bytes_per_sample / bw
     step = pipeline_objective([compute + tp_comm] * pp, [transfer] * (pp - 1), k) + grad_sync
     act = samples * stats.activation_bytes_per_sample / L * layers / tp
-    memory = 4 * stage_params / tp + in_flight(schedule, 0, pp, k) * act
+    if remat:
+        held = layers * samples * stats.boundary_bytes_per_sample
+        memory = 4 * stage_params / tp + in_flight(schedule, 0, pp, k) * held + act / layers
+    else:
+        memory = 4 * stage_params / tp + in_flight(schedule, 0, pp, k) * act
     busy = compute * (k + pp - 1)
     fits = memory <= _capacity(cluster)
-    return BaselinePlan("Megatron dp x tp x pp", f"dp={dp} tp={tp} pp={pp} mb={k}", step if fits else None,
-                        memory, fits, busy, step - busy)
+    return BaselinePlan("Megatron dp x tp x pp", f"dp={dp} tp={tp} pp={pp} mb={k}" + (" remat" if remat else ""),
+                        step if fits else None, memory, fits, busy, step - busy)
 
 
-def megatron(stats: ModelStats, cluster: ClusterSpec, schedule: str = "1f1b") -> tuple[BaselinePlan, int]:
-    """The fastest configuration of `megatron_configs` that fits memory (else the one needing the
-    least memory, marked as not fitting), and how many were priced."""
-    plans = [megatron_config(stats, cluster, *cfg, schedule=schedule) for cfg in megatron_configs(stats, cluster)]
+def megatron(stats: ModelStats, cluster: ClusterSpec, schedule: str = "1f1b",
+             remat: tuple[bool, ...] = (False, True)) -> tuple[BaselinePlan, int]:
+    """The fastest configuration of `megatron_configs` x `remat` that fits memory (else the one
+    needing the least memory, marked as not fitting), and how many were priced."""
+    plans = [megatron_config(stats, cluster, *cfg, schedule=schedule, remat=r)
+             for cfg in megatron_configs(stats, cluster) for r in remat]
     fitting = [p for p in plans if p.fits]
     if fitting:
         return min(fitting, key=lambda p: p.step_time), len(plans)

@@ -39,11 +39,17 @@ LAYOUTS = {"gpt": _GPT, "bert": _BERT}
 
 
 def parse_config(config: str) -> tuple[int, int, int, int]:
-    """'dp=2 tp=4 pp=8 mb=512' -> (2, 4, 8, 512)."""
-    m = re.fullmatch(r"dp=(\d+) tp=(\d+) pp=(\d+) mb=(\d+)", config.strip())
+    """'dp=2 tp=4 pp=8 mb=512' -> (2, 4, 8, 512) (a trailing ' remat', full recomputation: see
+    `recomputes`)."""
+    m = re.fullmatch(r"dp=(\d+) tp=(\d+) pp=(\d+) mb=(\d+)( remat)?", config.strip())
     if not m:
-        raise ValueError(f"not a Megatron configuration: {config!r} (expected 'dp=.. tp=.. pp=.. mb=..')")
-    return tuple(int(x) for x in m.groups())
+        raise ValueError(f"not a Megatron configuration: {config!r} (expected 'dp=.. tp=.. pp=.. mb=..[ remat]')")
+    return tuple(int(x) for x in m.groups()[:4])
+
+
+def recomputes(config: str) -> bool:
+    """Whether a Megatron configuration uses full activation recomputation (baselines.megatron_config)."""
+    return config.strip().endswith(" remat")
 
 
 def megatron_sharding(suite: str, state, batch):
@@ -101,11 +107,12 @@ def plan_megatron(suite_name: str, cluster_name: str, row: dict):
     dp, tp, pp, k = parse_config(mega["plan"])
     case = suite.make_case(suite_name, row["model"], row["global_batch"], k)
     cluster = mw.ClusterSpec.preset(cluster_name, row["gpus"])
-    stages = megatron_stages(row["model_stats"]["num_layers"], dp, tp, pp)
+    remat = recomputes(mega["plan"])
+    stages = [dataclasses.replace(s, remat=remat) for s in megatron_stages(row["model_stats"]["num_layers"], dp, tp, pp)]
     sharding = megatron_sharding(suite_name, case.state, case.batch)
     planned = mw.plan(case.step, case.state, case.batch, cluster=cluster, method=mw.PipeshardParallel(
         num_micro_batches=k, layer_option=case.layer_option, stage_option=stage_option(stages, cluster),
-        manual_sharding=sharding))
+        manual_sharding=sharding, remat=remat))
     stages = [dataclasses.replace(s, predicted_latency=p.latency) for s, p in zip(stages, planned.stages.stages)]
     return case, stages, sharding, planned, (dp, tp, pp, k)
 

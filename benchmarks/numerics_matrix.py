@@ -8,7 +8,8 @@ The default matrix: every model under ShardParallel and DataParallel on 1x8, 2x4
 2x2; Zero2, Zero3 and gradient accumulation (2 micro-batches) on 2x4 and 2x2 -- except gradient
 accumulation of the Wide-ResNet block: its batch norm normalizes each micro-batch by its own
 statistics, so it is a different computation from the full-batch step, not a parallelization of it.
-`--update` reruns only the configurations missing from (or failed in) an existing JSON.
+`--update` reruns only the configurations missing from an existing JSON, or not equal, or unfaithful
+(a collective kind whose compiled count or bytes differ from the prediction).
 """
 from __future__ import annotations
 
@@ -85,18 +86,23 @@ def run_config(model: str, method: str, mesh) -> MatrixRow:
                      list(f.last_executable.plan.stages[0].fidelity or []))
 
 
+def faithful(fidelity: list[dict]) -> bool:
+    return all(f["status"] != "mismatch" for f in fidelity)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(zoo.NAMES))
     ap.add_argument("--out", default="benchmarks/results/numerics_matrix.json")
-    ap.add_argument("--update", action="store_true", help="keep the equal rows of --out, rerun the rest")
+    ap.add_argument("--update", action="store_true", help="keep the equal, faithful rows of --out, rerun the rest")
     args = ap.parse_args(argv)
     rows, commands, kept = [], [], {}
     if args.update and os.path.exists(args.out):
         with open(args.out) as fh:
             old = json.load(fh)
         commands = old.get("commands", [old.get("command")])
-        kept = {(r["model"], r["method"], tuple(r["mesh"])): MatrixRow(**r) for r in old["rows"] if r["equal"]}
+        kept = {(r["model"], r["method"], tuple(r["mesh"])): MatrixRow(**r) for r in old["rows"]
+                if r["equal"] and faithful(r["fidelity"])}
     for model, method, mesh in default_configs(args.models.split(",")):
         if (model, method, tuple(mesh)) in kept:
             rows.append(kept[(model, method, tuple(mesh))])
@@ -109,7 +115,7 @@ def main(argv=None):
               flush=True)
     summary = {"configurations": len(rows), "equal": sum(r.equal for r in rows),
                "errors": sum(r.error is not None for r in rows),
-               "fidelity_all_match_or_combined": sum(all(f["status"] != "mismatch" for f in r.fidelity) for r in rows)}
+               "fidelity_all_match_or_combined": sum(faithful(r.fidelity) for r in rows)}
     commands.append("python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])))
     result = {"commands": commands,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,

@@ -45,6 +45,7 @@ class StageLayout:
     logical_shape: tuple[int, ...]
     predicted_latency: float | None = None     # s per micro-batch, forward + backward (stage DP)
     device_ids: tuple[int, ...] = ()           # the plan's ids on the cluster
+    remat: bool = False                        # the stage's backward recomputes its forward
 
 
 @dataclass
@@ -147,7 +148,8 @@ def compile_stages(step, state, batch, stages: list[StageLayout], micro_batches:
         submesh_logical_shapes=tuple(tuple(s.logical_shape) for s in stages),
         submesh_autosharding_option_dicts=stage_options(stages, cluster))
     method = mw.PipeshardParallel(num_micro_batches=micro_batches, layer_option=layer_option or mw.ManualLayerOption(),
-                                  stage_option=option, devices=tuple(devices[:need]), manual_sharding=manual_sharding)
+                                  stage_option=option, devices=tuple(devices[:need]), manual_sharding=manual_sharding,
+                                  remat=tuple(s.remat for s in stages))
     call = ArgumentSpec.create(step, batch_argnums=(1,)).bind((state, batch), {})
     t0 = time.perf_counter()
     program, compiled, *_ = compile_pipeshard(step, call, method)
@@ -192,8 +194,8 @@ def compile_stages(step, state, batch, stages: list[StageLayout], micro_batches:
 # ----------------------------------------------------------------------------- planned rows
 def layouts_of_row(row: dict) -> list[StageLayout]:
     """The stages of a suite JSON row's automatic plan."""
-    return [StageLayout(tuple(s["layers"]), tuple(s["logical"]), s.get("latency"), tuple(s.get("device_ids", ())))
-            for s in row["auto_detail"]["stages"]]
+    return [StageLayout(tuple(s["layers"]), tuple(s["logical"]), s.get("latency"), tuple(s.get("device_ids", ())),
+                        bool(s.get("remat", False))) for s in row["auto_detail"]["stages"]]
 
 
 def plan_dir(suite: str, cluster: str, gpus: int, root: str | None = None) -> str:

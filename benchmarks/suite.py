@@ -174,15 +174,18 @@ class AutoPlan:
     error: str = ""
 
 
-def plan_auto(case: Case, cluster: mw.ClusterSpec, capacity=True):
-    method = mw.PipeshardParallel(num_micro_batches=case.micro_batches, layer_option=case.layer_option)
+def plan_auto(case: Case, cluster: mw.ClusterSpec, capacity=True, remat="auto"):
+    """remat: PipeshardParallel(remat=...); "auto" lets the stage DP rematerialize the stages whose
+    activations would not fit (the Megatron baseline gets the same choice)."""
+    method = mw.PipeshardParallel(num_micro_batches=case.micro_batches, layer_option=case.layer_option, remat=remat)
     c = cluster if capacity else dataclasses.replace(cluster, device_memory=None)
     t0 = time.perf_counter()
     result = mw.plan(case.step, case.state, case.batch, method=method, cluster=c)
     seconds = time.perf_counter() - t0
     st = result.stages
     stages = [{"layers": list(s.layers), "physical": list(s.physical_shape), "logical": list(s.mesh.shape),
-               "devices": len(s.mesh.device_ids), "device_ids": list(s.mesh.device_ids), "latency": s.latency, "memory": s.memory} for s in st.stages]
+               "devices": len(s.mesh.device_ids), "device_ids": list(s.mesh.device_ids), "latency": s.latency, "memory": s.memory,
+               "remat": s.remat} for s in st.stages]
     plan = AutoPlan(result.predicted_step_time, result.predicted_step_time,
                     max((s.memory or 0.0) for s in st.stages), stages, case.micro_batches,
                     {k: round(v, 3) for k, v in result.timings.items()}, seconds, st.candidates)
@@ -239,17 +242,17 @@ def _result(method, plan, step_time, memory, fits, flops, cluster) -> MethodResu
     return MethodResult(method, plan, step_time, tf, pct, memory / 1e9, fits)
 
 
-def _plan_or_oom(case: Case, cluster: mw.ClusterSpec):
+def _plan_or_oom(case: Case, cluster: mw.ClusterSpec, remat="auto"):
     """(plan, stage result), or (None, error text) when no stage plan fits memory."""
     try:
-        return plan_auto(case, cluster)
+        return plan_auto(case, cluster, remat=remat)
     except PassError as e:
         if not isinstance(e.__cause__, StageOptionError):
             raise
         return None, str(e)
 
 
-def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=(1,)) -> Row:
+def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=(1,), remat="auto") -> Row:
     """Plan `case` automatically (at each micro-batch count case.micro_batches x factor that divides
     the batch; the fastest plan that fits wins) and price the baselines."""
     notes, tries, best = [], [], None
@@ -257,7 +260,7 @@ def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=(1,)) -> Row:
         nb = int(case.micro_batches * f)
         if nb < 1 or case.global_batch % nb:
             continue
-        plan, st_or_error = _plan_or_oom(dataclasses.replace(case, micro_batches=nb), cluster)
+        plan, st_or_error = _plan_or_oom(dataclasses.replace(case, micro_batches=nb), cluster, remat)
         tries.append({"micro_batches": nb, "step_time": plan.step_time if plan else None,
                       "planning_seconds": plan.planning_seconds if plan else None,
                       "error": "" if plan else st_or_error})
@@ -267,16 +270,17 @@ def run_row(case: Case, cluster: mw.ClusterSpec, nb_factors=(1,)) -> Row:
         auto, st = best
     else:                               # nothing fits: the stats come from a plan without the limit
         notes.append(f"automatic plan: {tries[0]['error']}")
-        auto, st = plan_auto(case, cluster, capacity=False)
+        auto, st = plan_auto(case, cluster, capacity=False, remat=remat)
         auto.step_time, auto.error = None, tries[0]["error"]
     notes += [f"micro-batches {t['micro_batches']}: " + (f"{t['step_time']:.4g} s, planned in "
               f"{t['planning_seconds']:.0f} s" if t["step_time"] else "no plan fits memory") for t in tries]
     flops = step_matmul_flops(case)
     stats = model_stats(case, st, flops)
-    shape = " ".join(f"{'x'.join(map(str, s['logical']))}[{s['layers'][0]}:{s['layers'][1]}]" for s in auto.stages)
+    shape = " ".join(f"{'x'.join(map(str, s['logical']))}[{s['layers'][0]}:{s['layers'][1]}]"
+                     + ("r" if s.get("remat") else "") for s in auto.stages)
     auto_res = _result("meshweave auto", f"{len(auto.stages)} stages {shape} mb={auto.micro_batches}",
                        auto.step_time, auto.memory_per_device, auto.step_time is not None, flops, cluster)
-    mega, tried = baselines.megatron(stats, cluster)
+    mega, tried = baselines.megatron(stats, cluster, remat=(False, True) if remat else (False,))
     rows = []
     plans = [baselines.data_parallel(stats, cluster), baselines.zero2(stats, cluster),
              baselines.zero3(stats, cluster), mega]
@@ -348,6 +352,8 @@ def main(argv=None):
     p.add_argument("--gpus", default="8,16,32,64")
     p.add_argument("--nb-factors", default="1", help="micro-batch counts to plan, as multiples of Alpa's count for "
                    "the row (e.g. 0.5,1,4); the fastest automatic plan that fits is reported")
+    p.add_argument("--remat", choices=("auto", "true", "false"), default="auto", help="rematerialization: 'auto' "
+                   "lets the stage DP choose per stage and Megatron choose full recomputation; 'false' offers neither")
     p.add_argument("--emit-plans", action="store_true", help="also compile every automatic plan's stages on "
                    "simulated CPU devices (one process per row) into benchmarks/results/plans/<suite>_<cluster>_<gpus>/")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<suite>_<cluster>.json)")
@@ -371,7 +377,8 @@ def main(argv=None):
         case = weak_scaling_case(args.suite, g)
         bar.set_postfix_str(f"{case.model} on {g} GPUs")
         rows.append(run_row(case, mw.ClusterSpec.preset(args.cluster, g),
-                            tuple(float(x) for x in args.nb_factors.split(","))))
+                            tuple(float(x) for x in args.nb_factors.split(",")),
+                            {"auto": "auto", "true": True, "false": False}[args.remat]))
         if args.emit_plans:
             from benchmarks import stage_programs
 

@@ -191,6 +191,9 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 elif (st is not None and rec.op.operation.name == "stablehlo.scatter" and graph.mesh.num_devices > 1
                       and local_scatter(st.a, rec.op)):   # one device: XLA skips partitioning, nothing to guard
                     locals_.append((rec, s))
+                elif (st is not None and graph.mesh.num_devices > 1
+                      and local_grouped_conv(st.a, rec.op, graph.mesh) is not None):
+                    locals_.append((rec, s))
         # Pin every operand whose layout must change, so XLA reshards exactly where the plan pays;
         # one constraint per value and layout within a block, shared by its consumers.
         pinned = {}
@@ -219,8 +222,9 @@ def _annotate(module, func, graph: CostGraph, choice) -> int:
                 _pin_case(rec, [graph.tensors[t].shardings[choice[graph.tensors[t].group]]
                                 if graph.tensors[t].group >= 0 else None for t in rec.results])
         for rec, s in locals_:
+            groups = local_grouped_conv(graph.groups[rec.group].op_strategies[s].a, rec.op, graph.mesh)
             wrap_local(rec.op, [req[s] for req in rec.operand_reqs],
-                       [graph.tensors[t].shardings[s] for t in rec.results], graph.mesh)
+                       [graph.tensors[t].shardings[s] for t in rec.results], graph.mesh, attributes=groups)
         for rec, s, st in scatters:   # after the constraints: the manual computation takes the op's operands
             rule = st.rule
             partial = sr.tensor_sharding(rule.results[0], st.a, graph.mesh)
@@ -265,6 +269,32 @@ def local_scatter(a, op) -> bool:
     in_updates = {f for dims in rule.operands[n + 1:] for fs in dims for f in fs}
     scattered = {f for dims in rule.operands[:n] for fs in dims for f in fs} - in_updates
     return not sr.reduced_axes(rule, a) and not any(a[f] for f in scattered)
+
+
+def local_grouped_conv(a, op, mesh) -> dict | None:
+    """For a grouped convolution (feature or batch groups) whose plan sums over no mesh axis: the
+    group counts each device's local convolution has ({attribute: count}); None for other ops.
+    XLA's partitioner gathers such a convolution's operands (and exchanges halos) although every
+    device holds whole groups, so the op runs in a manual computation as the plan priced it."""
+    if op.operation.name != "stablehlo.convolution" or RULE_ATTR not in op.attributes:
+        return None
+    counts = {k: ir.IntegerAttr(op.attributes[k]).value for k in ("feature_group_count", "batch_group_count")
+              if k in op.attributes}
+    if all(v == 1 for v in counts.values()):
+        return None
+    rule = sr.Rule.from_attr(op.attributes[RULE_ATTR])
+    if sr.reduced_axes(rule, a):
+        return None
+    # The group factor is the one the input, the kernel and the result all carry.
+    shared = [{f for dims in t for f in dims} for t in (rule.operands[0], rule.operands[1], rule.results[0])]
+    group = shared[0] & shared[1] & shared[2]
+    if len(group) != 1:
+        return None
+    split = mesh.axes_size(a[group.pop()])
+    if any(v > 1 and v % split for v in counts.values()):
+        return None                 # a device would hold part of a group: not a local op
+    i64 = ir.IntegerType.get_signless(64)
+    return {k: ir.IntegerAttr.get(i64, v // split) for k, v in counts.items() if v > 1}
 
 
 @dataclass(frozen=True)
@@ -375,6 +405,7 @@ class AutoSharding(Pass):
         PassManager.parse("builtin.module(func.func(chlo-legalize-to-stablehlo),"
                           "func.func(sdy-populate-op-sharding-rules))",
                           context=module.context).run(module.operation)
+        func.walk(_fix_conv_rules)
         t0, c0 = time.perf_counter(), time.process_time()   # wall and CPU (the machine may be shared)
         share = 1.0
         if self.gradient_results and self.micro_batches > 1:
@@ -431,6 +462,12 @@ class AutoSharding(Pass):
 def chosen_compute(graph: CostGraph, choice) -> float:
     """The compute part of the plan's cost (normalized units): dot/conv FLOPs per device at the rate."""
     return float(sum(g.compute_cost[choice[g.id]] for g in graph.groups if g.compute_cost is not None))
+
+
+def _fix_conv_rules(op):
+    if op.name == "stablehlo.convolution" and RULE_ATTR in op.attributes:
+        sr.halo_free_conv_rule(op)
+    return ir.WalkResult.ADVANCE
 
 
 def _cost_by_kind(lmesh, colls) -> dict:

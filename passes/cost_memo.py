@@ -109,7 +109,10 @@ class CostMemo:
             if red:
                 shards = tuple(mesh.axes_size(sr.tensor_sharding(dims, st.a, mesh).used_axes())
                                for dims in rule.results)
-                sums.append((s, "reduce-scatter" if st.scatter is not None else "all-reduce", red, shards))
+                if st.scatter is not None:
+                    sums.append((s, "reduce-scatter", red, shards))
+                else:   # XLA all-reduces a sum over several split factors once per factor, in turn
+                    sums += [(s, "all-reduce", st.a[f], shards) for f in sorted(rule.reduction) if st.a[f]]
         plan = self._plans[key] = OpPlan(strategies, names, results, operands, tuple(sums))
         return plan
 

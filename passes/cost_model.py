@@ -136,7 +136,10 @@ class LogicalMesh:
         if hit is not None:
             return hit
         hit = ()
-        if src != dst and src.rank:
+        relayout = self._relayout_in_dim(src, dst)
+        if relayout is not None:
+            hit = (relayout,)
+        elif src != dst and src.rank:
             kept, gathered, dst_extra = [], [], []
             for s, d in zip(src.dims, dst.dims):
                 k = 0
@@ -161,6 +164,29 @@ class LogicalMesh:
                     hit += (a2a,)
         cache[key] = hit
         return hit
+
+    def _relayout_in_dim(self, src: TensorSharding, dst: TensorSharding) -> tuple | None:
+        """XLA's route when one dim changes its axes in place ([xy]->[y], [xy]->[yx], [y]->[xy],
+        [x]->[y]) and takes no axis from another dim: its tile order differs, so XLA moves tiles
+        with one collective-permute at the smaller of the two per-device sizes (slicing first when
+        dst splits finer), then all-gathers when dst holds more per device. None for other reshards."""
+        diff = [d for d, (s, t) in enumerate(zip(src.dims, dst.dims)) if s != t]
+        if len(diff) != 1:
+            return None
+        s, t = src.dims[diff[0]], dst.dims[diff[0]]
+        k = 0
+        while k < len(s) and k < len(t) and s[k] == t[k]:
+            k += 1
+        s_rest, t_rest = s[k:], t[k:]
+        if not s_rest or not t_rest or any(a in src.used_axes() and a not in s_rest for a in t_rest):
+            return None
+        src_frac = 1 / self.mesh.axes_size(src.used_axes())
+        dst_frac = 1 / self.mesh.axes_size(dst.used_axes())
+        moved = tuple(dict.fromkeys(s_rest + t_rest))
+        steps = (("collective-permute", moved, min(src_frac, dst_frac)),)
+        if dst_frac > src_frac:
+            steps += (("all-gather", tuple(a for a in s_rest if a not in t_rest) or s_rest, dst_frac),)
+        return steps
 
     def _gather_per_dim(self, src: TensorSharding, kept) -> tuple:
         """Gathering every axis but `kept` off several dims is one all-gather per dim, last dim

@@ -82,10 +82,11 @@ def wrap_reduce_scatter(op, operand_shardings, partial: TensorSharding, result: 
     return mc.result
 
 
-def wrap_local(op, operand_shardings, result_shardings, mesh: MeshSpec) -> None:
+def wrap_local(op, operand_shardings, result_shardings, mesh: MeshSpec, attributes=None) -> None:
     """Replace `op` by a manual computation running it on each device's shards: for an op whose
     plan needs no collective (e.g. a scatter into unsplit rows of window-split operands), so that
-    XLA's partitioner cannot add any."""
+    XLA's partitioner cannot add any. `attributes` override the local op's (a grouped
+    convolution's group counts per device)."""
     manual = ir.Attribute.parse("#sdy<manual_axes{" + ", ".join(f'"{a}"' for a in mesh.axis_names) + "}>")
     with ir.InsertionPoint(op):
         mc = sdy.ManualComputationOp([r.type for r in op.results], list(op.operands), _per_value(operand_shardings),
@@ -100,6 +101,8 @@ def wrap_local(op, operand_shardings, result_shardings, mesh: MeshSpec) -> None:
         for name in [local.attributes[i].name for i in range(len(local.attributes))]:
             if name.startswith("sdy.") or name.startswith("mw."):
                 del local.attributes[name]
+        for name, attr in (attributes or {}).items():
+            local.attributes[name] = attr
         sdy.ReturnOp(list(local.results))
     for old, new in zip(op.results, mc.results):
         old.replace_all_uses_with(new)
@@ -185,6 +188,8 @@ def spell_reshard(value: ir.Value, src: TensorSharding, dst: TensorSharding, pla
     (else a constraint: XLA's own all-to-all, with the collective-permute the plan priced), and a
     last constraint to dst, which only slices. Left to itself XLA may take another route."""
     cur = src
+    if any(k == "collective-permute" for k, _, _ in plan) and not any(k == "all-to-all" for k, _, _ in plan):
+        plan = []                   # a relayout within one dim: XLA's route from src to dst as it is
     for kind, axes, _ in plan:
         if kind == "all-gather":
             nxt = TensorSharding(tuple(tuple(a for a in d if a not in axes) for d in cur.dims), cur.mesh)

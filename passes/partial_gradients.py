@@ -44,6 +44,7 @@ class PartialGradient:
     sharding: TensorSharding
     root_bytes: float
     bytes: float
+    root_sums: tuple[float, ...] = ()     # per-device bytes of each all-reduce the fragment no longer does
 
 
 @dataclass
@@ -79,6 +80,7 @@ class _Chain:
     axes: frozenset
     steps: list[_Step]              # producers first
     root_bytes: float = 0.0
+    root_sums: tuple[float, ...] = ()     # one entry per op whose sum the chain leaves partial
 
 
 def sharding_of(value: ir.Value) -> TensorSharding | None:
@@ -196,7 +198,8 @@ def _link(inners: list[_Chain], step: _Step, mesh: MeshSpec) -> _Chain:
     if set(step.axes) & set(step.result.used_axes()):
         raise _NotPartial("the plan splits a partial sum over an axis it is summed across")
     steps = [s for c in inners for s in c.steps]
-    return _Chain(step.axes, steps + [step], sum(c.root_bytes for c in inners))
+    return _Chain(step.axes, steps + [step], sum(c.root_bytes for c in inners),
+                  tuple(b for c in inners for b in c.root_sums))
 
 
 def _dot_root(op, value, result: TensorSharding, mesh: MeshSpec) -> _Chain:
@@ -229,7 +232,8 @@ def _dot_root(op, value, result: TensorSharding, mesh: MeshSpec) -> _Chain:
                  [False, False], result, axes)
     if axes & set(result.used_axes()):
         raise _NotPartial("the plan scatters the sum of a dot_general over the axes it sums across")
-    return _Chain(axes, [step], _bytes_per_device(value, result, mesh))
+    nbytes = _bytes_per_device(value, result, mesh)
+    return _Chain(axes, [step], nbytes, (nbytes,) * sum(1 for c in contracted if c))
 
 
 def _strategy_operands(text: str, mesh: MeshSpec, mesh_name: str):
@@ -274,9 +278,13 @@ def _reduce(op, value, result: TensorSharding, mesh: MeshSpec) -> _Chain:
             raise _NotPartial("its reduce sums over dimensions the plan does not split (nothing to keep partial)")
         if summed & set(result.used_axes()):
             raise _NotPartial("the plan scatters the sum of a reduce over the axes it sums across")
-        return _Chain(summed, [_Step(value, [read, init], [False, False], result, summed)],
-                      _bytes_per_device(value, result, mesh))
-    return _link([inner], _Step(value, [read, init], [True, False], result, inner.axes | summed), mesh)
+        nbytes = _bytes_per_device(value, result, mesh)
+        return _Chain(summed, [_Step(value, [read, init], [False, False], result, summed)], nbytes,
+                      (nbytes,) * sum(1 for i in dims if source.dims[i]))
+    chain = _link([inner], _Step(value, [read, init], [True, False], result, inner.axes | summed), mesh)
+    if summed:                      # its own sums over split dims are left partial too
+        chain.root_sums += (_bytes_per_device(value, result, mesh),) * sum(1 for i in dims if source.dims[i])
+    return chain
 
 
 def _strip_constraints(v: ir.Value) -> ir.Value:
@@ -424,7 +432,8 @@ class PartialGradients(Pass):
                 ret.operands[r] = _rewrite_chain(chain, mesh)
             ts = TensorSharding(result_ts.dims, result_ts.mesh, axes)
             res_attrs[r][mw.SDY_SHARDING] = ts.to_attr(module.context)
-            out.partial.append(PartialGradient(r, ts, chain.root_bytes, _bytes_per_device(ret.operands[r], ts, mesh)))
+            out.partial.append(PartialGradient(r, ts, chain.root_bytes, _bytes_per_device(ret.operands[r], ts, mesh),
+                                               chain.root_sums))
         with module.context:
             mw.set_result_attr_dicts(main, res_attrs)
         state.results[self.name] = out

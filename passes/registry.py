@@ -175,6 +175,7 @@ PASS_MODULES: dict[str, str] = {
     "auto-sharding": "meshweave.passes.auto_sharding",
     "layer-clustering": "meshweave.passes.layer_clustering",
     "stage-construction": "meshweave.passes.stage_construction",
+    "rematerialize": "meshweave.passes.rematerialize",
     "stage-outlining": "meshweave.passes.stage_outlining",
     "insert-transfers": "meshweave.passes.insert_transfers",
     "partial-gradients": "meshweave.passes.partial_gradients",

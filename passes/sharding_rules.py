@@ -190,3 +190,36 @@ def describe(rule: Rule, a: Assignment, mesh: MeshSpec) -> str:
     res = ", ".join(tensor_sharding(d, a, mesh).short() for d in rule.results)
     red = reduced_axes(rule, a)
     return f"{ops} -> {res}" + (f" (sum @ {','.join(red)})" if red else "")
+
+
+def halo_free_conv_rule(op) -> None:
+    """Mark a convolution's window factors unshardable where splitting them needs halos.
+
+    When a kernel spans its whole input dim (a weight gradient: input 8, window 8, padding 1,
+    output 3), Shardy's rule gives the input and kernel spatial dims one shared reduction factor,
+    as if each device could sum its slice of the window alone; but every output position reads
+    input rows across the slice boundary, so XLA exchanges halos (collective-permutes) the plan
+    never priced. Such a factor is exact only for an output dim of size 1; otherwise it gets
+    need_replication (rewritten in place, so rule-keyed memos see a different rule)."""
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import stablehlo as hlo
+
+    attr = op.attributes["sdy.sharding_rule"]
+    rule = Rule.from_attr(attr)
+    dn = hlo.ConvDimensionNumbers(op.attributes["dimension_numbers"])
+    out_shape = ir.RankedTensorType(op.result.type).shape
+    lhs, rhs, out = rule.operands[0], rule.operands[1], rule.results[0]
+    halo = set()
+    for k, (i, w, o) in enumerate(zip(dn.input_spatial_dimensions, dn.kernel_spatial_dimensions,
+                                      dn.output_spatial_dimensions)):
+        if out_shape[o] > 1:
+            halo |= set(lhs[i]) & set(rhs[w]) & rule.reduction
+    halo -= rule.need_replication
+    if not halo:
+        return
+    r = sdy.OpShardingRuleAttr(attr)
+    op.attributes["sdy.sharding_rule"] = sdy.OpShardingRuleAttr.get(
+        list(r.factor_sizes), list(r.operand_mappings), list(r.result_mappings),
+        reduction_factors=list(r.reduction_factors),
+        need_replication_factors=sorted(set(r.need_replication_factors) | halo),
+        permutation_factors=list(r.permutation_factors), is_custom=r.is_custom, context=op.context)

@@ -29,6 +29,7 @@ class StageSpec:
     auto_sharding: dict = field(default_factory=dict)
     latency: float | None = None            # predicted seconds per micro-batch (auto mode)
     memory: float | None = None             # predicted bytes per device, micro-batches in flight included (auto)
+    remat: bool = False                     # the backward recomputes the forward (passes/rematerialize.py)
 
 
 @dataclass
@@ -61,7 +62,8 @@ class StageConstructionResult(PassResult):
                 lat += f", {s.memory / 2**20:.1f} MiB/device"
             lines.append(f"  stage {s.index}: layers {s.layers[0]}..{s.layers[1] - 1} on {s.mesh.name} physical "
                          f"{s.physical_shape[0]}x{s.physical_shape[1]}, logical "
-                         f"{'x'.join(map(str, s.mesh.shape))}, devices {list(s.mesh.device_ids)}{lat}")
+                         f"{'x'.join(map(str, s.mesh.shape))}, devices {list(s.mesh.device_ids)}{lat}"
+                         + (", rematerialized" if getattr(s, "remat", False) else ""))
         return "\n".join(lines)
 
 
@@ -157,6 +159,16 @@ def uniform_stages(option, num_layers: int, num_hosts: int, devices_per_host: in
     return [StageSpec(i, (i * k, (i + 1) * k), p, mesh, opts) for i, (p, mesh, opts) in enumerate(placed)]
 
 
+def _given_remat(stages, remat) -> None:
+    """PipeshardParallel.remat on hand-given stages: one bool for all, or one per stage."""
+    flags = remat if isinstance(remat, tuple) else (bool(remat),) * len(stages)
+    if len(flags) != len(stages):
+        raise PassError("stage-construction", f"PipeshardParallel.remat gives {len(flags)} flag(s) for "
+                        f"{len(stages)} stage(s); give one bool per stage, or True/False for all")
+    for s, r in zip(stages, flags):
+        s.remat = r
+
+
 @register
 class StageConstruction(Pass):
     name = "stage-construction"
@@ -191,4 +203,6 @@ class StageConstruction(Pass):
         else:
             result = StageConstructionResult("uniform", num_layers,
                                              uniform_stages(option, num_layers, self.num_hosts, dph, device_ids))
+        if result.mode != "auto":
+            _given_remat(result.stages, getattr(state.options.get("method"), "effective_remat", False))
         state.results[self.name] = result

@@ -72,6 +72,8 @@ class StageCandidate:
     regardless of micro-batches (parameters, gradients, optimizer state, workspace).
     activation_bytes_per_micro_batch: per device, kept from a forward until its backward.
     options: the planner's settings for this candidate (e.g. auto-sharding options), passed through.
+    remat: the backward recomputes the forward (passes/rematerialize.py); its latency and memory
+    are priced so, and the plan runs it so when the DP picks this candidate.
     """
 
     logical_shape: tuple[int, ...]
@@ -79,6 +81,7 @@ class StageCandidate:
     memory_bytes: float
     activation_bytes_per_micro_batch: float
     options: Mapping[str, object] = field(default_factory=dict, compare=False)
+    remat: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class StageChoice:
     """One stage of a plan: layers [start, end), where it runs, and its predicted cost.
 
     latency / memory are None when the plan was made without a cost callback; memory counts
-    `in_flight` micro-batches of activations under the schedule.
+    `in_flight` micro-batches of activations under the schedule. remat: the chosen candidate
+    recomputes the forward in the backward (StageCandidate.remat).
     """
 
     layers: tuple[int, int]
@@ -97,6 +101,7 @@ class StageChoice:
     in_flight: int
     device_ids: tuple[int, ...]
     options: Mapping[str, object] = field(default_factory=dict, compare=False)
+    remat: bool = False
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
@@ -409,7 +414,7 @@ def _no_plan_message(num_layers, num_hosts, devices_per_host, memory_capacity) -
            "no sequence of stages tiles the cluster with candidates that the cost callback offers")
     if memory_capacity is not None:
         msg += f" and that fit memory_capacity={memory_capacity:.4g} bytes per device (raise it, use more " \
-               "micro-batches with smaller size, or the 1f1b schedule)"
+               "micro-batches with smaller size, the 1f1b schedule, or rematerialization: PipeshardParallel(remat='auto'))"
     return msg
 
 
@@ -561,7 +566,7 @@ def _solution(plan, tables, subs, L, num_hosts, devices_per_host, B, schedule, s
         n = in_flight(schedule, j, S, B)
         stages.append(StageChoice(layers=(i, k), submesh=subs[m], logical_shape=tuple(cand.logical_shape),
                                   latency=cand.latency, memory=cand.memory_bytes + n * cand.activation_bytes_per_micro_batch,
-                                  in_flight=n, device_ids=placed[j], options=cand.options))
+                                  in_flight=n, device_ids=placed[j], options=cand.options, remat=cand.remat))
         lats.append(cand.latency)
         if j + 1 < S:
             trans.append(float(tables.transfer[k, m, plan[j + 1][2]]))
@@ -604,7 +609,8 @@ def _evaluate(layer_ranges, submeshes, logical_shapes, options, num_hosts, devic
             opts = {**best.options, **(opts or {})}
             lats.append(lat)
         stages.append(StageChoice(layers=(i, k), submesh=sub, logical_shape=tuple(shape if shape is not None else sub.shape),
-                                  latency=lat, memory=mem, in_flight=n, device_ids=placed[j], options=opts or {}))
+                                  latency=lat, memory=mem, in_flight=n, device_ids=placed[j], options=opts or {},
+                                  remat=best.remat if cost is not None else False))
     if cost is None:
         return StageSolution(tuple(stages), B, schedule, None, None, None, None)
     trans = [0.0 if transfer_cost is None else float(transfer_cost(layer_ranges[j + 1][0], submeshes[j], submeshes[j + 1]))

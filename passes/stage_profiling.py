@@ -15,6 +15,12 @@ sums; their all-reduce leaves the per-micro-batch latency and is charged once pe
 over the micro-batches (latency + once / B: in the pipeline objective that is about one reduction
 of the slowest stage, which the apply-grad phase adds). Memory adds the gradient accumulators
 each device holds, in the layouts the backward fragment leaves them.
+
+Rematerialization (PipeshardParallel(remat=True | "auto")): a candidate's remat variant reruns
+each layer's forward in the backward (passes/rematerialize.py), priced with the solves above and
+none more: latency + every layer's forward solve again; per micro-batch it keeps each layer's
+activation inputs (in the layouts the forward ILP chose) instead of the residuals; the largest
+layer's residuals count once, as a transient.
 """
 from __future__ import annotations
 
@@ -88,6 +94,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     opt = method.default_auto_sharding_option if method is not None else None
     k = state.options.get("micro_batches", 1)
     schedule = getattr(method, "pipeline_schedule", "1f1b")
+    remat = getattr(method, "effective_remat", False)       # True / False / "auto" (the DP chooses per stage)
     cluster = state.options.get("cluster") or ClusterSpec(num_hosts, devices_per_host)
     copy = parse_module(module_text(module))
     per_layer = outline(copy, list(range(num_layers)), [f"layer{i}" for i in range(num_layers)])
@@ -108,6 +115,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             if f.phase == "apply" and src.accumulated and src.fragment is not None:
                 accumulated.setdefault(src.fragment, set()).add(src.index)
     grad_roles: dict[str, tuple[list[int], list[int]]] = {}   # backward text -> (may stay partial, accumulated)
+    boundary_args: dict[str, list[int]] = {}   # forward text -> its activation inputs (what a remat layer keeps)
     for f in per_layer.fragments:
         fn = funcs[f.name]
         text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
@@ -125,6 +133,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 acts = sorted({s.index for s in (backward.inputs if backward else ()) if s.fragment == f.name})
                 params = [j for j, src in enumerate(f.inputs) if src.arg is not None and not src.batch_dependent]
                 roles[text] = (params, acts)
+                boundary_args[text] = [j for j, src in enumerate(f.inputs) if src.fragment is not None]
         else:
             state_bytes[f.stage] += sum(_tensor_bytes(t) for src, t in zip(f.inputs, ftype.inputs)
                                         if src.arg is not None and not src.batch_dependent)
@@ -144,6 +153,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     solves: dict[tuple[str, tuple], float] = {}
     held: dict[tuple[str, tuple], tuple[float, float]] = {}   # per device, in the chosen layouts
     acc_held: dict[tuple[str, tuple], float] = {}             # gradient accumulators per device
+    boundary_held: dict[tuple[str, tuple], float] = {}        # a forward's activation inputs per device
     solve_seconds = [0.0]
     from meshweave.passes.solver.cache import SolveCache
 
@@ -183,6 +193,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                     acc_held[key] = g.accumulator_bytes
                 if text in roles:
                     held[key] = _held_bytes(m, spec, *roles[text])
+                    boundary_held[key] = _held_bytes(m, spec, boundary_args[text], [])[0]
                 solve_seconds[0] += time.perf_counter() - t_solve
             if solves[key] is None:
                 raise MemoryBudgetError("layer does not fit", None)
@@ -218,9 +229,25 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                 ratio = (state_bytes[i] + param_bytes[i]) / param_bytes[i] if param_bytes[i] else 0.0
                 mem += params_dev * ratio + layer_accumulators(i, logical)
                 act += acts_dev
-            out.append(StageCandidate(logical, lat, mem, act))
-            out.append(StageCandidate(logical, lat, mem, act))
+            if remat is not True:
+                out.append(StageCandidate(logical, lat, mem, act))
+            if remat:
+                out.append(_remat_candidate(start, end, logical, lat, mem))
         return out
+
+    def _remat_candidate(start, end, logical, lat, mem) -> StageCandidate:
+        """The stage with every layer rematerialized: its backward runs each layer's forward again
+        (the forward fragment's ILP objective + FLOPs once more); between forward and backward it
+        keeps only each layer's activation inputs, per micro-batch in flight; the largest layer's
+        residuals live again, for one micro-batch at a time, while that layer's backward runs."""
+        again = boundary = transient = 0.0
+        for i in range(start, end):
+            fwd = [t for t in texts[i] if t in roles]
+            if fwd:
+                again += solves[(fwd[0], logical)]
+                boundary += boundary_held[(fwd[0], logical)]
+            transient = max(transient, layer_held(i, logical, math.prod(logical))[1])
+        return StageCandidate(logical, lat + again, mem + transient, boundary, remat=True)
 
     def transfer_cost(boundary, before, after):
         bw = cluster.inter_host_bandwidth if (before.num_hosts > 1 or after.num_hosts > 1) \
@@ -235,7 +262,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     for i, s in enumerate(sol.stages):     # the DP packs sub-meshes into hosts (first fit), not in stage order
         logical = tuple(s.logical_shape)
         mesh = MeshDesc(f"mesh{i}", logical, default_axis_names(len(logical)), tuple(ids[d] for d in s.device_ids))
-        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, {}, s.latency, s.memory))
+        stages.append(StageSpec(i, s.layers, s.submesh.shape, mesh, {}, s.latency, s.memory, remat=s.remat))
     return StageConstructionResult("auto", num_layers, stages, objective=sol.objective,
                                    seconds=time.perf_counter() - t0, candidates=len(solves),
                                    solve_seconds=solve_seconds[0], layer_param_bytes=list(param_bytes),

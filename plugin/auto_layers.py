@@ -20,7 +20,9 @@ from meshweave.plugin.markers import mark_boundary
 def _nbytes(aval) -> int:
     shape = getattr(aval, "shape", ())
     dtype = getattr(aval, "dtype", None)
-    return int(math.prod(shape)) * (np.dtype(dtype).itemsize if dtype is not None else 4)
+    # Extended dtypes (typed PRNG keys, `key<fry>`) are no numpy dtypes but carry their itemsize.
+    size = getattr(dtype, "itemsize", None) if dtype is not None else 4
+    return int(math.prod(shape)) * (size if size is not None else np.dtype(dtype).itemsize)
 
 
 def _sub_jaxprs(params):

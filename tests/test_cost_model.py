@@ -141,3 +141,16 @@ def test_unknown_element_type_is_an_error_not_four_bytes():
         assert tensor_bytes(ir.Type.parse("tensor<2xcomplex<f32>>")) == 16
         with pytest.raises(UnknownDtypeError, match="element type 'index'"):
             tensor_bytes(ir.Type.parse("tensor<2xindex>"))
+
+
+def test_relayout_within_one_dim_is_priced_as_xla_moves_it():
+    # Root cause (ZeRO's optimizer state [-,xy] -> [-,y]): XLA permutes the tiles once at the
+    # smaller per-device size, then all-gathers what dst holds more; no all-to-all.
+    lm = LogicalMesh.create(MeshSpec(("x", "y"), (2, 4)))
+    n = 4096.0
+    assert lm.reshard_plan(n, T(((), ("x", "y"))), T(((), ("y",)))) == [
+        ("collective-permute", ("x", "y"), n / 8), ("all-gather", ("x",), n / 4)]
+    assert lm.reshard_plan(n, T((("y",),)), T((("x", "y"),))) == [("collective-permute", ("y", "x"), n / 8)]
+    assert lm.reshard_plan(n, T((("x", "y"),)), T((("y", "x"),))) == [("collective-permute", ("x", "y"), n / 8)]
+    # an axis arriving from another dim is still an all-to-all
+    assert lm.reshard_plan(n, T((("x",), ("y",))), T((("x", "y"), ())))[0][0] == "all-to-all"

@@ -54,7 +54,7 @@ def test_every_listed_pass_module_registers_its_name():
     for name in PASS_MODULES:
         assert get_pass(name).name == name
     assert set(PASS_MODULES) <= set(REGISTRY)
-    assert len(PASS_MODULES) == 23
+    assert len(PASS_MODULES) == 24
 
 
 def test_unknown_pass_suggests_close_names():

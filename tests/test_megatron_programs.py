@@ -65,6 +65,8 @@ def test_pipeline_manual_sharding_errors():
     with pytest.raises(ValueError, match="not a Megatron configuration"):
         megatron_programs.parse_config("dp=2 tp=4")
     assert megatron_programs.parse_config("dp=2 tp=4 pp=8 mb=512") == (2, 4, 8, 512)
+    assert megatron_programs.parse_config("dp=2 tp=4 pp=8 mb=512 remat") == (2, 4, 8, 512)
+    assert megatron_programs.recomputes("dp=2 tp=4 pp=8 mb=512 remat") and not megatron_programs.recomputes("dp=1 tp=1 pp=1 mb=1")
 
 
 def test_plan_prices_hand_given_stages_with_their_pins():

@@ -113,3 +113,13 @@ def test_partial_gradients_accumulate_on_ray_workers(ray_runtime):
     program = exe.program
     assert any(o.unreduced for f in program.fragments if f.kind == "backward" for o in f.outputs)
     _run_on_ray(step, state, batch, exe, steps=2)
+
+
+def test_rematerialized_pipeline_on_ray_matches_jit(ray_runtime, mlp_case):
+    """The same MLP with every stage rematerialized: the backward fragments recompute the forward
+    on the workers, and the forward fragments send the backward nothing but boundaries."""
+    step, state, batch, _ = mlp_case
+    exe = mw.parallelize(step, method=mw.PipeshardParallel(
+        num_micro_batches=4, stage_option=mw.UniformStageOption(num_stages=2), remat=True)).get_executable(state, batch)
+    assert exe.state.results["rematerialize"].layers
+    _run_on_ray(step, state, batch, exe)

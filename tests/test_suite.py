@@ -68,12 +68,34 @@ def test_megatron_search_returns_the_fastest_fitting_configuration():
     s = _stats(4e9, layers=16)
     best, tried = baselines.megatron(s, c)
     configs = list(baselines.megatron_configs(s, c))
-    assert best.fits and tried == len(configs)
+    assert best.fits and tried == 2 * len(configs)              # each with and without recomputation
     assert {(tp, pp) for _, tp, pp, _ in configs} >= {(1, 1), (8, 2), (2, 8), (1, 16)}
-    times = [baselines.megatron_config(s, c, *cfg).step_time for cfg in configs]
+    times = [baselines.megatron_config(s, c, *cfg, remat=r).step_time for cfg in configs for r in (False, True)]
     assert best.step_time == min(t for t in times if t is not None)
     no_tp, _ = baselines.megatron(dataclasses.replace(s, tensor_parallel=False), c)
     assert " tp=1 " in f" {no_tp.config} " and no_tp.step_time >= best.step_time
+
+
+def test_megatron_full_recomputation_trades_a_forward_for_activation_memory():
+    """Recomputation: compute x 4/3 and the forward's tp all-reduces again; activations kept = each
+    layer's input per micro-batch in flight (replicated over tp) + one layer's activations. The
+    search takes it only where the plain layout does not fit."""
+    c = mw.ClusterSpec.preset("p3", 8)
+    s = _stats(1e9, activation_bytes_per_sample=4e8, boundary_bytes_per_sample=1e7)
+    plain = baselines.megatron_config(s, c, 1, 4, 2, 2)
+    remat = baselines.megatron_config(s, c, 1, 4, 2, 2, remat=True)
+    assert remat.compute_time == pytest.approx(plain.compute_time * 4 / 3)
+    samples, layers = 64 // 2, 4
+    held_plain = 2 * samples * 4e8 / 8 * layers / 4
+    held_remat = 2 * layers * samples * 1e7 + samples * 4e8 / 8 / 4
+    assert plain.memory_per_device - remat.memory_per_device == pytest.approx(held_plain - held_remat)
+    assert remat.config.endswith(" remat") and not plain.config.endswith(" remat")
+    best, _ = baselines.megatron(s, c)          # plain layouts fit: recomputation would only cost time
+    assert best.fits and not best.config.endswith(" remat")
+    huge = _stats(1e9, activation_bytes_per_sample=3e11, boundary_bytes_per_sample=1e7)   # 1 sample > 16 GB / 8
+    only_plain, _ = baselines.megatron(huge, c, remat=(False,))
+    best, _ = baselines.megatron(huge, c)
+    assert not only_plain.fits and best.fits and best.config.endswith(" remat")
 
 
 def test_tiny_gpt_row_through_the_suite():

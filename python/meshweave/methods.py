@@ -239,7 +239,15 @@ class Zero3Parallel(Zero2Parallel):
 # ----------------------------------------------------------------------------- pipelining
 @dataclass(frozen=True)
 class ManualLayerOption:
-    """Layers are cut where the model calls `meshweave.mark_pipeline_boundary`."""
+    """Layers are cut where the model calls `meshweave.mark_pipeline_boundary`.
+
+    remat_layer: recompute each layer's forward in its backward (Alpa's option; see
+    PipeshardParallel.remat)."""
+
+    remat_layer: bool = False
+
+    def __post_init__(self):
+        _check_remat_layer(self)
 
 
 @dataclass(frozen=True)
@@ -249,6 +257,7 @@ class AutoLayerOption:
     (1 + eps) x the average where that is feasible."""
 
     layer_num: int
+    remat_layer: bool = False
     eps: float = 0.5
 
     def __post_init__(self):
@@ -256,6 +265,13 @@ class AutoLayerOption:
             raise MethodError(f"AutoLayerOption.layer_num must be a positive int, got {self.layer_num!r}")
         if self.eps < 0:
             raise MethodError(f"AutoLayerOption.eps must be >= 0, got {self.eps}")
+        _check_remat_layer(self)
+
+
+def _check_remat_layer(option) -> None:
+    if not isinstance(option.remat_layer, bool):
+        raise MethodError(f"{type(option).__name__}.remat_layer must be True or False, got {option.remat_layer!r} "
+                          "(for the stage DP's choice use PipeshardParallel(remat='auto'))")
 
 
 @dataclass(frozen=True)
@@ -293,6 +309,13 @@ class PipeshardParallel(ParallelMethod):
     manual_sharding: hand-written layouts of the step's arguments (in_axis_resources only), in the
     stages' logical mesh axes; every fragment that reads an argument keeps its layout (Megatron's
     layouts on a ManualStageOption pipeline, for instance).
+
+    remat: rematerialization (passes/rematerialize.py): a rematerialized stage's backward recomputes
+    each of its layers' forward from the layer's inputs, so between a micro-batch's forward and its
+    backward the stage holds only the layer-boundary activations, at the price of a second forward.
+    True / False for every stage; a tuple of bools, one per stage, with hand-given stages; "auto"
+    lets the stage DP choose per stage (it prices both variants and takes remat only where memory
+    needs it). None (the default) follows `layer_option.remat_layer`.
     """
 
     num_micro_batches: int = 1
@@ -302,6 +325,7 @@ class PipeshardParallel(ParallelMethod):
     default_auto_sharding_option: AutoShardingOption = field(default_factory=AutoShardingOption)
     num_hosts: int = 1
     manual_sharding: ManualShardingOption | None = None
+    remat: bool | str | tuple[bool, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_micro_batches, int) or self.num_micro_batches < 1:
@@ -329,9 +353,39 @@ class PipeshardParallel(ParallelMethod):
             if self.manual_sharding.out_axis_resources is not None:
                 raise MethodError("PipeshardParallel.manual_sharding takes in_axis_resources only: a pipeline's "
                                   "results come from several stages; pin the arguments they are computed from")
+        self._check_remat()
 
     def pipeline_for(self, spec: MeshSpec) -> str:
         return f"inline-calls,cse,layer-clustering{{micro-batches={self.num_micro_batches}}}"
+
+    def _check_remat(self) -> None:
+        r = self.remat
+        if isinstance(r, list):
+            r = tuple(r)
+            object.__setattr__(self, "remat", r)
+        ok = r is None or isinstance(r, bool) or r == "auto" or (
+            isinstance(r, tuple) and r and all(isinstance(x, bool) for x in r))
+        if not ok:
+            raise MethodError(f"PipeshardParallel.remat={r!r}: expected True, False, 'auto' (the stage DP decides per "
+                              "stage), a tuple of bools (one per stage, with hand-given stages), or None (follow "
+                              "layer_option.remat_layer)")
+        if r == "auto" and self.stage_option != "auto":
+            raise MethodError("PipeshardParallel.remat='auto' lets the stage DP choose per stage, but stage_option is "
+                              "given by hand; use remat=True/False or one bool per stage")
+        if isinstance(r, tuple) and self.stage_option == "auto":
+            raise MethodError("PipeshardParallel.remat as one bool per stage needs hand-given stages; with "
+                              "stage_option='auto' use True, False or 'auto'")
+        layer_remat = getattr(self.layer_option, "remat_layer", False)
+        if layer_remat and r is not None and r is not True:
+            raise MethodError(f"layer_option.remat_layer=True but PipeshardParallel.remat={r!r}; give one of them "
+                              "(remat_layer=True means remat=True)")
+
+    @property
+    def effective_remat(self) -> bool | str | tuple[bool, ...]:
+        """What `remat` means once `layer_option.remat_layer` is folded in."""
+        if self.remat is None:
+            return bool(getattr(self.layer_option, "remat_layer", False))
+        return self.remat
 
     def describe(self) -> str:
         return f"PipeshardParallel({self.pipeline_schedule}, {self.num_micro_batches} micro-batches)"

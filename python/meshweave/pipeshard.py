@@ -2,7 +2,7 @@
 each fragment on its sub-mesh, emit the per-mesh instruction lists, run them.
 
     trace (markers: layers, loss, grad) -> inline-calls, cse, layer-clustering, stage-construction,
-    stage-outlining -> per fragment: install-mesh + auto-sharding on its sub-mesh, XLA compile
+    rematerialize, stage-outlining -> per fragment: install-mesh + auto-sharding on its sub-mesh, XLA compile
     -> insert-transfers (mpmd form of @main, for dumps) -> schedule -> Program -> executor
 """
 from __future__ import annotations
@@ -40,6 +40,24 @@ class CompiledFragment:
     compiled: object              # jax.stages.Compiled
     records: list                 # pass records of the fragment's own pipeline
     state: PipelineState
+    predicted: dict | None = None  # {kind: {count, bytes}} this program should hold (fragment_prediction)
+
+
+def fragment_prediction(predicted: dict, left_partial=(), reduced_here=()) -> dict:
+    """The collectives a fragment's program holds: its ILP's prediction, less the all-reduces of the
+    weight-gradient sums partial-gradients left partial (`left_partial`: PartialGradients), plus one
+    all-reduce per partial input it sums (`reduced_here`: per-device bytes) -- once per step in
+    apply-grad, where the ILP of the backward fragment priced its share."""
+    out = {k: dict(v) for k, v in predicted.items()}
+    ar = out.setdefault("all-reduce", {"count": 0, "bytes": 0})
+    for pg in left_partial:
+        ar["count"] -= len(pg.root_sums)
+        ar["bytes"] -= int(round(sum(pg.root_sums)))
+    ar["count"] += len(reduced_here)
+    ar["bytes"] += int(round(sum(reduced_here)))
+    if ar["count"] <= 0:
+        del out["all-reduce"]
+    return dict(sorted(out.items()))
 
 
 def _micro_batch_call(call, k: int):
@@ -236,7 +254,8 @@ def compile_pipeshard(fun, call, method):
                                    "auto_layer_clustering": cfg["clustering"], "method": method,
                                    "micro_batches": k, "solve_cache": cache})
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},"
-                        f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},stage-outlining")
+                        f"stage-construction{{num-hosts={method.num_hosts} devices-per-host={dph}}},rematerialize,"
+                        "stage-outlining")
     timings["trace"] = clock() - t
     t = clock()
     pipeline.run(module, state, record_ir=True)
@@ -257,6 +276,7 @@ def compile_pipeshard(fun, call, method):
     pins_of_stage: dict[int, list] = {}
     keep_partial = partial_candidates(outlined)
     partial_layouts = {}               # (backward fragment, output) -> its layout, left partial
+    partial_bytes = {}                 # (backward fragment, output) -> its per-device bytes
     # Backward fragments first: apply-grad reads their partial gradients in the layouts they leave.
     for f in sorted(outlined.fragments, key=lambda f: f.phase == "apply"):
         fn = funcs[f.name]
@@ -283,6 +303,12 @@ def compile_pipeshard(fun, call, method):
         ftype_inputs = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value).inputs
         batch_args = frozenset(j for j, s in enumerate(f.inputs) if batch_axes and s.batch_dependent
                                and len(ir.RankedTensorType(ftype_inputs[j]).shape) >= 1)
+        reads_partial = {j: partial_layouts[(s.fragment, s.index)] for j, s in enumerate(f.inputs)
+                         if (s.fragment, s.index) in partial_layouts}
+        # Partial sums arrive in their producer's layout: the ILP plans from there (resharding them
+        # is then priced), and XLA sums them where the fragment first reads them.
+        pins = [TensorSharding(reads_partial[j].dims, reads_partial[j].mesh) if j in reads_partial else p
+                for j, p in enumerate(pins)]
         text = _fragment_module(module, f.name, names, keeps, batch_args, pins)
         fmod = parse_module(text)
         fstate = PipelineState(mesh=spec, options={"solve_cache": cache})
@@ -295,8 +321,7 @@ def compile_pipeshard(fun, call, method):
                 fmod, fstate, record_ir=True)
             for pg in fstate.results["partial-gradients"].partial:
                 partial_layouts[(f.name, pg.index)] = pg.sharding
-        reads_partial = {j: partial_layouts[(s.fragment, s.index)] for j, s in enumerate(f.inputs)
-                         if (s.fragment, s.index) in partial_layouts}
+                partial_bytes[(f.name, pg.index)] = pg.bytes
         if reads_partial:
             expect_partial_args(fmod, reads_partial)
         timings["fragment_ilps"] += clock() - t
@@ -308,7 +333,12 @@ def compile_pipeshard(fun, call, method):
         in_sigs = tuple(_sig(ts, a) for ts, a in zip(arg_shardings(fmod), in_avals))
         out_sigs = tuple(_sig(ts, a) for ts, a in zip(result_shardings(fmod), out_avals))
         desc = FragmentDesc(f.name, f.mesh, f.phase, f.stage, module_text(fmod), in_sigs, out_sigs)
-        compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate)
+        auto = fstate.results.get("auto-sharding")
+        predicted = None if auto is None else fragment_prediction(
+            auto.predicted_collectives,
+            getattr(fstate.results.get("partial-gradients"), "partial", ()),
+            [partial_bytes[(s.fragment, s.index)] for s in f.inputs if (s.fragment, s.index) in partial_bytes])
+        compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate, predicted)
     compiled = {f.name: compiled[f.name] for f in outlined.fragments}
     _insert_transfers(module, state, compiled)      # the mpmd form of @main, recorded for dumps and explain()
     # Inputs: each argument goes to every mesh whose fragments read it, in the first reader's layout.
@@ -358,6 +388,7 @@ def compile_pipeshard(fun, call, method):
 
 def compile_pipeline_step(fun, call, method):
     """Compile and wrap as a meshweave Executable (plan, dump, explain, plot_schedule)."""
+    from meshweave import fidelity
     from meshweave.cluster import current_backend
     from meshweave.dumping import dump_dir_from_env, write_dump
     from meshweave.executable import Executable
@@ -381,13 +412,15 @@ def compile_pipeline_step(fun, call, method):
         sp = StagePlan(idx, list(mesh.shape), list(mesh.axis_names), list(mesh.device_ids),
                        places(c.desc.inputs, f"{name}.in"), places(c.desc.outputs, f"{name}.out"),
                        hlo_stats.summarize(hlo_stats.collectives(text)), {})
+        if c.predicted is not None:      # the fragment's own ILP against its compiled HLO
+            sp.fidelity = fidelity.compare(c.predicted, sp.collectives)
         stage_plans.append(sp)
     pipeline_info = {
         "fragments": [{"name": c.desc.name, "mesh": c.desc.mesh, "kind": c.desc.kind, "stage": c.desc.stage}
                       for c in compiled.values()],
         "stages": [{"index": s.index, "layers": list(s.layers), "mesh": s.mesh.name, "physical_shape":
                     list(s.physical_shape), "logical_shape": list(s.mesh.shape), "device_ids": list(s.mesh.device_ids),
-                    "predicted_latency": s.latency} for s in stages.stages],
+                    "predicted_latency": s.latency, "remat": s.remat} for s in stages.stages],
         "instructions": {m: [i.describe() for i in ins] for m, ins in program.instructions.items()},
         "bubble_fraction": getattr(schedule, "bubble_fraction", None),
         "timings": program.notes.get("timings", {}),
@@ -448,7 +481,7 @@ def plan_pipeline(fun, call, method, cluster):
     auto = method.stage_option == "auto"
     pipeline = Pipeline(f"inline-calls,cse,layer-clustering{{micro-batches={k}}},stage-construction"
                         f"{{num-hosts={cluster.num_hosts} devices-per-host={cluster.devices_per_host}}}"
-                        + ("" if auto else ",stage-outlining"))
+                        + ("" if auto else ",rematerialize,stage-outlining"))
     t1 = time.perf_counter()
     pipeline.run(module, state, record_ir=False)
     t_passes = time.perf_counter() - t1

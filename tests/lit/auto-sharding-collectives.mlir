@@ -36,3 +36,23 @@ func.func public @bias_gradient(%g: tensor<32x64xf32> {mw.arg_path = "g", mw.bat
   %1 = stablehlo.subtract %b, %0 : tensor<64xf32>
   return %1 : tensor<64xf32>
 }
+
+// -----
+
+// A grouped convolution whose plan splits the groups (input features and kernel outputs pinned
+// to x): each device holds whole groups and sums over none, so it runs in a manual computation
+// with its own group count (4 groups over 4 devices: 1). Left to XLA, its partitioner gathered
+// both operands.
+// CHECK-LABEL: func.func public @grouped_conv
+// CHECK:       sdy.manual_computation
+// CHECK:       stablehlo.convolution
+// CHECK-SAME:    feature_group_count = 1
+// CHECK-SAME:    (tensor<8x8x8x4xf32>, tensor<3x3x4x8xf32>) -> tensor<8x8x8x8xf32>
+// CHECK-NOT:   stablehlo.all_reduce
+// CHECK:       return
+func.func public @grouped_conv(%x: tensor<8x8x8x16xf32> {mw.arg_path = "x", mw.pinned_sharding = #sdy.sharding<@mesh, [{}, {}, {}, {"x"}]>},
+                               %w: tensor<3x3x4x32xf32> {mw.arg_path = "w", mw.pinned_sharding = #sdy.sharding<@mesh, [{}, {}, {}, {"x"}]>})
+    -> tensor<8x8x8x32xf32> {
+  %0 = stablehlo.convolution(%x, %w) dim_numbers = [b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f], window = {stride = [1, 1], pad = [[1, 1], [1, 1]], lhs_dilate = [1, 1], rhs_dilate = [1, 1], reverse = [false, false]} {batch_group_count = 1 : i64, feature_group_count = 4 : i64} : (tensor<8x8x8x16xf32>, tensor<3x3x4x32xf32>) -> tensor<8x8x8x32xf32>
+  return %0 : tensor<8x8x8x32xf32>
+}
