@@ -53,6 +53,13 @@ class AutoShardingResult(PassResult):
     graph_stats: dict
     constraints_inserted: int
     report: str = field(repr=False, default="")
+    compute_cost: float = 0.0         # the objective's compute part, user units (0 when not priced)
+    compute_priced: bool = False      # device-flops was given: objective = communication + compute
+
+    @property
+    def communication_cost(self) -> float:
+        """The objective without its compute part (communication and tie-breakers)."""
+        return self.objective - self.compute_cost
 
     def explain(self) -> str:
         return self.report
@@ -337,11 +344,14 @@ def _explain(graph: CostGraph, choice, colls, info) -> str:
              f"ILP: {info['nodes']} nodes, {info['edges']} edges, {info['variables_hint']} strategy choices; "
              f"solved by {info['method']} in {info['solve_time']:.3f} s ({info['status']}); objective {info['objective']:.6g}"]
     heavy = sorted((r for r in graph.ops if r.heavy), key=lambda r: -r.flops)
-    lines.append("heavy ops (chosen strategy, its own communication cost):")
+    lines.append("heavy ops (chosen strategy, its own cost" + (": communication + compute):" if graph.flop_cost else
+                                                                "; compute not priced):"))
     for rec in heavy[:40]:
         g = graph.groups[rec.group]
         s = choice[g.id]
-        lines.append(f"  {g.name:24s} {rec.descriptions[s]:48s} cost {g.node_cost[s]:.6g}")
+        compute = g.compute_cost[s] if g.compute_cost is not None else 0.0
+        lines.append(f"  {g.name:24s} {rec.descriptions[s]:48s} cost {g.node_cost[s] - compute:.6g}"
+                     + (f" + compute {compute:.6g}" if g.compute_cost is not None else ""))
     if len(heavy) > 40:
         lines.append(f"  ... {len(heavy) - 40} more")
     fallbacks = replicated_fallbacks(graph, choice)
@@ -385,6 +395,8 @@ class AutoSharding(Pass):
                "price independent all-reduces of one kind, dtype and axes as XLA's combiner merges them (α once)"),
         Option("all-reduce-combine-bytes", "float", 0.0,
                "the combiner's byte limit per combined op; 0 = none (XLA's CPU pipeline; its GPU default is 30 MiB)"),
+        Option("device-flops", "float", 0.0, "achievable FLOP/s per device, in alpha/beta's time unit: each "
+               "dot/convolution strategy pays its per-device FLOPs at this rate; 0 = compute not priced"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
         Option("time-limit", "float", 10.0, "solver time limit in seconds (it stops earlier at a proven optimum)"),
         Option("gradient-results", "int-list", (),
@@ -404,6 +416,9 @@ class AutoSharding(Pass):
         for a in self.batch_axes:
             if a not in mesh.axis_names:
                 raise PassError(self.name, f"batch-axes: '{a}' is not an axis of mesh {mesh}")
+        if self.device_flops < 0:
+            raise PassError(self.name, f"device-flops={self.device_flops}: expected a positive FLOP/s rate, or 0 to "
+                                       "leave compute out of the objective")
         if self.zero_stage not in (0, 2, 3):
             raise PassError(self.name, f"zero-stage={self.zero_stage}: expected 0, 2 or 3")
         state.logical_mesh = lmesh
@@ -427,7 +442,8 @@ class AutoSharding(Pass):
                               zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
                               warn=state.warn, gradient_share=share,
                               combiner=CombinerSpec(self.all_reduce_combine_bytes or None)
-                              if self.combine_all_reduces else None).build(func)
+                              if self.combine_all_reduces else None,
+                              flop_cost=1.0 / self.device_flops / lmesh.unit if self.device_flops else 0.0).build(func)
             problem = build_problem(graph, budget)
         t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
         sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,
@@ -464,7 +480,13 @@ class AutoSharding(Pass):
             predicted_costs=_cost_by_kind(lmesh, colls),
             solver={**info, **{k: v for k, v in sol.stats.items() if isinstance(v, (int, float, str))}},
             graph_stats=graph.stats(), constraints_inserted=n_constraints,
-            report=_explain(graph, choice, colls, info))
+            report=_explain(graph, choice, colls, info),
+            compute_cost=lmesh.to_user_units(chosen_compute(graph, choice)), compute_priced=bool(self.device_flops))
+
+
+def chosen_compute(graph: CostGraph, choice) -> float:
+    """The compute part of the plan's cost (normalized units): dot/conv FLOPs per device at the rate."""
+    return float(sum(g.compute_cost[choice[g.id]] for g in graph.groups if g.compute_cost is not None))
 
 
 def _fix_conv_rules(op):

@@ -172,7 +172,8 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             key = (text, logical)
             if key not in solves:
                 t_solve = time.perf_counter()
-                o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0))
+                o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0),
+                                        device_flops=c.device_flops)     # the ILP prices compute itself
                 m = parse_module(text)
                 st = PipelineState(mesh=spec, options={"solve_cache": cache})
                 grads = grad_roles[text][0] if text in grad_roles else ()
@@ -184,7 +185,8 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                     solve_seconds[0] += time.perf_counter() - t_solve
                     raise
                 report = _auto_report(st)
-                solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops
+                solves[key] = float(report.get("objective", 0.0)) + (
+                    0.0 if report.get("compute_priced") else _flops(m) / n / c.device_flops)
                 if text in grad_roles:
                     g = _gradients_once_per_step(m, st, spec, *grad_roles[text])
                     solves[key] += g.latency_adjustment(k)
@@ -331,4 +333,5 @@ def _held_bytes(module, spec, param_args, act_results) -> tuple[float, float]:
 
 def _auto_report(state) -> dict:
     r = state.results.get("auto-sharding")
-    return {"objective": r.objective if r is not None else 0.0}
+    return {"objective": r.objective if r is not None else 0.0,
+            "compute_priced": bool(r is not None and r.compute_priced)}

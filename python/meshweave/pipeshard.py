@@ -530,7 +530,7 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
                                   devices_per_host=min(n, cluster.devices_per_host), mesh_shape=logical)
         _, alpha, beta = sub.logical_mesh()
         opt = dataclasses.replace(method.default_auto_sharding_option, alpha=alpha, beta=beta,
-                                  **(stage.auto_sharding or {}))
+                                  device_flops=sub.device_flops, **(stage.auto_sharding or {}))
         if method.manual_sharding is not None and f.stage not in pins_of:
             pins_of[f.stage] = _manual_pins(method, micro_call, stage)
         pins = pins_of.get(f.stage)
@@ -544,8 +544,8 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
         Pipeline(_auto_sharding_pipeline(opt, len(logical), gradient_results=keep_partial.get(f.name, ()),
                                          micro_batches=method.num_micro_batches)).run(fmod, fstate, record_ir=False)
         solved = fstate.results.get("auto-sharding")
-        latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + \
-            _flops(fmod) / n / sub.device_flops
+        latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + (
+            0.0 if solved is not None and solved.compute_priced else _flops(fmod) / n / sub.device_flops)
         if f.phase == "forward":
             types = ir.FunctionType(ir.TypeAttr(funcs[f.name].attributes["function_type"]).value).inputs
             for src, t in zip(f.inputs, types):
