@@ -96,11 +96,17 @@ HAND_PLANS = {
 }
 
 
-def manual_option(model: str, plan: str, state, batch) -> mw.ManualShardingOption:
-    """The PartitionSpecs of a hand-written plan for (state, batch) of a zoo train step."""
+def manual_option(model: str, plan: str, state, batch, tp: int = 1) -> mw.ManualShardingOption:
+    """The PartitionSpecs of a hand-written plan for (state, batch) of a zoo (or user model's) train
+    step, tensor parallel over axis y of size tp."""
+    from benchmarks.user_models import USER_MODELS, megatron_specs
+
     builders = {("gpt", "megatron"): gpt_megatron, ("bert", "megatron"): bert_megatron,
                 ("moe", "megatron"): moe_megatron, ("moe", "expert_parallel"): moe_expert_parallel}
-    params_specs = builders[(model, plan)](state["params"])
+    if model in USER_MODELS and plan == "megatron":
+        params_specs = megatron_specs(model, state["params"], tp)
+    else:
+        params_specs = builders[(model, plan)](state["params"])
     batch_axis = (DP, TP) if plan == "expert_parallel" else DP
     state_specs = {"params": params_specs,
                    "opt_state": mirror_on_optimizer_state(state["opt_state"], state["params"], params_specs)}
@@ -120,7 +126,7 @@ def method_for(plan: str, model: str, mesh_shape, state, batch, auto_sharding: m
     if plan == "zero3":
         return mw.Zero3Parallel(**common, auto_sharding=auto_sharding)
     return mw.ShardParallel(**common, auto_sharding=auto_sharding,
-                            manual_sharding=manual_option(model, plan, state, batch))
+                            manual_sharding=manual_option(model, plan, state, batch, tp=int(mesh_shape[1])))
 
 
 def plans_for(model: str) -> tuple[str, ...]:

@@ -1,11 +1,13 @@
 """Issue 12 rule 5: is the automatic plan ever worse than a hand-written one?
 
-    python -m benchmarks.handwritten_baselines [--models gpt,bert,moe] [--meshes 1x8,2x4,4x2]
-        [--presets h100,p3] [--out benchmarks/results/handwritten_baselines.json]
+    python -m benchmarks.handwritten_baselines [--models gpt,bert,moe,llama,vit,t5] [--meshes 1x8,2x4,4x2]
+        [--presets h100,p3] [--rows gpt:1x8:h100,...] [--out benchmarks/results/handwritten_baselines.json]
 
 For GPT, BERT and the MoE language model of the zoo (hidden 1024, sequence 512, batch 16, 4
-layers, vocabulary 1024; the MoE model with 8 experts) on meshes 1x8, 2x4 and 4x2 of 8 simulated
-CPU devices, every plan -- automatic (ShardParallel with the preset's α-β), data parallel,
+layers, vocabulary 1024; the MoE model with 8 experts) -- and, by --models, the models a user brings
+(benchmarks/user_models.py: LLaMA-style, ViT, T5-style at the same size) -- on meshes 1x8, 2x4 and 4x2 of 8 simulated
+CPU devices, every plan -- automatic (ShardParallel with the preset's α-β and matmul rate: compute
+priced), data parallel,
 ZeRO-2, ZeRO-3, Megatron dp x tp and (MoE) expert parallel (benchmarks/hand_plans.py) -- is
 compiled by XLA and its compiled, partitioned HLO judged by one evaluator
 (meshweave.step_time.estimate_compiled_step): each collective priced on the link its device
@@ -15,7 +17,8 @@ mesh[0] hosts x mesh[1] devices of the preset (the first axis crosses hosts; 1x8
 Numerics: executing these steps on 2 shared CPU cores takes over a minute each, so every row is
 also built at a reduced size (hidden 64, sequence 32, 2 layers; same code, methods, meshes and
 α-β), run, and compared with single-device jax.jit; the reduced plans are planned anew for their
-size, so this checks each method's partitioning of the model, not the full-size executable.
+size, so this checks each method's partitioning of the model, not the full-size executable (the
+automatic plan's device rate scaled down with the size: NUMERICS_RATE_SCALE).
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ import optax  # noqa: E402
 import meshweave as mw  # noqa: E402
 from meshweave.step_time import estimate_executable  # noqa: E402
 
+from benchmarks import user_models  # noqa: E402
 from benchmarks.hand_plans import HAND_PLANS, method_for, plans_for  # noqa: E402
+from benchmarks.user_models import USER_MODELS  # noqa: E402
 
 BATCH = 16
 MESHES = ((1, 8), (2, 4), (4, 2))
@@ -84,8 +89,12 @@ def build(model: str, size: ModelSize, abstract: bool):
                                  layers=size.layers, experts=8, group_size=size.seq_len, mlp_ratio=2)
         step, init, batch = moe_lm.make_train_step(cfg, opt), lambda k: moe_lm.init_state(k, cfg, opt), \
             lambda: moe_lm.synthetic_batch(data, cfg, BATCH)
+    elif model in USER_MODELS:     # written outside the zoo (benchmarks/user_models.py)
+        step, init, make_batch = user_models.make(model, user_models.Size(size.vocab, size.seq_len, size.d_model,
+                                                                          size.heads, size.layers))
+        batch = lambda: make_batch(data, BATCH)
     else:
-        raise ValueError(f"unknown model {model!r}; known: gpt, bert, moe")
+        raise ValueError(f"unknown model {model!r}; known: gpt, bert, moe, {', '.join(USER_MODELS)}")
     if abstract:
         return step, jax.eval_shape(init, key), jax.eval_shape(batch)
     return step, init(key), batch()
@@ -98,8 +107,9 @@ def cluster_for(preset: str, mesh) -> mw.ClusterSpec:
 
 
 def auto_option(cluster: mw.ClusterSpec, mesh) -> mw.AutoShardingOption:
+    """The preset's α-β per mesh axis and its matmul rate: the ILP prices communication and compute."""
     _, alpha, beta = dataclasses.replace(cluster, mesh_shape=tuple(mesh)).logical_mesh()
-    return mw.AutoShardingOption(alpha=alpha, beta=beta)
+    return mw.AutoShardingOption(alpha=alpha, beta=beta, device_flops=cluster.device_flops)
 
 
 @dataclasses.dataclass
@@ -126,14 +136,29 @@ class Row:
     auto_over_best: float | None      # auto's step time / the best hand-written plan's
 
 
+def plan_option(plan: str, opt: mw.AutoShardingOption) -> mw.AutoShardingOption:
+    """The automatic plan prices compute; a hand-written one keeps its classic form: the ILP that fills
+    in around its pins prices communication only, so every dot stays split over the whole mesh (with
+    compute priced it could undo the pinned data parallelism by replicating work, e.g. across hosts)."""
+    return opt if plan == "auto" else dataclasses.replace(opt, device_flops=None)
+
+
 def _compile(model, plan, mesh, step, state, batch, opt):
-    method = method_for(plan, model, mesh, state, batch, opt)
+    method = method_for(plan, model, mesh, state, batch, plan_option(plan, opt))
     return mw.parallelize(step, method=method).get_executable(state, batch), method
+
+
+# At the numerics size a step's FLOPs shrink far more than its collectives' latency: at the preset's
+# rate the automatic plan would run (correctly) replicated and check nothing. Its rate is scaled by
+# the tokens x width ratio, so compute weighs against communication about as at the timed size.
+NUMERICS_RATE_SCALE = (REDUCED.seq_len * REDUCED.d_model) / (FULL.seq_len * FULL.d_model)
 
 
 def _numerics(model, plan, mesh, opt) -> tuple[bool, float]:
     step, state, batch = build(model, REDUCED, abstract=False)
-    method = method_for(plan, model, mesh, state, batch, opt)
+    if plan == "auto" and opt.device_flops:
+        opt = dataclasses.replace(opt, device_flops=opt.device_flops * NUMERICS_RATE_SCALE)
+    method = method_for(plan, model, mesh, state, batch, plan_option(plan, opt))
     got = mw.parallelize(step, method=method)(state, batch)
     want = jax.jit(step)(state, batch)
     err, ok = 0.0, True
@@ -144,12 +169,12 @@ def _numerics(model, plan, mesh, opt) -> tuple[bool, float]:
     return ok, err
 
 
-def run_row(model, mesh, preset, numerics: bool, log, size: ModelSize = FULL) -> Row:
+def run_row(model, mesh, preset, numerics: bool, log, size: ModelSize = FULL, only=None) -> Row:
     cluster = cluster_for(preset, mesh)
     opt = auto_option(cluster, mesh)
     step, state, batch = build(model, size, abstract=True)
     results = []
-    for plan in ("auto",) + plans_for(model):
+    for plan in [p for p in ("auto",) + plans_for(model) if only is None or p in only]:
         t0 = time.perf_counter()
         try:
             exe, _ = _compile(model, plan, mesh, step, state, batch, opt)
@@ -192,6 +217,9 @@ def main(argv=None):
     p.add_argument("--models", default="gpt,bert,moe")
     p.add_argument("--meshes", default="1x8,2x4,4x2")
     p.add_argument("--presets", default="h100,p3")
+    p.add_argument("--rows", default=None, help="only these rows, model:mesh:preset comma-separated "
+                   "(e.g. gpt:1x8:h100,moe:1x8:h100); overrides --models/--meshes/--presets")
+    p.add_argument("--plans", default=None, help="only these plans (auto and HAND_PLANS keys), comma-separated")
     p.add_argument("--no-numerics", action="store_true", help="skip the reduced-size numerics check")
     p.add_argument("--size", choices=("full", "reduced"), default="full",
                    help="reduced: time the numerics size too (a quick look, not the table)")
@@ -201,12 +229,15 @@ def main(argv=None):
     rows = []
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    for model in args.models.split(","):
-        for mesh in meshes:
-            for preset in args.presets.split(","):
-                rows.append(run_row(model, mesh, preset, not args.no_numerics, lambda s: print(s, flush=True),
-                                    FULL if args.size == "full" else REDUCED))
-                write(args, argv, rows, load_before, t0)      # after every row: a stopped run keeps its rows
+    todo = [(model, mesh, preset) for model in args.models.split(",") for mesh in meshes
+            for preset in args.presets.split(",")]
+    if args.rows:
+        todo = [(m, tuple(int(x) for x in mesh.split("x")), preset)
+                for m, mesh, preset in (r.split(":") for r in args.rows.split(","))]
+    for model, mesh, preset in todo:
+        rows.append(run_row(model, mesh, preset, not args.no_numerics, lambda s: print(s, flush=True),
+                            FULL if args.size == "full" else REDUCED, args.plans.split(",") if args.plans else None))
+        write(args, argv, rows, load_before, t0)      # after every row: a stopped run keeps its rows
     print(table(rows))
     print(f"wrote {args.out}")
 
@@ -224,6 +255,8 @@ def write(args, argv, rows, load_before, t0) -> None:
            "evaluator": "meshweave.step_time.estimate_compiled_step (α-β per collective on the link its groups "
                         "cross; dot FLOPs at ClusterSpec.device_flops; no overlap)",
            "plans": {k: v.describe for k, v in HAND_PLANS.items()},
+           "auto_option": "ShardParallel with the preset's α-β per mesh axis and device_flops (compute priced); "
+                          "hand-written plans: the ILP around their pins prices communication only",
            "summary": {"rows": len(rows), "auto_le_best": sum(r.auto_over_best <= 1.0 + 1e-9 for r in wins),
                        "worst_auto_over_best": max((r.auto_over_best for r in wins), default=None),
                        "numerics_all_equal": all(p.numerics_equal for r in rows for p in r.plans

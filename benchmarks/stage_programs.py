@@ -172,8 +172,9 @@ def compile_stages(step, state, batch, stages: list[StageLayout], micro_batches:
             text = c.compiled.as_text()
             texts.append(f"// fragment {c.desc.name} ({c.desc.kind})\n{text}")
             auto = c.state.results.get("auto-sharding")
-            ilp = (float(auto.objective) if auto is not None else 0.0) + \
-                _flops(c.desc.mlir) / len(mesh.device_ids) / cluster.device_flops
+            ilp = (float(auto.objective) if auto is not None else 0.0) + (
+                0.0 if auto is not None and auto.compute_priced
+                else _flops(c.desc.mlir) / len(mesh.device_ids) / cluster.device_flops)
             frags.append(FragmentProgram(c.desc.name, c.desc.kind, hlo_stats.summarize(hlo_stats.collectives(text)),
                                          ilp, _judge(evaluate, text, mesh.shape, mesh.axis_names, cluster), len(text)))
         judged = {p: sum(f.judged["total_s"] for f in frags if f.phase == p) if evaluate else None

@@ -20,6 +20,7 @@ from jaxlib.mlir.passmanager import PassManager
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
+from meshweave.passes.combined_all_reduces import CombinerSpec, hub_terms, merge_predicted
 from meshweave.passes.cost_graph import RULE_ATTR, CostGraph, gc_paused
 from meshweave.passes import sharding_rules as sr
 from meshweave.passes.cost_model import INF, LogicalMesh
@@ -52,6 +53,13 @@ class AutoShardingResult(PassResult):
     graph_stats: dict
     constraints_inserted: int
     report: str = field(repr=False, default="")
+    compute_cost: float = 0.0         # the objective's compute part, user units (0 when not priced)
+    compute_priced: bool = False      # device-flops was given: objective = communication + compute
+
+    @property
+    def communication_cost(self) -> float:
+        """The objective without its compute part (communication and tie-breakers)."""
+        return self.objective - self.compute_cost
 
     def explain(self) -> str:
         return self.report
@@ -81,6 +89,18 @@ def build_problem(graph: CostGraph, memory_budget: float | None, name: str = "me
         if a > b:
             a, b, m = b, a, m.T
         merged[(a, b)] = merged.get((a, b), 0) + m
+    for c in graph.combined:      # XLA's combiner: one hub per group of combinable all-reduces
+        if not c.needs_hub:
+            continue
+        hub_cost, hub_edges = hub_terms(c, lambda g: len(graph.groups[g].strategies))
+        hub = len(costs)
+        costs.append(to_int_cost(hub_cost))
+        usages.append(np.zeros(2, dtype=np.int64))
+        intervals.append([0, 0])
+        names.append(c.name)
+        strategy_names.append(["separate", "combined"])
+        for g, m in hub_edges.items():
+            merged[(g, hub)] = m
     edge_nodes = list(merged)
     edge_costs = [to_int_cost(merged[k]) for k in edge_nodes]
     if memory_budget is not None:
@@ -114,10 +134,12 @@ def build_problem(graph: CostGraph, memory_budget: float | None, name: str = "me
 
 def predicted_collectives(graph: CostGraph, choice) -> list[tuple[str, tuple, float, str]]:
     """The collectives the plan pays for, as (kind, axes, per-device bytes, why); an operand
-    resharded alike for several consumers counts once, as the annotation inserts it once."""
-    out = []
+    resharded alike for several consumers counts once, as the annotation inserts it once; sums XLA's
+    combiner merges are listed as the combined all-reduces it emits."""
+    skip, out = merge_predicted(graph.groups, choice, graph.combined, graph.combiner)
     for g in graph.groups:
-        out += g.node_plans[choice[g.id]]
+        s = choice[g.id]
+        out += [p for i, p in enumerate(g.node_plans[s]) if (g.id, s, i) not in skip]
     for e in graph.edges:
         if e.operand:
             continue
@@ -322,11 +344,14 @@ def _explain(graph: CostGraph, choice, colls, info) -> str:
              f"ILP: {info['nodes']} nodes, {info['edges']} edges, {info['variables_hint']} strategy choices; "
              f"solved by {info['method']} in {info['solve_time']:.3f} s ({info['status']}); objective {info['objective']:.6g}"]
     heavy = sorted((r for r in graph.ops if r.heavy), key=lambda r: -r.flops)
-    lines.append("heavy ops (chosen strategy, its own communication cost):")
+    lines.append("heavy ops (chosen strategy, its own cost" + (": communication + compute):" if graph.flop_cost else
+                                                                "; compute not priced):"))
     for rec in heavy[:40]:
         g = graph.groups[rec.group]
         s = choice[g.id]
-        lines.append(f"  {g.name:24s} {rec.descriptions[s]:48s} cost {g.node_cost[s]:.6g}")
+        compute = g.compute_cost[s] if g.compute_cost is not None else 0.0
+        lines.append(f"  {g.name:24s} {rec.descriptions[s]:48s} cost {g.node_cost[s] - compute:.6g}"
+                     + (f" + compute {compute:.6g}" if g.compute_cost is not None else ""))
     if len(heavy) > 40:
         lines.append(f"  ... {len(heavy) - 40} more")
     fallbacks = replicated_fallbacks(graph, choice)
@@ -344,6 +369,10 @@ def _explain(graph: CostGraph, choice, colls, info) -> str:
         lines.append(f"  {kind:15s} x{n:<4d} {b:14.0f} B/device   cost {c:.6g}")
     if not by_kind:
         lines.append("  none")
+    merged = [c for c in colls if c[3].endswith(")") and "sums combined by XLA" in c[3]]
+    if merged:
+        lines.append("XLA's all-reduce combiner (priced: α once per combined op):")
+        lines += [f"  {why}: {nbytes:.0f} B/device" for _, _, nbytes, why in merged]
     return "\n".join(lines)
 
 
@@ -362,6 +391,12 @@ class AutoSharding(Pass):
         Option("prefer-reduce-scatter", "bool", False, "offer reduce-scatter variants of summing ops"),
         Option("allow-mixed-mesh-shape", "bool", False,
                "let ops split a non-batch dim over several mesh axes (the mesh as 1-D) beside 2-D ops"),
+        Option("combine-all-reduces", "bool", True,
+               "price independent all-reduces of one kind, dtype and axes as XLA's combiner merges them (α once)"),
+        Option("all-reduce-combine-bytes", "float", 0.0,
+               "the combiner's byte limit per combined op; 0 = none (XLA's CPU pipeline; its GPU default is 30 MiB)"),
+        Option("device-flops", "float", 0.0, "achievable FLOP/s per device, in alpha/beta's time unit: each "
+               "dot/convolution strategy pays its per-device FLOPs at this rate; 0 = compute not priced"),
         Option("solver", "str", "highs", "ILP backend: highs | cbc"),
         Option("time-limit", "float", 10.0, "solver time limit in seconds (it stops earlier at a proven optimum)"),
         Option("gradient-results", "int-list", (),
@@ -432,6 +467,9 @@ class AutoSharding(Pass):
         for a in self.batch_axes:
             if a not in mesh.axis_names:
                 raise PassError(self.name, f"batch-axes: '{a}' is not an axis of mesh {mesh}")
+        if self.device_flops < 0:
+            raise PassError(self.name, f"device-flops={self.device_flops}: expected a positive FLOP/s rate, or 0 to "
+                                       "leave compute out of the objective")
         if self.zero_stage not in (0, 2, 3):
             raise PassError(self.name, f"zero-stage={self.zero_stage}: expected 0, 2 or 3")
         state.logical_mesh = lmesh
@@ -453,7 +491,10 @@ class AutoSharding(Pass):
         with gc_paused():   # the build allocates many objects and frees few: spare it the collector's scans
             graph = CostGraph(lmesh, prefer_reduce_scatter=self.prefer_reduce_scatter, batch_axes=self.batch_axes,
                               zero_stage=self.zero_stage, mixed_mesh_shape=self.allow_mixed_mesh_shape,
-                              warn=state.warn, gradient_share=share).build(func)
+                              warn=state.warn, gradient_share=share,
+                              combiner=CombinerSpec(self.all_reduce_combine_bytes or None)
+                              if self.combine_all_reduces else None,
+                              flop_cost=1.0 / self.device_flops / lmesh.unit if self.device_flops else 0.0).build(func)
             held = self._price_held_memory(graph, func)
             problem = build_problem(graph, budget)
         t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
@@ -492,7 +533,13 @@ class AutoSharding(Pass):
             predicted_costs=_cost_by_kind(lmesh, colls),
             solver={**info, **{k: v for k, v in sol.stats.items() if isinstance(v, (int, float, str))}},
             graph_stats=graph.stats(), constraints_inserted=n_constraints,
-            report=_explain(graph, choice, colls, info))
+            report=_explain(graph, choice, colls, info),
+            compute_cost=lmesh.to_user_units(chosen_compute(graph, choice)), compute_priced=bool(self.device_flops))
+
+
+def chosen_compute(graph: CostGraph, choice) -> float:
+    """The compute part of the plan's cost (normalized units): dot/conv FLOPs per device at the rate."""
+    return float(sum(g.compute_cost[choice[g.id]] for g in graph.groups if g.compute_cost is not None))
 
 
 def _fix_conv_rules(op):

@@ -2,13 +2,18 @@
 
 Every non-constant tensor gets its sharding from one *group* (an ILP node):
 - anchors start a group and enumerate strategies from their sharding rule: function
-  arguments, dot_general / convolution (heavy: no replicated compute), gather / scatter;
+  arguments, dot_general / convolution (heavy: no replicated compute unless compute is priced),
+  gather / scatter;
 - followers (elementwise, broadcast, reshape, transpose, reduce, slice, ... : any other op
   with a rule) join the group of their biggest non-constant operand and derive their
   sharding from it, paying an all-gather where the rule cannot carry a split over and an
   all-reduce where they sum over a split dimension. Followers keep the ILP small.
 - ops without a rule (custom_call, unknown ops) are replicated anchors, with a warning.
 Constants, iotas and ops computed only from them are *free*: any layout is a local slice.
+
+With a FLOP cost (`flop_cost`, from the pass's device-flops), each dot/convolution strategy also
+pays its per-device FLOPs, and heavy ops may then leave mesh axes unused (replicated compute is
+priced, not forbidden). Elementwise ops are not priced: the rate is calibrated on whole blocks.
 
 Edges carry the resharding cost between a producer's sharding and what a consumer needs.
 Costs come from passes/cost_model.py; the result converts to a `ShardingProblem` for the solver.
@@ -25,6 +30,8 @@ from jaxlib.mlir import ir
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import TensorSharding
+from meshweave.passes.combined_all_reduces import (CombinedAllReduces, CombinerSpec, SumStep, combine,
+                                                   combined_refund, reduction_key)
 from meshweave.passes.cost_memo import CostMemo, Layout
 from meshweave.passes.cost_model import INF, LogicalMesh
 from meshweave.passes import sharding_rules as sr
@@ -91,6 +98,7 @@ class Group:
     arg_index: int | None = None
     op_strategies: list[OpStrategy] | None = None
     members: list[int] = field(default_factory=list)    # tensor ids
+    compute_cost: np.ndarray | None = None  # heavy anchors with compute priced: per strategy, part of node_cost
 
 
 @dataclass
@@ -125,13 +133,21 @@ class CostGraphError(ValueError):
 
 class CostGraph:
     def __init__(self, lmesh: LogicalMesh, *, prefer_reduce_scatter=False, batch_axes=(), zero_stage: int = 0,
-                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0):
+                 mixed_mesh_shape: bool = False, warn=None, gradient_share: float = 1.0,
+                 combiner: CombinerSpec | None = CombinerSpec(), flop_cost: float = 0.0):
         self.lmesh = lmesh
+        # Cost (in lmesh's normalized units) of one FLOP on one device; 0: compute is not priced.
+        # A dot/convolution strategy pays its per-device FLOPs at this rate (`CostMemo.compute_charges`).
+        self.flop_cost = flop_cost
         # Ops marked mw.gradient_sum sum a weight gradient that a pipeline reduces once per step:
         # their all-reduce costs this share (1 / micro-batches) per run; `gradient_charges` keeps
         # (group, strategy, full cost) so a planner can re-price what ends up not partial.
         self.gradient_share = gradient_share
         self.gradient_charges: list[tuple[int, int, float]] = []
+        # XLA's all-reduce combiner (None: price every all-reduce alone): see combined_all_reduces.py.
+        self.combiner = combiner
+        self.sum_steps: list[SumStep] = []
+        self.combined: list[CombinedAllReduces] = []
         self.mesh = lmesh.mesh
         self.prefer_reduce_scatter = prefer_reduce_scatter
         self.batch_axes = tuple(batch_axes)   # batch arguments split their batch dim over these axes first
@@ -201,6 +217,8 @@ class CostGraph:
                 continue
             self._add_op(op, step)
         self.num_steps += 1
+        if self.combiner is not None:
+            self.combined = combine(self.groups, self.sum_steps, block, ANCHORS, self.lmesh, self.combiner)
         return self
 
     def _add_argument(self, i, arg, attrs):
@@ -354,6 +372,8 @@ class CostGraph:
             return
         rule_attr = op.attributes[RULE_ATTR]
         rule = self.memo.rule(rule_attr)
+        if name == "stablehlo.convolution":
+            rule = sr.whole_compound_dims(rule)
         if name in ANCHORS or (name == "stablehlo.broadcast_in_dim" and
                                self._type_info(results[0].type)[1] > 2 * self._type_info(op.operands[0].type)[1]) \
                 or (self.prefer_reduce_scatter and is_sum_reduce(op, rule)):
@@ -402,6 +422,9 @@ class CostGraph:
         return out
 
     def _anchor_strategies(self, rule, heavy, bf) -> list[OpStrategy]:
+        # Without compute in the objective a heavy op must use every mesh axis (replicated compute
+        # would look free); with it, the ILP may replicate compute where that saves more communication.
+        heavy = heavy and not self.flop_cost
         assigns = []
         forced = tuple(a for a in self.batch_axes if self.mesh.axis_size(a) > 1)
         shape_ok = lambda a: self._mesh_shape_ok(a, bf)
@@ -426,6 +449,9 @@ class CostGraph:
         reqs = self._charge_op(op, g, plan, operand_tids, res_tids, label)
         self._set_result_batch_dims(rule, res_tids, bf)
         flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
+        if heavy and self.flop_cost:
+            g.compute_cost = self.memo.compute_charges(plan, flops, self.flop_cost * self.scale)
+            g.node_cost += g.compute_cost
         self.ops.append(OpRecord(op, g.id, res_tids, operand_tids, reqs, heavy, flops, plan.names, scope=self.scope))
 
     def _add_results(self, op, step, plan, g, label) -> list[int]:
@@ -440,10 +466,14 @@ class CostGraph:
         if plan.sums:
             result_bytes = tuple(self.tensors[t].nbytes for t in res_tids)
             share = self.gradient_share if mw.GRADIENT_SUM in op.attributes else 1.0
+            combinable = self.scale == 1.0 and not self.scope
             for s, cost, step in self.memo.sum_charges(plan, result_bytes, self.scale):
                 if share != 1.0 and step[0] == "all-reduce":
                     self.gradient_charges.append((g.id, s, cost))
                     cost *= share
+                if combinable and step[0] == "all-reduce" and cost > 0:
+                    self.sum_steps.append(SumStep(g.id, s, len(g.node_plans[s]), step[1], step[2], op.results[0],
+                                                  reduction_key(op), share))
                 g.node_cost[s] += cost
                 g.node_plans[s].append(step + (f"{label} sums over {','.join(step[1])}",))
         for k, tid in enumerate(operand_tids):
@@ -596,6 +626,14 @@ class CostGraph:
                 key = (tid, rec.scope, req[s])
                 yield rec, k, tid, req[s], key not in seen
                 seen.add(key)
+
+    def marked_gradient_cost(self, choice) -> float:
+        """Full cost (normalized) of the chosen gradient sums priced at `gradient_share`, combined as
+        XLA's combiner emits them."""
+        if not self.gradient_charges:
+            return 0.0
+        full = sum(cost for g, s, cost in self.gradient_charges if choice[g] == s)
+        return full - combined_refund(self.combined, choice, self.gradient_share)
 
     def memory_terms(self):
         """(group, start, end, per-strategy bytes per device) for every non-free tensor."""

@@ -68,6 +68,7 @@ class CostMemo:
         table = dict if share else _Forgetful
         self._layouts, self._rules, self._plans, self._sums = table(), table(), table(), table()
         self._reshards, self._matrices, self._affine = table(), table(), table()
+        self._compute = table()
         self.arguments = table()          # the cost graph's: argument signature -> its strategies
 
     @property
@@ -126,6 +127,18 @@ class CostMemo:
                     step = (kind, red, nbytes / n)
                     out.append((s, self.lmesh.plan_cost([step]) * scale, step))
             hit = self._sums[key] = tuple(out)
+        return hit
+
+    def compute_charges(self, plan: OpPlan, flops: float, flop_cost: float) -> np.ndarray:
+        """Per strategy, the cost of computing `flops` (the op's total) split over the devices the
+        strategy shards it over (a reduce-scatter variant computes as its all-reduce one); read-only."""
+        key = (plan, flops, flop_cost)
+        hit = self._compute.get(key)
+        if hit is None:
+            hit = np.array([flops / self.mesh.axes_size(tuple(a for axes in st.a for a in axes)) * flop_cost
+                            for st in plan.strategies])
+            hit.flags.writeable = False
+            hit = self._compute[key] = hit
         return hit
 
     def reshard_charges(self, src: Layout, dst: Layout, nbytes: int, scale: float) -> tuple:

@@ -67,6 +67,11 @@ class LogicalMesh:
             hit = cache[key] = (max(self.alpha[i] for i in idx), max(self.beta[i] for i in idx), n)
         return hit
 
+    def alpha_of(self, axes) -> float:
+        """The latency term of one collective over `axes` (0 when they hold one device)."""
+        a, _, n = self._ab(axes)
+        return a if n > 1 else 0.0
+
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, nbytes: float, axes) -> float:
         if not axes:

@@ -173,8 +173,10 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     def level_options(logical, level: int) -> dict:
         """The auto-sharding settings of a candidate: the sub-cluster's α-β (what it is priced with,
         and so compiled with) and, for memory-lean levels, the memory price."""
-        _, alpha, beta = sub_cluster(logical).logical_mesh()
-        o = {"alpha": alpha, "beta": beta, "time_limit": min(opt.time_limit, 5.0), "memory_price": None}
+        sub = sub_cluster(logical)
+        _, alpha, beta = sub.logical_mesh()
+        o = {"alpha": alpha, "beta": beta, "time_limit": min(opt.time_limit, 5.0), "memory_price": None,
+             "device_flops": sub.device_flops}     # the ILP prices compute itself
         if level:
             o["memory_price"] = prices[logical][level - 1]
         return o
@@ -204,7 +206,8 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                     solve_seconds[0] += time.perf_counter() - t_solve
                     raise
                 report = _auto_report(st)
-                solves[key] = float(report.get("objective", 0.0)) + _flops(m) / n / c.device_flops
+                solves[key] = float(report.get("objective", 0.0)) + (
+                    0.0 if report.get("compute_priced") else _flops(m) / n / c.device_flops)
                 if text in grad_roles:
                     g = _gradients_once_per_step(m, st, spec, *grad_roles[text])
                     solves[key] += g.latency_adjustment(k)
@@ -396,15 +399,20 @@ def _gradients_once_per_step(module, state, spec, may_stay_partial, accumulated)
 
     saved = once = 0.0
     solved = state.results["auto-sharding"]
-    marked = sum(solved.graph.lmesh.to_user_units(cost) for g, s, cost in solved.graph.gradient_charges
-                 if solved.choice[g] == s)
+    marked = solved.graph.lmesh.to_user_units(solved.graph.marked_gradient_cost(solved.choice))
     if may_stay_partial:
         Pipeline("partial-gradients{results=" + ",".join(map(str, may_stay_partial)) + "}").run(
             module, state, record_ir=False)
         lm = state.logical_mesh
-        for p in state.results["partial-gradients"].partial:
-            saved += lm.to_user_units(lm.plan_cost([("all-reduce", p.sharding.unreduced, p.root_bytes)]))
-            once += lm.to_user_units(lm.plan_cost([("all-reduce", p.sharding.unreduced, p.bytes)]))
+        partial = state.results["partial-gradients"].partial
+        # With XLA's combiner priced, gradients summed over the same axes are one all-reduce.
+        ops: dict = {}
+        for k, p in enumerate(partial):
+            ops.setdefault(p.sharding.unreduced if solved.graph.combiner is not None else k, []).append(p)
+        for ps in ops.values():
+            axes = ps[0].sharding.unreduced
+            saved += lm.to_user_units(lm.plan_cost([("all-reduce", axes, sum(p.root_bytes for p in ps))]))
+            once += lm.to_user_units(lm.plan_cost([("all-reduce", axes, sum(p.bytes for p in ps))]))
     main = mw.main_func(module)
     types = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value).results
     layouts = result_shardings(module)
@@ -431,4 +439,5 @@ def _held_bytes(module, spec, param_args, act_results) -> tuple[float, float]:
 
 def _auto_report(state) -> dict:
     r = state.results.get("auto-sharding")
-    return {"objective": r.objective if r is not None else 0.0}
+    return {"objective": r.objective if r is not None else 0.0,
+            "compute_priced": bool(r is not None and r.compute_priced)}

@@ -154,6 +154,13 @@ def _warn_if_replicated(module, call: BoundCall, spec, state: PipelineState) -> 
         return
     text = planned_text(state, module)
     if re.search(r'<@[\w.]+, \[[^\]]*\{"', text) is None:      # no dimension split on any mesh axis
+        auto = state.results.get("auto-sharding")
+        if auto is not None and getattr(auto, "compute_priced", False):
+            state.warn(f"the plan is fully replicated over the {spec.num_devices}-device mesh {spec}: with compute "
+                       "priced (device_flops) the ILP found running the whole step on every device cheaper than any "
+                       "split, whose collectives would cost more than the compute they save; the step is too small "
+                       "for this mesh: use fewer devices or a bigger batch")
+            return
         sizes = sorted({x.shape[0] for x in call.batch_leaves() if len(getattr(x, "shape", ())) >= 1})
         state.warn(f"the plan is fully replicated over the {spec.num_devices}-device mesh {spec}: every device "
                    f"computes the whole step" + (f" (batch size(s) {sizes} could not be split)" if sizes else "")

@@ -59,6 +59,15 @@ class AutoShardingOption:
     solver: "highs" or "cbc"; time_limit in seconds (the solver stops earlier once its plan is proven optimal).
     memory_price: a MemoryPrice on the bytes a pipeline stage holds (PipeshardParallel only; the
     stage DP sets it on the stages it picks memory-lean candidates for).
+    combine_all_reduces: price independent all-reduces of one dtype over the same axes (gradients) as
+    XLA's all-reduce combiner emits them, one op paying α once; all_reduce_combine_threshold_bytes:
+    the combiner's byte limit per op (None: no limit, as XLA's CPU pipeline; XLA's GPU default is
+    30 MiB, `--xla_gpu_all_reduce_combine_threshold_bytes`).
+    device_flops: achievable dot/conv FLOP/s per device, in alpha/beta's time unit; when set, each
+    dot/convolution strategy also pays its per-device FLOPs at that rate, so the ILP weighs compute
+    against communication (a split that needs no collective still wins on compute, replicated
+    compute is no longer free). None (the default with no cluster): compute is not priced.
+    `mw.plan`, pipelines and the benchmarks fill it, with alpha/beta, from `ClusterSpec.device_flops`.
     """
 
     alpha: tuple[float, ...] | None = None
@@ -72,8 +81,15 @@ class AutoShardingOption:
     solver: str = "highs"
     time_limit: float = 10.0
     memory_price: MemoryPrice | None = None
+    combine_all_reduces: bool = True
+    all_reduce_combine_threshold_bytes: int | None = None
+    device_flops: float | None = None
 
     def __post_init__(self):
+        rate = self.device_flops
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise MethodError(f"AutoShardingOption.device_flops={rate!r}: expected a positive FLOP/s rate per device "
+                              "(e.g. ClusterSpec.preset('h100', 8).device_flops), or None to leave compute unpriced")
         if self.solver not in ("highs", "cbc"):
             raise MethodError(f"AutoShardingOption.solver={self.solver!r}: expected 'highs' or 'cbc'")
         if self.time_limit <= 0:
@@ -179,6 +195,8 @@ def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_
         o.append("alpha=" + ",".join(map(str, opt.alpha)))
     if opt.beta is not None:
         o.append("beta=" + ",".join(map(str, opt.beta)))
+    if opt.device_flops is not None:
+        o.append(f"device-flops={float(opt.device_flops)!r}")
     if opt.memory_budget_per_device is not None:
         o.append(f"memory-budget={int(opt.memory_budget_per_device)}")
     if batch_axes:
@@ -193,6 +211,10 @@ def _auto_sharding_pipeline(opt: "AutoShardingOption", mesh_rank: int, *, batch_
         o.append("prefer-reduce-scatter=true")
     if opt.allow_mixed_mesh_shape:
         o.append("allow-mixed-mesh-shape=true")
+    if not opt.combine_all_reduces:
+        o.append("combine-all-reduces=false")
+    if opt.all_reduce_combine_threshold_bytes:
+        o.append(f"all-reduce-combine-bytes={int(opt.all_reduce_combine_threshold_bytes)}")
     if opt.solver != "highs":
         o.append(f"solver={opt.solver}")
     if opt.time_limit != 10.0:

@@ -44,21 +44,41 @@ class CompiledFragment:
     predicted: dict | None = None  # {kind: {count, bytes}} this program should hold (fragment_prediction)
 
 
-def fragment_prediction(predicted: dict, left_partial=(), reduced_here=()) -> dict:
+def fragment_prediction(predicted: dict, left_partial=(), reduced_here=(), gradient_ops=None) -> dict:
     """The collectives a fragment's program holds: its ILP's prediction, less the all-reduces of the
     weight-gradient sums partial-gradients left partial (`left_partial`: PartialGradients), plus one
     all-reduce per partial input it sums (`reduced_here`: per-device bytes) -- once per step in
-    apply-grad, where the ILP of the backward fragment priced its share."""
+    apply-grad, where the ILP of the backward fragment priced its share.
+
+    With XLA's combiner priced, the ILP lists gradient sums as combined ops (`gradient_ops`: their
+    bytes, from `gradient_combined_ops`): the partial sums' bytes leave those ops, and the ops
+    themselves leave the count only when every gradient byte stayed partial (which sum sits in which
+    op is not tracked, so a partly proven set keeps its ops)."""
     out = {k: dict(v) for k, v in predicted.items()}
     ar = out.setdefault("all-reduce", {"count": 0, "bytes": 0})
-    for pg in left_partial:
-        ar["count"] -= len(pg.root_sums)
-        ar["bytes"] -= int(round(sum(pg.root_sums)))
+    left = [b for pg in left_partial for b in pg.root_sums]
+    ar["bytes"] -= int(round(sum(left)))
+    if gradient_ops is None:
+        ar["count"] -= len(left)
+    elif left and sum(left) >= sum(gradient_ops) - 0.5 * len(gradient_ops):
+        ar["count"] -= len(gradient_ops)
     ar["count"] += len(reduced_here)
     ar["bytes"] += int(round(sum(reduced_here)))
     if ar["count"] <= 0:
         del out["all-reduce"]
     return dict(sorted(out.items()))
+
+
+def gradient_combined_ops(auto) -> list[float] | None:
+    """Bytes of the combined all-reduce ops the ILP predicted for pipeline gradient sums (share < 1);
+    None when the combiner was not priced."""
+    from meshweave.passes.combined_all_reduces import merge_predicted
+
+    graph = auto.graph
+    if getattr(graph, "combiner", None) is None:
+        return None
+    grads = [c for c in graph.combined if c.share < 1.0]
+    return [b for _, _, b, _ in merge_predicted(graph.groups, auto.choice, grads, graph.combiner)[1]]
 
 
 def _micro_batch_call(call, k: int):
@@ -456,7 +476,8 @@ def compile_pipeshard(fun, call, method):
         predicted = None if auto is None else fragment_prediction(
             auto.predicted_collectives,
             getattr(fstate.results.get("partial-gradients"), "partial", ()),
-            [partial_bytes[(s.fragment, s.index)] for s in f.inputs if (s.fragment, s.index) in partial_bytes])
+            [partial_bytes[(s.fragment, s.index)] for s in f.inputs if (s.fragment, s.index) in partial_bytes],
+            gradient_combined_ops(auto))
         compiled[f.name] = CompiledFragment(desc, exe, fstate.records, fstate, predicted)
     compiled = {f.name: compiled[f.name] for f in outlined.fragments}
     _insert_transfers(module, state, compiled)      # the mpmd form of @main, recorded for dumps and explain()
@@ -651,7 +672,7 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
                                   devices_per_host=min(n, cluster.devices_per_host), mesh_shape=logical)
         _, alpha, beta = sub.logical_mesh()
         opt = dataclasses.replace(method.default_auto_sharding_option, alpha=alpha, beta=beta,
-                                  **(stage.auto_sharding or {}))
+                                  device_flops=sub.device_flops, **(stage.auto_sharding or {}))
         if method.manual_sharding is not None and f.stage not in pins_of:
             pins_of[f.stage] = _manual_pins(method, micro_call, stage)
         pins = pins_of.get(f.stage)
@@ -666,8 +687,8 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
                                          micro_batches=method.num_micro_batches,
                                          priced=held_values(outlined.fragments, f))).run(fmod, fstate, record_ir=False)
         solved = fstate.results.get("auto-sharding")
-        latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + \
-            _flops(fmod) / n / sub.device_flops
+        latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + (
+            0.0 if solved is not None and solved.compute_priced else _flops(fmod) / n / sub.device_flops)
         if f.phase == "forward":
             types = ir.FunctionType(ir.TypeAttr(funcs[f.name].attributes["function_type"]).value).inputs
             for src, t in zip(f.inputs, types):

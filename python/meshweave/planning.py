@@ -2,7 +2,8 @@
 
 The step is traced with abstract arguments (`jax.ShapeDtypeStruct`s or arrays) and run through
 the method's pass pipeline on a logical mesh of the cluster's shape; the cost model's α-β terms
-come from the cluster's link latency and bandwidth, so the objective is a communication time.
+come from the cluster's link latency and bandwidth and its compute term from `device_flops`; the
+result splits the ILP's objective into communication and compute time.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class ClusterSpec:
 class PlanResult:
     mesh: MeshSpec
     pipeline: str
-    objective: float                 # the solver's objective (communication time, s)
+    objective: float                 # the solver's objective less its compute part (communication time, s)
     predicted_step_time: float       # communication + compute estimate (s)
     compute_time: float
     auto_sharding: object = None     # passes.auto_sharding.AutoShardingResult (problem, graph, solver, explain)
@@ -123,15 +124,19 @@ def plan(fun, *args, method=None, cluster: ClusterSpec | None = None, static_arg
         _, alpha, beta = dataclasses.replace(cluster, mesh_shape=shape).logical_mesh()
     opt = getattr(method, "auto_sharding", None)
     if opt is not None and opt.alpha is None and opt.beta is None:
-        method = dataclasses.replace(method, auto_sharding=dataclasses.replace(opt, alpha=alpha, beta=beta))
+        method = dataclasses.replace(method, auto_sharding=dataclasses.replace(
+            opt, alpha=alpha, beta=beta, device_flops=opt.device_flops or cluster.device_flops))
     spec = MeshSpec.from_shape(shape, method.axis_names)
     call = ArgumentSpec.create(fun, static_argnums=static_argnums, donate_argnums=donate_argnums,
                                batch_argnums=batch_argnums, batch_argnames=batch_argnames).bind(args, kwargs)
     planned = plan_step(fun, call, method, spec, mesh=None, record_ir=False)
     auto = planned.state.results.get("auto-sharding")
-    flops = sum(r.flops for r in auto.graph.ops) if auto is not None else 0.0
-    compute = flops / cluster.num_devices / cluster.device_flops
-    objective = float(auto.objective) if auto is not None else 0.0
+    if auto is not None and auto.compute_priced:     # the ILP chose (and priced) how the FLOPs split
+        compute, objective = auto.compute_cost, float(auto.communication_cost)
+    else:
+        flops = sum(r.flops for r in auto.graph.ops) if auto is not None else 0.0
+        compute = flops / cluster.num_devices / cluster.device_flops
+        objective = float(auto.objective) if auto is not None else 0.0
     return PlanResult(spec, planned.pipeline.spec(), objective, objective + compute, compute, auto,
                       [s.short() if s else None for s in arg_shardings(planned.module)], module_text(planned.module),
                       list(planned.state.warnings))
