@@ -90,6 +90,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     schedule = getattr(method, "pipeline_schedule", "1f1b")
     remat = getattr(method, "effective_remat", False)       # True / False / "auto" (the DP chooses per stage)
     cluster = state.options.get("cluster") or ClusterSpec(num_hosts, devices_per_host)
+    priced_cluster = state.options.get("cluster") is not None
     copy = parse_module(module_text(module))
     per_layer = outline(copy, list(range(num_layers)), [f"layer{i}" for i in range(num_layers)])
     funcs = mw.funcs(copy)
@@ -176,7 +177,10 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         sub = sub_cluster(logical)
         _, alpha, beta = sub.logical_mesh()
         o = {"alpha": alpha, "beta": beta, "time_limit": min(opt.time_limit, 5.0), "memory_price": None,
-             "device_flops": sub.device_flops}     # the ILP prices compute itself
+             # The ILP prices compute itself, with a cluster's rate (mw.plan); with none (a pipeline
+             # compiled on plain devices) the stages compile with the method's options, which price
+             # no compute, so the DP must not either or its choice would not be what runs.
+             "device_flops": sub.device_flops if priced_cluster else None}
         if level:
             o["memory_price"] = prices[logical][level - 1]
         return o
