@@ -96,6 +96,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     schedule = getattr(method, "pipeline_schedule", "1f1b")
     remat = getattr(method, "effective_remat", False)       # True / False / "auto" (the DP chooses per stage)
     cluster = state.options.get("cluster") or ClusterSpec(num_hosts, devices_per_host)
+    priced_cluster = state.options.get("cluster") is not None
     copy = parse_module(module_text(module))
     per_layer = outline(copy, list(range(num_layers)), [f"layer{i}" for i in range(num_layers)])
     funcs = mw.funcs(copy)
@@ -173,7 +174,11 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             if key not in solves:
                 t_solve = time.perf_counter()
                 o = dataclasses.replace(opt, alpha=alpha, beta=beta, time_limit=min(opt.time_limit, 5.0),
-                                        device_flops=c.device_flops)     # the ILP prices compute itself
+                                        # The ILP prices compute itself, at a cluster's rate (mw.plan); with
+                                        # none (a pipeline compiled on plain devices) the stages compile with
+                                        # the method's options, which price no compute, so the DP must not
+                                        # either, or its choice would not be what runs.
+                                        device_flops=c.device_flops if priced_cluster else None)
                 m = parse_module(text)
                 st = PipelineState(mesh=spec, options={"solve_cache": cache})
                 grads = grad_roles[text][0] if text in grad_roles else ()
