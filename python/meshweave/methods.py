@@ -39,7 +39,8 @@ class AutoShardingOption:
     dot/convolution strategy also pays its per-device FLOPs at that rate, so the ILP weighs compute
     against communication (a split that needs no collective still wins on compute, replicated
     compute is no longer free). None (the default with no cluster): compute is not priced.
-    `mw.plan`, pipelines and the benchmarks fill it, with alpha/beta, from `ClusterSpec.device_flops`.
+    `mw.plan` (pipelines included) and the benchmarks fill it, with alpha/beta, from `ClusterSpec.device_flops`;
+    `mw.parallelize` of a pipeline on plain devices plans and compiles its stages without it.
     """
 
     alpha: tuple[float, ...] | None = None
