@@ -93,6 +93,9 @@ HAND_PLANS = {
     "megatron": HandPlan("megatron", "Megatron dp x tp: batch over x, attention/MLP column/row-parallel and "
                                      "vocab-parallel embedding/head over y (PartitionSpecs, ManualShardingOption)"),
     "expert_parallel": HandPlan("expert_parallel", "GShard dp x ep (MoE only): experts over y, batch over x and y"),
+    "host_data_parallel": HandPlan("host_data_parallel", "data parallel inside each host (batch over y), the step "
+                                                         "repeated on every host (replicated over x): no gradient "
+                                                         "crosses hosts (2-D meshes only)"),
 }
 
 
@@ -103,11 +106,13 @@ def manual_option(model: str, plan: str, state, batch, tp: int = 1) -> mw.Manual
 
     builders = {("gpt", "megatron"): gpt_megatron, ("bert", "megatron"): bert_megatron,
                 ("moe", "megatron"): moe_megatron, ("moe", "expert_parallel"): moe_expert_parallel}
-    if model in USER_MODELS and plan == "megatron":
+    if plan == "host_data_parallel":
+        params_specs = jax.tree.map(lambda _: REPLICATED, state["params"])
+    elif model in USER_MODELS and plan == "megatron":
         params_specs = megatron_specs(model, state["params"], tp)
     else:
         params_specs = builders[(model, plan)](state["params"])
-    batch_axis = (DP, TP) if plan == "expert_parallel" else DP
+    batch_axis = {"expert_parallel": (DP, TP), "host_data_parallel": TP}.get(plan, DP)
     state_specs = {"params": params_specs,
                    "opt_state": mirror_on_optimizer_state(state["opt_state"], state["params"], params_specs)}
     batch_specs = jax.tree.map(lambda _: P(batch_axis), batch)
@@ -129,6 +134,6 @@ def method_for(plan: str, model: str, mesh_shape, state, batch, auto_sharding: m
                             manual_sharding=manual_option(model, plan, state, batch, tp=int(mesh_shape[1])))
 
 
-def plans_for(model: str) -> tuple[str, ...]:
-    base = ("data_parallel", "zero2", "zero3", "megatron")
-    return base + ("expert_parallel",) if model == "moe" else base
+def plans_for(model: str, mesh_shape=(1, 8)) -> tuple[str, ...]:
+    base = ("data_parallel", "zero2", "zero3", "megatron") + (("expert_parallel",) if model == "moe" else ())
+    return base + (("host_data_parallel",) if mesh_shape[0] > 1 else ())   # on 1 x n it is data parallel

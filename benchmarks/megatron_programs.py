@@ -162,11 +162,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args.worker)
-    if not args.results:
-        p.error("give a suite JSON")
-    with open(args.results) as f:
-        doc = json.load(f)
-    want = {int(g) for g in args.gpus.split(",")} if args.gpus else None
+    doc, want = sp.load_suite_json(p, args)
     for row in doc["rows"]:
         if (want and row["gpus"] not in want) or not any(b["method"].startswith("Megatron") for b in row["baselines"]):
             continue

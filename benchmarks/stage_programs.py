@@ -314,6 +314,15 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def load_suite_json(parser, args) -> tuple[dict, set | None]:
+    """The suite JSON named on the command line, and the GPU counts `--gpus` keeps (None: all rows)."""
+    if not args.results:
+        parser.error("give a suite JSON")
+    with open(args.results) as f:
+        doc = json.load(f)
+    return doc, ({int(g) for g in args.gpus.split(",")} if args.gpus else None)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="?", help="a suite JSON (benchmarks/results/<suite>_<cluster>.json)")
@@ -324,14 +333,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args.worker)
-    if not args.results:
-        p.error("give a suite JSON")
-    with open(args.results) as f:
-        doc = json.load(f)
+    doc, want = load_suite_json(p, args)
     if args.table:
         print(table(doc))
         return
-    want = {int(g) for g in args.gpus.split(",")} if args.gpus else None
     for row in doc["rows"]:
         if want and row["gpus"] not in want:
             continue

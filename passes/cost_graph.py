@@ -33,7 +33,7 @@ from meshweave.dialects.sharding import TensorSharding
 from meshweave.passes.combined_all_reduces import (CombinedAllReduces, CombinerSpec, SumStep, combine,
                                                    combined_refund, reduction_key)
 from meshweave.passes.cost_memo import CostMemo, Layout
-from meshweave.passes.cost_model import INF, LogicalMesh
+from meshweave.passes.cost_model import INF, LogicalMesh, conv_flops
 from meshweave.passes import sharding_rules as sr
 
 HEAVY = {"stablehlo.dot_general", "stablehlo.convolution"}
@@ -448,7 +448,7 @@ class CostGraph:
         res_tids = self._add_results(op, step, plan, g, label)
         reqs = self._charge_op(op, g, plan, operand_tids, res_tids, label)
         self._set_result_batch_dims(rule, res_tids, bf)
-        flops = 2.0 * math.prod(rule.factor_sizes) if heavy else 0.0
+        flops = _heavy_flops(op, rule) if heavy else 0.0
         if heavy and self.flop_cost:
             g.compute_cost = self.memo.compute_charges(plan, flops, self.flop_cost * self.scale)
             g.node_cost += g.compute_cost
@@ -667,6 +667,19 @@ def gc_paused():
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _heavy_flops(op, rule: sr.Rule) -> float:
+    """A dot's FLOPs are 2 x the product of its rule's factors (batch, free and contracting dims);
+    a convolution's rule gives its kernel window size-1 factors, so count from its shapes."""
+    if op.name != "stablehlo.convolution":
+        return 2.0 * math.prod(rule.factor_sizes)
+    from jaxlib.mlir.dialects import stablehlo as hlo
+
+    dn = hlo.ConvDimensionNumbers(op.attributes["dimension_numbers"])
+    dilation = op.attributes["lhs_dilation"] if "lhs_dilation" in op.attributes else ()
+    return conv_flops(ir.RankedTensorType(op.operands[1].type).shape, ir.RankedTensorType(op.results[0].type).shape,
+                      dn.kernel_output_feature_dimension, list(ir.DenseI64ArrayAttr(dilation)) if dilation else ())
 
 
 def is_sum_reduce(op, rule: sr.Rule) -> bool:

@@ -241,5 +241,14 @@ class LogicalMesh:
         return nbytes / self.mesh.axes_size(sharding.used_axes())
 
 
+def conv_flops(rhs_shape, out_shape, kernel_output_dim: int, lhs_dilation=()) -> float:
+    """2 x output elements x kernel elements per output feature, less the zeros an lhs dilation
+    inserts (the input gradient of a strided convolution): forward, input- and weight-gradient
+    convolutions alike, whatever their dimension order. Grouped convolutions are covered: the
+    kernel's input-feature dim already counts one group's features."""
+    zeros = math.prod(lhs_dilation) if lhs_dilation else 1
+    return 2.0 * math.prod(out_shape) * math.prod(rhs_shape) / rhs_shape[kernel_output_dim] / zeros
+
+
 def _dim_of(ts: TensorSharding, axis: str) -> int | None:
     return next((d for d, axes in enumerate(ts.dims) if axis in axes), None)

@@ -29,14 +29,13 @@ from meshweave.dialects import meshweave as mw
 from meshweave.dialects.context import parse_module
 from meshweave.dialects.sharding import MeshSpec
 from meshweave.dialects.sharding import default_axis_names
+from meshweave.passes.cost_model import conv_flops
 from meshweave.passes.stage_construction import StageConstructionResult, StageSpec
 from meshweave.runtime.program import MeshDesc
 
 
 def _conv_flops(line: str) -> float:
-    """2 x output elements x (kernel elements per output feature), whatever the dimension order
-    (forward, input-gradient and weight-gradient convolutions alike), less the zeros an lhs
-    dilation inserts."""
+    """`cost_model.conv_flops` of one printed convolution."""
     spec = re.search(r"\]x\[([^\]]*)\]->", line)
     types = re.findall(r"tensor<([\dx]+)x[a-z]+\d*>", line)
     if not spec or len(types) < 3:
@@ -44,9 +43,8 @@ def _conv_flops(line: str) -> float:
     rhs = [int(x) for x in types[1].split("x")]
     out = [int(x) for x in types[-1].split("x")]
     o = [d.strip() for d in spec.group(1).split(",")].index("o")
-    dilate = re.search(r"lhs_dilate = \[([\d, ]*)\]", line)     # input gradients of strided convolutions:
-    zeros = math.prod(int(x) for x in dilate.group(1).split(",")) if dilate else 1   # skip the inserted zeros
-    return 2.0 * math.prod(out) * math.prod(rhs) / rhs[o] / zeros
+    dilate = re.search(r"lhs_dilate = \[([\d, ]*)\]", line)
+    return conv_flops(rhs, out, o, [int(x) for x in dilate.group(1).split(",")] if dilate else ())
 
 
 def _flops(module) -> float:

@@ -32,3 +32,20 @@ def ray_runtime():
     cluster = mw_ray.start(num_hosts=2, devices_per_host=4)
     yield cluster
     mw_ray.shutdown()
+
+
+def abstract_gpt_4x512():
+    """(step, abstract state, abstract batch) of a 4-layer GPT (d_model 512, seq 256, vocab 8192,
+    batch 16) with Adam, for plan-only tests of the stage DP's memory."""
+    import jax.numpy as jnp
+    import optax
+
+    import meshweave as mw
+    from meshweave.models import gpt
+
+    opt = optax.adam(1e-3)
+    cfg = gpt.GPTConfig(vocab=8192, seq_len=256, d_model=512, heads=8, layers=4)
+    state = jax.eval_shape(lambda: gpt.init_state(jax.random.PRNGKey(0), cfg, opt))
+    batch = {"tokens": jax.ShapeDtypeStruct((16, 256), jnp.int32),
+             "targets": jax.ShapeDtypeStruct((16, 256), jnp.int32)}
+    return gpt.make_train_step(opt, grad_fn=mw.value_and_grad), state, batch

@@ -153,3 +153,14 @@ def test_explain_lists_the_combined_all_reduces():
     Pipeline("install-mesh{shape=4},auto-sharding{batch-axes=x}").run(module, state, record_ir=False)
     text = state.results["auto-sharding"].explain()
     assert "XLA's all-reduce combiner" in text and "2 sums combined by XLA (combined all-reduce over x (f32 add))" in text
+
+
+@pytest.mark.parametrize("kwargs", [{"combine_all_reduces": "no"}, {"all_reduce_combine_threshold_bytes": 0},
+                                    {"all_reduce_combine_threshold_bytes": -5}, {"all_reduce_combine_threshold_bytes": 1.5},
+                                    {"all_reduce_combine_threshold_bytes": True}])
+def test_combiner_options_are_checked(kwargs):
+    from meshweave.methods import MethodError
+
+    with pytest.raises(MethodError, match=next(iter(kwargs))):
+        mw.AutoShardingOption(**kwargs)
+    mw.AutoShardingOption(combine_all_reduces=False, all_reduce_combine_threshold_bytes=31457280)

@@ -118,3 +118,19 @@ def test_patch_embedding_convolution_never_splits_its_window():
     assigns = sr.enumerate_assignments(safe, mesh)
     assert assigns and all(not a[f] for a in assigns for f in compound)
     assert any(a[0] for a in assigns)                                  # the batch still splits
+
+
+def test_convolution_compute_counts_the_kernel_window():
+    """A convolution's sharding rule gives its kernel window size-1 factors: the ILP's FLOPs come
+    from its shapes (2 x outputs x window x input features), for the forward, input-gradient (lhs
+    dilated when strided) and weight-gradient convolutions alike."""
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y * y)
+
+    w, x = jnp.ones((3, 3, 8, 16)), jnp.ones((4, 16, 16, 8))
+    planned = mw.plan(jax.grad(loss, argnums=(0, 1)), w, x,
+                      method=mw.ShardParallel(auto_sharding=_option(SLOW_DEVICE)), cluster=CLUSTER)
+    convs = sorted(r.flops for r in planned.auto_sharding.graph.ops if r.heavy)
+    forward = 2.0 * (4 * 8 * 8 * 16) * (3 * 3 * 8)
+    assert convs == [pytest.approx(forward)] * 3          # forward, weight and input gradients

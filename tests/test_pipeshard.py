@@ -7,7 +7,7 @@ import pytest
 
 import meshweave as mw
 from meshweave.models import gpt, mlp
-from conftest import assert_trees_close
+from conftest import assert_trees_close, abstract_gpt_4x512
 
 
 def _run(step, state, batch, method, steps=3):
@@ -208,12 +208,7 @@ def test_stage_memory_comes_from_the_planned_layouts_and_a_budget_moves_the_cut(
     """Plan-only (mw.plan): each candidate's memory is what the intra-op plan leaves per device
     (parameters in their chosen layouts, scaled by the optimizer state apply-grad holds, plus the
     activations in flight); a per-device budget below the unconstrained plan's need reshapes it."""
-    opt = optax.adam(1e-3)
-    cfg = gpt.GPTConfig(vocab=8192, seq_len=256, d_model=512, heads=8, layers=4)
-    state = jax.eval_shape(lambda: gpt.init_state(jax.random.PRNGKey(0), cfg, opt))
-    batch = {"tokens": jax.ShapeDtypeStruct((16, 256), jnp.int32),
-             "targets": jax.ShapeDtypeStruct((16, 256), jnp.int32)}
-    step = gpt.make_train_step(opt, grad_fn=mw.value_and_grad)
+    step, state, batch = abstract_gpt_4x512()
 
     def plan(budget):
         method = mw.PipeshardParallel(num_micro_batches=4, default_auto_sharding_option=mw.AutoShardingOption(

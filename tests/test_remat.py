@@ -11,7 +11,7 @@ import meshweave as mw
 from meshweave.methods import MethodError
 from meshweave.models import gpt, mlp
 from meshweave.passes.stage_dp import StageCandidate, solve_stages
-from conftest import assert_trees_close
+from conftest import assert_trees_close, abstract_gpt_4x512
 
 
 def _run(step, state, batch, method, steps=2, rtol=1e-5):
@@ -176,12 +176,7 @@ def test_planner_rematerializes_a_stage_only_when_the_budget_requires_it(monkeyp
     from meshweave.passes import stage_profiling
 
     monkeypatch.setattr(stage_profiling, "LEAN_PRICE_FACTORS", ())
-    opt = optax.adam(1e-3)
-    cfg = gpt.GPTConfig(vocab=8192, seq_len=256, d_model=512, heads=8, layers=4)
-    state = jax.eval_shape(lambda: gpt.init_state(jax.random.PRNGKey(0), cfg, opt))
-    batch = {"tokens": jax.ShapeDtypeStruct((16, 256), jnp.int32),
-             "targets": jax.ShapeDtypeStruct((16, 256), jnp.int32)}
-    step = gpt.make_train_step(opt, grad_fn=mw.value_and_grad)
+    step, state, batch = abstract_gpt_4x512()
 
     def plan(budget, remat):
         method = mw.PipeshardParallel(num_micro_batches=4, remat=remat, default_auto_sharding_option=mw.AutoShardingOption(

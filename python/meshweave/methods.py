@@ -67,7 +67,8 @@ class AutoShardingOption:
     dot/convolution strategy also pays its per-device FLOPs at that rate, so the ILP weighs compute
     against communication (a split that needs no collective still wins on compute, replicated
     compute is no longer free). None (the default with no cluster): compute is not priced.
-    `mw.plan`, pipelines and the benchmarks fill it, with alpha/beta, from `ClusterSpec.device_flops`.
+    `mw.plan` (pipelines included) and the benchmarks fill it, with alpha/beta, from `ClusterSpec.device_flops`;
+    `mw.parallelize` of a pipeline on plain devices plans and compiles its stages without it.
     """
 
     alpha: tuple[float, ...] | None = None
@@ -90,6 +91,15 @@ class AutoShardingOption:
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
             raise MethodError(f"AutoShardingOption.device_flops={rate!r}: expected a positive FLOP/s rate per device "
                               "(e.g. ClusterSpec.preset('h100', 8).device_flops), or None to leave compute unpriced")
+        if not isinstance(self.combine_all_reduces, bool):
+            raise MethodError(f"AutoShardingOption.combine_all_reduces={self.combine_all_reduces!r}: expected True "
+                              "(price XLA's all-reduce combiner) or False")
+        limit = self.all_reduce_combine_threshold_bytes
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
+                                  or limit != int(limit)):
+            raise MethodError(f"AutoShardingOption.all_reduce_combine_threshold_bytes={limit!r}: expected a positive "
+                              "whole number of bytes per combined all-reduce (XLA's GPU default is 30 MiB, "
+                              "31457280), or None for no limit (XLA's CPU pipeline)")
         if self.solver not in ("highs", "cbc"):
             raise MethodError(f"AutoShardingOption.solver={self.solver!r}: expected 'highs' or 'cbc'")
         if self.time_limit <= 0:
