@@ -267,7 +267,11 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             return 0
         from meshweave.methods import MemoryPrice
 
-        unit = lat / (fixed + in_flight_guess(logical) * act)
+        # Time per held byte of the fastest plans, but no less than moving a byte over the sub-mesh's
+        # fastest link: a plan whose time is mostly compute (a small model, no collective) would
+        # otherwise price memory below the cost of any layout that holds less, and lean = fastest.
+        _, _, beta = sub_cluster(logical).logical_mesh()
+        unit = max(lat / (fixed + in_flight_guess(logical) * act), min(beta))
         prices[logical] = tuple(MemoryPrice(f * unit, held_ratio, float(in_flight_guess(logical)))
                                 for f in LEAN_PRICE_FACTORS)
         return len(prices[logical])
