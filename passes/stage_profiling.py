@@ -5,7 +5,11 @@ layer) and auto-sharded on every logical shape of every candidate sub-mesh; a ca
 latency is the planner's communication time (α-β of the cluster, `planning.ClusterSpec`) plus
 its FLOPs at the device's rate. Layers whose fragments print identically (identical blocks
 up to parameters) share one solve. A range of layers costs the sum of its layers (intra-stage
-resharding between layers is not priced: an approximation, documented in docs/architecture.md).
+resharding between layers is not priced: an approximation, documented in docs/architecture.md);
+the stages a DP run chooses are then re-priced as they compile, as one stage (one ILP per stage
+fragment), and the DP re-run until its choice holds only re-priced stages: a stage's ILP may pick
+other layouts than its layers' (a block kept replicated to feed a replicated LM head), so its time
+and memory, the capacity check included, are the compiled stage's.
 Transfers between stages cost the bytes crossing the cut over the inter-stage link, forward
 and backward.
 
@@ -112,13 +116,9 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     boundary_args: dict[str, list[int]] = {}   # forward text -> its activation inputs (what a remat layer keeps)
     for f in per_layer.fragments:
         fn = funcs[f.name]
-        text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
-        # The fragment's own name and stage number must not keep identical blocks apart.
-        text = re.sub(r'mw\.mesh = "[^"]*"', 'mw.mesh = "layer"', text, count=1)
-        text = re.sub(r"mw\.stage = \d+ : i64", "mw.stage = 0 : i64", text, count=1)
+        text = _fragment_text(fn)
         ftype = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value)
         if f.phase != "apply":
-            text = "module {\n" + text + "\n}"
             texts[f.stage].append(text)
             priced[text] = held_values(per_layer.fragments, f)
             if f.phase == "backward":
@@ -183,36 +183,41 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             o["memory_price"] = prices[logical][level - 1]
         return o
 
-    def layer_cost(layer: int, logical: tuple[int, ...], level: int = 0) -> float:
+    def solve_fragment(text: str, logical, level: int, grads, values):
+        """One forward/backward fragment auto-sharded as a candidate's settings compile it:
+        (latency, the solved module, its GradientPricing or None). `grads`: (results that may stay
+        partial, accumulated results) of a backward fragment; `values`: `held_values` (priced)."""
         import dataclasses
 
-        from meshweave.methods import AutoShardingOption
-
-        n = math.prod(logical)
         spec = MeshSpec.from_shape(logical)
-        c = sub_cluster(logical)
+        o = dataclasses.replace(opt, **level_options(logical, level))
+        m = parse_module(text)
+        st = PipelineState(mesh=spec, options={"solve_cache": cache})
+        Pipeline(_auto_sharding_pipeline(o, len(logical), gradient_results=grads[0] if grads else (),
+                                         micro_batches=k, priced=values)).run(m, st, record_ir=False)
+        report = _auto_report(st)
+        lat = float(report.get("objective", 0.0)) + (
+            0.0 if report.get("compute_priced") else _flops(m) / math.prod(logical) / sub_cluster(logical).device_flops)
+        g = None
+        if grads is not None:
+            g = _gradients_once_per_step(m, st, spec, *grads)
+            lat += g.latency_adjustment(k)
+        return lat, m, g
+
+    def layer_cost(layer: int, logical: tuple[int, ...], level: int = 0) -> float:
+        spec = MeshSpec.from_shape(logical)
         total = 0.0
         for text in texts[layer]:
             key = (text, logical, level)
             if key not in solves:
                 t_solve = time.perf_counter()
-                o = dataclasses.replace(opt, **level_options(logical, level))
-                m = parse_module(text)
-                st = PipelineState(mesh=spec, options={"solve_cache": cache})
-                grads = grad_roles[text][0] if text in grad_roles else ()
                 try:
-                    Pipeline(_auto_sharding_pipeline(o, len(logical), gradient_results=grads, micro_batches=k,
-                                                     priced=priced.get(text))).run(m, st, record_ir=False)
+                    solves[key], m, g = solve_fragment(text, logical, level, grad_roles.get(text), priced.get(text))
                 except MemoryBudgetError:
                     solves[key] = None          # this layer does not fit this sub-mesh's budget
                     solve_seconds[0] += time.perf_counter() - t_solve
                     raise
-                report = _auto_report(st)
-                solves[key] = float(report.get("objective", 0.0)) + (
-                    0.0 if report.get("compute_priced") else _flops(m) / n / c.device_flops)
-                if text in grad_roles:
-                    g = _gradients_once_per_step(m, st, spec, *grad_roles[text])
-                    solves[key] += g.latency_adjustment(k)
+                if g is not None:
                     acc_held[key] = g.accumulator_bytes
                 if text in roles:
                     held[key] = _held_bytes(m, spec, *roles[text])
@@ -292,7 +297,10 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                     f_, a_ = layer_held(i, logical, n, level)
                     mem, act = mem + f_, act + a_
                 if remat is not True:
-                    found.append(StageCandidate(logical, lat, mem, act, level_options(logical, level)))
+                    joint = as_compiled.get((start, end, logical, level), False)
+                    if joint is None:
+                        continue                    # the stage as one fragment does not fit the budget
+                    found.append(joint or StageCandidate(logical, lat, mem, act, level_options(logical, level)))
                 if remat:
                     found.append(_remat_candidate(start, end, logical, lat, mem, level))
             out += _pareto(found)
@@ -313,6 +321,71 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         return StageCandidate(logical, lat + again, mem + transient, boundary, level_options(logical, level),
                               remat=True)
 
+    as_compiled: dict[tuple, StageCandidate | None] = {}   # (start, end, logical, level) -> priced as one stage
+
+    def stage_as_compiled(start: int, end: int, logical, level: int) -> StageCandidate | None:
+        """Layers [start, end) outlined as one stage and auto-sharded as compilation does it (one
+        ILP per forward/backward fragment of the stage, not one per layer): the latency and memory
+        of the layouts the stage will run in. The layer sums miss the resharding between layers,
+        which the stage's ILP avoids by other layouts (e.g. a block kept replicated to feed a
+        replicated LM head), so they can hold more, or less, than the layers' sum."""
+        cuts = sorted({start, end} - {0, num_layers})
+        stage_of = [sum(c <= i for c in cuts) for i in range(num_layers)]
+        here = stage_of[start]
+        whole = parse_module(module_text(module))
+        out = outline(whole, stage_of, [f"s{j}" for j in range(len(cuts) + 1)])
+        stage_funcs = mw.funcs(whole)
+        maybe_partial = partial_candidates(out)
+        lat = params_dev = params_full = state_full = acc = acts = 0.0
+        spec = MeshSpec.from_shape(logical)
+        t_solve = time.perf_counter()
+        try:
+            for f in out.fragments:
+                if f.stage != here:
+                    continue
+                fn = stage_funcs[f.name]
+                types = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value).inputs
+                if f.phase == "apply":
+                    state_full += sum(_tensor_bytes(t) for src, t in zip(f.inputs, types)
+                                      if src.arg is not None and not src.batch_dependent)
+                    continue
+                values = held_values(out.fragments, f)
+                grads = (maybe_partial.get(f.name, []), list(values[2])) if f.phase == "backward" else None
+                try:
+                    t, m, g = solve_fragment(_fragment_text(fn), logical, level, grads, values)
+                except MemoryBudgetError:
+                    return None
+                lat += t
+                if g is not None:
+                    acc += g.accumulator_bytes
+                if f.phase == "forward":
+                    p, a = _held_bytes(m, spec, values[0], values[1])
+                    params_dev, acts = params_dev + p, acts + a
+                    params_full += sum(_tensor_bytes(types[j]) for j in values[0])
+        finally:
+            solve_seconds[0] += time.perf_counter() - t_solve
+        ratio = (state_full + params_full) / params_full if params_full else 0.0
+        return StageCandidate(logical, lat, params_dev * ratio + acc, acts, level_options(logical, level))
+
+    def level_of(choice) -> int:
+        price = choice.options.get("memory_price")
+        return 0 if price is None else 1 + prices[tuple(choice.logical_shape)].index(price)
+
+    def settled(solve):
+        """`solve()` (a DP run) repeated until every chosen stage is priced as it compiles: the DP
+        prices a stage as the sum of its layers; the chosen ones are re-priced as one stage and
+        the DP re-run with those prices, until its choice is made of re-priced stages only (each
+        round re-prices at least one new stage, so it ends). Remat stages keep the layer sums."""
+        while True:
+            sol = solve()
+            fresh = [s for s in sol.stages if not s.remat and (
+                *s.layers, tuple(s.logical_shape), level_of(s)) not in as_compiled]
+            if not fresh:
+                return sol
+            for s in fresh:
+                key = (*s.layers, tuple(s.logical_shape), level_of(s))
+                as_compiled[key] = stage_as_compiled(*key)
+
     def transfer_cost(boundary, before, after):
         bw = cluster.inter_host_bandwidth if (before.num_hosts > 1 or after.num_hosts > 1) \
             else cluster.intra_host_bandwidth
@@ -323,14 +396,14 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
     if memory is not None:
         # The fastest candidates' best plan, memory ignored: when it fits, it is the optimum (a lean
         # candidate is never faster than the fastest one of its cell), and no lean solve is needed.
-        fastest = solve_stages(num_layers, num_hosts, devices_per_host, k,
-                               lambda i, j, sub: stage_cost(i, j, sub, lean=False), transfer_cost=transfer_cost,
-                               memory_capacity=None, schedule=schedule)
+        fastest = settled(lambda: solve_stages(num_layers, num_hosts, devices_per_host, k,
+                                               lambda i, j, sub: stage_cost(i, j, sub, lean=False),
+                                               transfer_cost=transfer_cost, memory_capacity=None, schedule=schedule))
         if all(st.memory is not None and st.memory <= memory for st in fastest.stages):
             sol = fastest
     if sol is None:
-        sol = solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost, transfer_cost=transfer_cost,
-                           memory_capacity=memory, schedule=schedule)
+        sol = settled(lambda: solve_stages(num_layers, num_hosts, devices_per_host, k, stage_cost,
+                                           transfer_cost=transfer_cost, memory_capacity=memory, schedule=schedule))
     ids = list(device_ids) if device_ids is not None else list(range(num_hosts * devices_per_host))
     stages = []
     for i, s in enumerate(sol.stages):     # the DP packs sub-meshes into hosts (first fit), not in stage order
@@ -353,6 +426,15 @@ with held bytes priced at factor x (the fastest plans' time / their held bytes o
 LEAN_TRIGGER = 0.5
 """Offer lean candidates on a shape when the fastest layouts of its proportional share of the model
 take more than this fraction of the device memory (stages are not balanced exactly)."""
+
+
+def _fragment_text(fn) -> str:
+    """A fragment as a module of its own, @main; its name and stage number dropped so that
+    identical blocks print (and are solved) alike."""
+    text = re.sub(r"^func\.func private @\S+\(", "func.func @main(", str(fn.operation), count=1)
+    text = re.sub(r'mw\.mesh = "[^"]*"', 'mw.mesh = "layer"', text, count=1)
+    text = re.sub(r"mw\.stage = \d+ : i64", "mw.stage = 0 : i64", text, count=1)
+    return "module {\n" + text + "\n}"
 
 
 def _pareto(cands):

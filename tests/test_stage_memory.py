@@ -59,13 +59,24 @@ def test_tight_capacity_is_met_by_memory_lean_candidates(tiny_gpt, monkeypatch):
         _plan(tiny_gpt, tight)
 
 
-def test_stage_is_compiled_in_the_layouts_the_dp_priced(tiny_gpt):
+@pytest.mark.parametrize("fraction", [0.95, 0.4])
+def test_stage_is_compiled_in_the_layouts_the_dp_priced(tiny_gpt, monkeypatch, fraction):
     """The chosen candidate's settings (its sub-cluster's α-β, the memory price) compile the stage,
     as benchmarks/stage_programs.py compiles a planned row: the compiled fragments hold what the DP
-    predicted per device; without the price they hold more."""
+    predicted per device. 0.95: stages of several layers from the fastest candidates (the stage's
+    ILP replicates a block to feed the replicated LM head, which the layers' sum did not see);
+    0.4: only a memory-lean candidate fits, and without its price the stage holds more."""
     step, state, batch = tiny_gpt
-    stages = _plan(tiny_gpt, 0.95 * _fastest_memory(tiny_gpt)).stages.stages
-    assert any(s.auto_sharding.get("memory_price") is not None for s in stages)
+    capacity = fraction * _fastest_memory(tiny_gpt)
+    stages = _plan(tiny_gpt, capacity).stages.stages
+    assert any(s.layers[1] - s.layers[0] > 1 for s in stages)
+    lean = fraction < 0.5
+    if lean:
+        assert any(s.auto_sharding.get("memory_price") is not None for s in stages)
+        with monkeypatch.context() as m:
+            m.setattr(stage_profiling, "LEAN_PRICE_FACTORS", ())   # the fastest candidates alone do not fit
+            with pytest.raises(Exception, match="fit memory_capacity"):
+                _plan(tiny_gpt, capacity)
 
     def compile_with(options):
         option = mw.ManualStageOption(tuple(tuple(range(*s.layers)) for s in stages),
@@ -91,8 +102,10 @@ def test_stage_is_compiled_in_the_layouts_the_dp_priced(tiny_gpt):
 
     held = compile_with(priced_as_the_dp(s) for s in stages)
     assert held == pytest.approx([s.memory for s in stages], rel=1e-3)
-    unpriced = compile_with({**priced_as_the_dp(s), "memory_price": None} for s in stages)
-    assert max(unpriced) > max(held) * 1.01
+    assert max(held) <= capacity
+    if lean:
+        unpriced = compile_with({**priced_as_the_dp(s), "memory_price": None} for s in stages)
+        assert max(unpriced) > max(held) * 1.01
 
 
 def test_micro_batch_search_picks_the_fastest_count_that_fits(tiny_gpt):
