@@ -183,7 +183,9 @@ def test_planner_rematerializes_a_stage_only_when_the_budget_requires_it(monkeyp
             memory_budget_per_device=budget, combine_all_reduces=False))
         # Compute made ~free: the test is about activation memory, which the compute-priced ILP's
         # choices for this small model (replicated layers) would dwarf with parameter memory.
-        cluster = dataclasses.replace(mw.ClusterSpec.preset("h100", 8), device_flops=1e18)
+        # Two GPUs: on 8, a plain two-stage plan on (4)(4) holds less (373 MB) than the fastest
+        # remat plan, one (2,4) stage (489 MB), so that plan's memory excludes no plain plan.
+        cluster = dataclasses.replace(mw.ClusterSpec.preset("h100", 2), device_flops=1e18)
         return mw.plan(step, state, batch, method=method, cluster=cluster)
 
     free = plan(None, "auto")
