@@ -208,6 +208,8 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
     # Which values each fragment reads (operands and captures, free ops excluded) and exports.
     reads: dict[str, list] = {f.name: [] for f in fragments}
     free_needed: dict[str, list[int]] = {f.name: [] for f in fragments}
+    read_set = {f.name: set() for f in fragments}     # membership in O(1): a block has 10^4-10^5 values
+    free_set = {f.name: set() for f in fragments}
     for i, op in enumerate(ops):
         if i not in frag_of_op:
             continue
@@ -217,18 +219,25 @@ def outline(module: ir.Module, stage_of_layer: list[int], mesh_of_stage: list[st
             v = stack.pop()
             j = producer.get(v)
             if j is not None and _is_free(j):
-                if j not in free_needed[name]:
+                if j not in free_set[name]:
+                    free_set[name].add(j)
                     free_needed[name].append(j)
                     stack += list(ops[j].operands)
-            elif (j is None or frag_of_op.get(j) != name) and v not in reads[name]:
+            elif (j is None or frag_of_op.get(j) != name) and v not in read_set[name]:
+                read_set[name].add(v)
                 reads[name].append(v)
     fragments = _topological(fragments, reads, producer, frag_of_op)
     ret_values = list(ret.operands)
+    returned = set(ret_values)
+    readers: dict = {}
+    for g in fragments:
+        for v in reads[g.name]:
+            readers.setdefault(v, set()).add(g.name)
     for f in fragments:
         exported = []
         for i in members[(f.stage, f.phase)]:
             for r in ops[i].results:
-                used_elsewhere = any(r in reads[g.name] for g in fragments if g.name != f.name) or r in ret_values
+                used_elsewhere = bool(readers.get(r, set()) - {f.name}) or r in returned
                 if used_elsewhere:
                     exported.append(r)
         outputs_of[f.name] = exported

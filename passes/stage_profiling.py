@@ -169,9 +169,17 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
 
     prices: dict[tuple, tuple] = {}
 
+    options_memo: dict[tuple, dict] = {}
+
     def level_options(logical, level: int) -> dict:
         """The auto-sharding settings of a candidate: the sub-cluster's α-β (what it is priced with,
-        and so compiled with) and, for memory-lean levels, the memory price."""
+        and so compiled with) and, for memory-lean levels, the memory price. One dict per (shape,
+        level), shared by its candidates (read only)."""
+        if (logical, level) not in options_memo:
+            options_memo[(logical, level)] = _level_options(logical, level)
+        return options_memo[(logical, level)]
+
+    def _level_options(logical, level: int) -> dict:
         sub = sub_cluster(logical)
         _, alpha, beta = sub.logical_mesh()
         o = {"alpha": alpha, "beta": beta, "time_limit": min(opt.time_limit, 5.0), "memory_price": None,
@@ -304,7 +312,15 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             sums[key] = r
         return sums[key]
 
+    cost_memo: dict[tuple, list] = {}      # (start, end, submesh, lean) -> candidates; the DP re-runs (settled)
+
     def stage_cost(start, end, submesh, lean=True):
+        key = (start, end, submesh, lean)
+        if key not in cost_memo:
+            cost_memo[key] = _stage_cost(start, end, submesh, lean)
+        return cost_memo[key]
+
+    def _stage_cost(start, end, submesh, lean):
         out = []
         for logical in logical_shape_choices(submesh):
             logical = tuple(x for x in logical if x > 1) or (1,)
@@ -316,7 +332,7 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                     continue                        # no plan of some layer fits: not a candidate
                 lat, mem, act = r.total(r.lat, start, end), r.total(r.fixed, start, end), r.total(r.act, start, end)
                 if remat is not True:
-                    joint = as_compiled.get((start, end, logical, level), False)
+                    joint = as_compiled.get(compiled_key(start, end, logical, level), False)
                     if joint is None:
                         continue                    # the stage as one fragment does not fit the budget
                     found.append(joint or StageCandidate(logical, lat, mem, act, level_options(logical, level)))
@@ -335,7 +351,12 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         return StageCandidate(logical, lat + again, mem + transient, boundary, level_options(logical, level),
                               remat=True)
 
-    as_compiled: dict[tuple, StageCandidate | None] = {}   # (start, end, logical, level) -> priced as one stage
+    as_compiled: dict[tuple, StageCandidate | None] = {}   # compiled_key(...) -> priced as one stage
+
+    def compiled_key(start: int, end: int, logical, level: int) -> tuple:
+        """Layer ranges whose layers have the same fragments (a model's identical blocks) compile to
+        the same stage: one re-pricing serves them all."""
+        return tuple(tuple(texts[i]) for i in range(start, end)), start == 0, end == num_layers, logical, level
 
     def stage_as_compiled(start: int, end: int, logical, level: int) -> StageCandidate | None:
         """Layers [start, end) outlined as one stage and auto-sharded as compilation does it (one
@@ -392,13 +413,16 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         round re-prices at least one new stage, so it ends). Remat stages keep the layer sums."""
         while True:
             sol = solve()
-            fresh = [s for s in sol.stages if not s.remat and (
+            fresh = [s for s in sol.stages if not s.remat and compiled_key(
                 *s.layers, tuple(s.logical_shape), level_of(s)) not in as_compiled]
             if not fresh:
                 return sol
             for s in fresh:
-                key = (*s.layers, tuple(s.logical_shape), level_of(s))
-                as_compiled[key] = stage_as_compiled(*key)
+                key = compiled_key(*s.layers, tuple(s.logical_shape), level_of(s))
+                if key not in as_compiled:
+                    as_compiled[key] = stage_as_compiled(*s.layers, tuple(s.logical_shape), level_of(s))
+                for c in [c for c in cost_memo if compiled_key(c[0], c[1], (), 0)[:3] == key[:3]]:
+                    del cost_memo[c]                # these cells now hold the stage as compiled
 
     def transfer_cost(boundary, before, after):
         bw = cluster.inter_host_bandwidth if (before.num_hosts > 1 or after.num_hosts > 1) \
