@@ -2,8 +2,9 @@
 they are summed across, so a pipeline sums them across devices once per step, not per micro-batch.
 
 After auto-sharding, a weight gradient is a sum over the batch: each device computes the sum over
-its batch shard (a dot_general or add-reduce whose summed dimensions are split over mesh axes U)
-and XLA all-reduces over U. Megatron and Alpa keep those per-device partial sums through gradient
+its batch shard (a dot_general or add-reduce whose summed dimensions are split over mesh axes U,
+or a scatter-add -- an embedding's gradient -- whose updates are split over U along the dims it
+scatters, into a zero or partial table) and XLA all-reduces over U. Megatron and Alpa keep those per-device partial sums through gradient
 accumulation and reduce once in apply-grad. This pass proves, for each listed result of @main,
 that it is a linear function of such partial sums -- through convert, reshape, transpose, negate,
 add/subtract of partials, multiply/divide by a reduced value, add-reduce -- in which every partial
@@ -136,6 +137,9 @@ def _trace(value: ir.Value, mesh: MeshSpec) -> _Chain:
         raise _NotPartial("it is (a linear function of) a fragment argument, not a sum over the batch")
     op = value.owner
     name = op.operation.name
+    if name == "sdy.manual_computation":
+        raise _NotPartial("auto-sharding already runs its op per device (a local scatter or convolution, which "
+                          "sums over no mesh axis, or a reduce-scatter): this pass does not look inside")
     result = sharding_of(value)
     if result is None:
         raise _NotPartial(f"{name} has no planned sharding")
@@ -407,17 +411,21 @@ def partial_candidates(outlined) -> dict[str, list[int]]:
 
 
 def mark_gradient_sums(func, results) -> int:
-    """Mark (mw.gradient_sum) the dot_generals, add-reduces and scatter-adds whose sums the listed results are
-    linear in, walking back through the ops `_trace` accepts; before auto-sharding, so layouts are
-    not known yet (the ILP prices their all-reduce once per step; what partial-gradients then
-    cannot prove is priced back per micro-batch by the stage DP). Returns how many were marked."""
+    """Mark (mw.gradient_sum) the dot_generals, add-reduces and scatter-adds whose sums the listed
+    results are linear in, walking back through the ops `_trace` accepts; before auto-sharding, so
+    layouts are not known yet (the ILP prices their all-reduce once per step; what partial-gradients
+    then cannot prove is priced back per micro-batch by the stage DP). The walk stops at a value
+    some other op also reads (an activation gradient the backward pass goes on with): it can never
+    stay partial (`_users_outside`), so its sum is priced in full. Returns how many were marked."""
     block = mw.entry_block(func)
     ret = block.operations[len(block.operations) - 1]
     linear = _ELEMENTWISE + ("stablehlo.transpose", "stablehlo.reshape", "sdy.sharding_constraint")
-    todo, seen, marked = [ret.operands[r] for r in results], set(), 0
+    todo, seen, marked = [(ret.operands[r], ret.operation) for r in results], set(), 0
     while todo:
-        v = todo.pop()
+        v, reader = todo.pop()
         if isinstance(v, ir.BlockArgument) or v in seen:
+            continue
+        if any(use.owner.operation != reader for use in v.uses):
             continue
         seen.add(v)
         op = v.owner
@@ -426,9 +434,9 @@ def mark_gradient_sums(func, results) -> int:
             op.attributes[mw.GRADIENT_SUM] = ir.UnitAttr.get(func.context)
             marked += 1
             if name in ("stablehlo.reduce", "stablehlo.scatter"):
-                todo.append(op.operands[0])           # bias: the inner reduce is the sum; a scatter's table
+                todo.append((op.operands[0], op.operation))  # bias: the inner reduce is the sum; a scatter's table
         elif name in linear:
-            todo.extend(op.operands)
+            todo.extend((x, op.operation) for x in op.operands)
     return marked
 
 

@@ -45,7 +45,8 @@ module {
 // CHECK-LABEL: func.func @main
 // CHECK-SAME: -> (tensor<16x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}], unreduced={"x"}>}, tensor<4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}], unreduced={"x"}>})
 // CHECK: %[[SC:.*]] = sdy.manual_computation(%{{.*}}, %arg0, %arg1) in_shardings=[<@mesh, [{}, {}]>, <@mesh, [{"x"}, {}, {}]>, <@mesh, [{"x"}, {}, {}]>] out_shardings=[<@mesh, [{}, {}], unreduced={"x"}>]
-// CHECK: "stablehlo.scatter"{{.*}} : (tensor<16x4xf32>, tensor<2x3x1xi32>, tensor<2x3x4xf32>) -> tensor<16x4xf32>
+// CHECK: "stablehlo.scatter"
+// CHECK: }) : (tensor<16x4xf32>, tensor<2x3x1xi32>, tensor<2x3x4xf32>) -> tensor<16x4xf32>
 // CHECK: %[[DOT:.*]] = sdy.manual_computation(%arg2, %arg3) {{.*}} out_shardings=[<@mesh, [{}, {}], unreduced={"x"}>]
 // CHECK: %[[ADD:.*]] = sdy.manual_computation(%[[SC]], %[[DOT]]) in_shardings=[<@mesh, [{}, {}], unreduced={"x"}>, <@mesh, [{}, {}], unreduced={"x"}>] out_shardings=[<@mesh, [{}, {}], unreduced={"x"}>]
 // CHECK: return %[[ADD]], %{{.*}}
