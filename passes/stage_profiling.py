@@ -188,13 +188,13 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
 
         from meshweave.methods import AutoShardingOption
 
-        n = math.prod(logical)
-        spec = MeshSpec.from_shape(logical)
-        c = sub_cluster(logical)
         total = 0.0
         for text in texts[layer]:
             key = (text, logical, level)
             if key not in solves:
+                n = math.prod(logical)
+                spec = MeshSpec.from_shape(logical)
+                c = sub_cluster(logical)
                 t_solve = time.perf_counter()
                 o = dataclasses.replace(opt, **level_options(logical, level))
                 m = parse_module(text)
@@ -272,6 +272,29 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                 for f in LEAN_PRICE_FACTORS)
         return len(prices[logical])
 
+    sums: dict[tuple, _RangeSums] = {}
+
+    def range_sums(logical, n: int, level: int) -> _RangeSums:
+        """Every layer's latency and held bytes on one logical shape and level, as prefix sums: the
+        DP asks for every layer range (O(L^2) ranges per sub-mesh), each now O(1), not a sum over its layers."""
+        key = (logical, n, level)
+        if key not in sums:
+            r = _RangeSums()
+            for i in range(num_layers):
+                try:
+                    lat = layer_cost(i, logical, level)
+                    fixed, act = layer_held(i, logical, n, level)
+                    fwd = [t for t in texts[i] if t in roles]
+                    again = solves[(fwd[0], logical, level)] if fwd else 0.0
+                    boundary = boundary_held[(fwd[0], logical, level)] if fwd else 0.0
+                    bad = 0
+                except MemoryBudgetError:
+                    lat = fixed = act = again = boundary = 0.0
+                    bad = 1                         # no plan of this layer fits here
+                r.append(lat, fixed, act, again, boundary, bad)
+            sums[key] = r
+        return sums[key]
+
     def stage_cost(start, end, submesh, lean=True):
         out = []
         for logical in logical_shape_choices(submesh):
@@ -279,33 +302,24 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
             n = submesh.num_devices
             found = []
             for level in range(1 + (lean_levels(logical) if lean else 0)):
-                try:
-                    lat = sum(layer_cost(i, logical, level) for i in range(start, end))
-                except MemoryBudgetError:
+                r = range_sums(logical, n, level)
+                if r.bad[end] - r.bad[start]:
                     continue                        # no plan of some layer fits: not a candidate
-                mem = act = 0.0
-                for i in range(start, end):
-                    f_, a_ = layer_held(i, logical, n, level)
-                    mem, act = mem + f_, act + a_
+                lat, mem, act = r.total(r.lat, start, end), r.total(r.fixed, start, end), r.total(r.act, start, end)
                 if remat is not True:
                     found.append(StageCandidate(logical, lat, mem, act, level_options(logical, level)))
                 if remat:
-                    found.append(_remat_candidate(start, end, logical, lat, mem, level))
+                    found.append(_remat_candidate(start, end, logical, lat, mem, level, r))
             out += _pareto(found)
         return out
 
-    def _remat_candidate(start, end, logical, lat, mem, level) -> StageCandidate:
+    def _remat_candidate(start, end, logical, lat, mem, level, r: "_RangeSums") -> StageCandidate:
         """The stage with every layer rematerialized: its backward runs each layer's forward again
         (the forward fragment's ILP objective + FLOPs once more); between forward and backward it
         keeps only each layer's activation inputs, per micro-batch in flight; the largest layer's
         residuals live again, for one micro-batch at a time, while that layer's backward runs."""
-        again = boundary = transient = 0.0
-        for i in range(start, end):
-            fwd = [t for t in texts[i] if t in roles]
-            if fwd:
-                again += solves[(fwd[0], logical, level)]
-                boundary += boundary_held[(fwd[0], logical, level)]
-            transient = max(transient, layer_held(i, logical, math.prod(logical), level)[1])
+        again, boundary = r.total(r.again, start, end), r.total(r.boundary, start, end)
+        transient = max(r.layer_act[start:end], default=0.0)
         return StageCandidate(logical, lat + again, mem + transient, boundary, level_options(logical, level),
                               remat=True)
 
@@ -341,6 +355,24 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                    seconds=time.perf_counter() - t0, candidates=len(solves),
                                    solve_seconds=solve_seconds[0], layer_param_bytes=list(param_bytes),
                                    layer_activation_bytes=list(act_bytes), micro_batches=k)
+
+
+class _RangeSums:
+    """Prefix sums over the layers of one (logical shape, level): a stage's totals in O(1)."""
+
+    def __init__(self):
+        self.lat, self.fixed, self.act, self.again, self.boundary, self.bad = [0.0], [0.0], [0.0], [0.0], [0.0], [0]
+        self.layer_act: list[float] = []
+
+    def append(self, lat, fixed, act, again, boundary, bad) -> None:
+        for acc, v in ((self.lat, lat), (self.fixed, fixed), (self.act, act), (self.again, again),
+                       (self.boundary, boundary), (self.bad, bad)):
+            acc.append(acc[-1] + v)
+        self.layer_act.append(act)
+
+    @staticmethod
+    def total(prefix, start: int, end: int) -> float:
+        return prefix[end] - prefix[start]
 
 
 LEAN_PRICE_FACTORS = (0.2, 5.0)

@@ -101,7 +101,42 @@ def first_call_table() -> str:
     return "\n".join(rows) + "\n" + _source(d, "first_call.json")
 
 
-BLOCKS = {"iopddl-table": iopddl_table, "yardstick-table": yardstick_table,
+SUITES = [(s, c) for s in ("gpt", "moe", "wresnet") for c in ("h100", "p3")]
+
+
+def _tf(m: dict) -> str:
+    if m.get("tflops_per_gpu") is None:
+        return "OOM" if not m.get("fits", True) or m.get("step_time") is None else "–"
+    return f"{m['tflops_per_gpu']:.0f} ({m['percent_of_peak']:.0f}%)"
+
+
+def suite_table() -> str:
+    """benchmarks.suite rows: the automatic plan against the best baseline, per suite and preset."""
+    rows = ["| suite | cluster | GPUs | model | auto plan | auto TFLOP/s/GPU (% peak) | auto GB/dev | best baseline "
+            "(plan) | its TFLOP/s/GPU | auto / best | Megatron in mw.plan: s (fits) | planning s: total (ILPs / DP) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    sources = []
+    for suite, cluster in SUITES:
+        name = f"{suite}_{cluster}.json"
+        d = _load(name)
+        if d is None:
+            continue
+        sources.append(f"`{d['command']}`")
+        for r in d["rows"]:
+            a, det = r["auto"], r["auto_detail"]
+            best = next((b for b in r["baselines"] if b["method"] == r["best_baseline"]), None)
+            ratio = f"{r['auto_vs_best_baseline']:.2f}" if r.get("auto_vs_best_baseline") else "–"
+            mp = r.get("megatron_planned")
+            mp_s = "–" if not mp else f"{mp['planned_step_time']:.3g} ({'yes' if mp.get('fits') else 'no'})"
+            t = det["timings"]
+            rows.append(f"| {suite} | {cluster} | {r['gpus']} | {r['model']} | {a['plan'].split(' ', 2)[-1]} | {_tf(a)} "
+                        f"| {a['memory_per_device_gb']:.0f} | {best['method'] + ' (' + best['plan'] + ')' if best else 'none fits'} "
+                        f"| {_tf(best) if best else ''} | {ratio} | {mp_s} "
+                        f"| {det['planning_seconds']:.0f} ({t.get('stage_ilps', 0):.0f} / {t.get('stage_dp', 0):.0f}) |")
+    return "\n".join(rows) + "\n\n" + "; ".join(sources) + (" (commands in each JSON).\n" if sources else "\n")
+
+
+BLOCKS = {"suite-table": suite_table, "iopddl-table": iopddl_table, "yardstick-table": yardstick_table,
           "ilp-scaling-table": scaling_table, "first-call-table": first_call_table}
 
 
