@@ -2,8 +2,9 @@
 they are summed across, so a pipeline sums them across devices once per step, not per micro-batch.
 
 After auto-sharding, a weight gradient is a sum over the batch: each device computes the sum over
-its batch shard (a dot_general or add-reduce whose summed dimensions are split over mesh axes U)
-and XLA all-reduces over U. Megatron and Alpa keep those per-device partial sums through gradient
+its batch shard (a dot_general or add-reduce whose summed dimensions are split over mesh axes U,
+or a scatter-add -- an embedding's gradient -- whose updates are split over U along the dims it
+scatters, into a zero or partial table) and XLA all-reduces over U. Megatron and Alpa keep those per-device partial sums through gradient
 accumulation and reduce once in apply-grad. This pass proves, for each listed result of @main,
 that it is a linear function of such partial sums -- through convert, reshape, transpose, negate,
 add/subtract of partials, multiply/divide by a reduced value, add-reduce -- in which every partial
@@ -22,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import sdy
+from jaxlib.mlir.dialects import sdy, stablehlo
 
 from meshweave.dialects import meshweave as mw
 from meshweave.dialects.sharding import MeshSpec, TensorSharding
@@ -136,6 +137,9 @@ def _trace(value: ir.Value, mesh: MeshSpec) -> _Chain:
         raise _NotPartial("it is (a linear function of) a fragment argument, not a sum over the batch")
     op = value.owner
     name = op.operation.name
+    if name == "sdy.manual_computation":
+        raise _NotPartial("auto-sharding already runs its op per device (a local scatter or convolution, which "
+                          "sums over no mesh axis, or a reduce-scatter): this pass does not look inside")
     result = sharding_of(value)
     if result is None:
         raise _NotPartial(f"{name} has no planned sharding")
@@ -148,6 +152,8 @@ def _trace(value: ir.Value, mesh: MeshSpec) -> _Chain:
         return _dot_root(op, value, result, mesh)
     if name == "stablehlo.reduce":
         return _reduce(op, value, result, mesh)
+    if name == "stablehlo.scatter":
+        return _scatter(op, value, result, mesh)
     if name in _ELEMENTWISE:
         if name == "stablehlo.convert" and not all(
                 isinstance(ir.RankedTensorType(v.type).element_type, _FLOATS) for v in (value, op.operands[0])):
@@ -237,15 +243,23 @@ def _dot_root(op, value, result: TensorSharding, mesh: MeshSpec) -> _Chain:
 
 
 def _strategy_operands(text: str, mesh: MeshSpec, mesh_name: str):
-    """Operand layouts from auto-sharding's strategy label, e.g. "[-,x] x [x,y] -> [-,y]"."""
-    m = re.match(r"\[([^\]]*)\] x \[([^\]]*)\] ->", text)
-    if not m:
-        return None, None
+    """A dot's two operand layouts from auto-sharding's strategy label, e.g. "[-,x] x [x,y] -> [-,y]"."""
+    layouts = _strategy_layouts(text, mesh, mesh_name)
+    return tuple(layouts) if layouts is not None and len(layouts) == 2 else (None, None)
+
+
+def _strategy_layouts(text: str, mesh: MeshSpec, mesh_name: str) -> list | None:
+    """Every operand's layout from a strategy label "[..] x [..] x .. -> [..]" (None: unreadable)."""
+    if "->" not in text:
+        return None
+    parts = [p.strip() for p in text.split("->")[0].split(" x ")]
+    if not all(p.startswith("[") and p.endswith("]") for p in parts):
+        return None
     names = sorted(mesh.axis_names, key=len, reverse=True)
 
     def dims(part: str):
         out = []
-        for tok in part.split(","):
+        for tok in part.split(",") if part else ():
             tok, axes = tok.strip(), []
             while tok and tok != "-":
                 name = next((n for n in names if tok.startswith(n)), None)
@@ -256,7 +270,80 @@ def _strategy_operands(text: str, mesh: MeshSpec, mesh_name: str):
             out.append(tuple(axes))
         return TensorSharding(tuple(out), mesh_name)
 
-    return dims(m.group(1)), dims(m.group(2))
+    return [dims(p[1:-1]) for p in parts]
+
+
+def _scatter(op, value, result: TensorSharding, mesh: MeshSpec) -> _Chain:
+    """A scatter-add whose updates are split over axes U along their scattered (batch) dims: each
+    device scatter-adds its own updates, so the sum over U of the local tables is the result --
+    given a table that is zero (an embedding gradient) or itself partial over U."""
+    body = [o.operation.name for o in op.regions[0].blocks[0].operations]
+    if len(op.operands) != 3 or body != ["stablehlo.add", "stablehlo.return"]:
+        raise _NotPartial("a scatter that is not a single scatter-add")
+    nums = stablehlo.ScatterDimensionNumbers(op.attributes["scatter_dimension_numbers"])
+    if list(nums.input_batching_dims):
+        raise _NotPartial("a scatter with batching dimensions")
+    table, indices, updates = op.operands
+    lay_i, lay_u = sharding_of(indices), sharding_of(updates)
+    if (lay_i is None or lay_u is None) and mw.STRATEGY in op.attributes:
+        parsed = _strategy_layouts(ir.StringAttr(op.attributes[mw.STRATEGY]).value, mesh, result.mesh)
+        if parsed is not None and len(parsed) == 3 and None not in parsed:
+            lay_i, lay_u = parsed[1], parsed[2]
+    if lay_i is None or lay_u is None:
+        raise _NotPartial("a scatter operand has no planned sharding")
+    if any(result.dims[d] for d in list(nums.scattered_dims_to_operand_dims) + list(nums.inserted_window_dims)):
+        raise _NotPartial("the plan splits a dimension the scatter indexes (each device would need the rows "
+                          "its indices hit)")
+    window = list(nums.update_window_dims)
+    scattered = [d for d in range(len(lay_u.dims)) if d not in window]
+    index_batch = [d for d in range(len(_shape(indices))) if d != nums.index_vector_dim]
+    table_window = [d for d in range(len(result.dims)) if d not in nums.inserted_window_dims]
+    read_u = list(lay_u.dims)
+    for w, t in zip(window, table_window):
+        read_u[w] = result.dims[t]
+    read_i = [()] * len(_shape(indices))
+    for i, u in zip(index_batch, scattered):
+        read_i[i] = lay_u.dims[u]
+    axes = frozenset(a for u in scattered for a in lay_u.dims[u])
+    if not axes:
+        raise _NotPartial("its scatter adds updates the plan does not split (nothing to keep partial)")
+    if axes & set(result.used_axes()):
+        raise _NotPartial("the plan scatters the sum of a scatter-add over the axes it sums across")
+    reads = [TensorSharding(result.dims, result.mesh), TensorSharding(tuple(read_i), result.mesh),
+             TensorSharding(tuple(read_u), result.mesh)]
+    inner = _partial_or_none(table, mesh)
+    nbytes = _bytes_per_device(value, result, mesh)
+    sums = (nbytes,) * sum(1 for u in scattered if lay_u.dims[u])
+    if inner is None:
+        if not _is_zero(table):
+            raise _NotPartial("a scatter-add into a table that is neither zero nor a partial sum (each device "
+                              "would add the table once)")
+        return _Chain(axes, [_Step(value, reads, [False, False, False], result, axes)], nbytes, sums)
+    if inner.axes != axes:
+        raise _NotPartial("a scatter-add into a partial sum over other axes than its updates are split over")
+    chain = _link([inner], _Step(value, reads, [True, False, False], result, axes), mesh)
+    chain.root_bytes += nbytes
+    chain.root_sums += sums
+    return chain
+
+
+def _is_zero(value: ir.Value) -> bool:
+    """A constant zero, or a broadcast of one (through sharding constraints)."""
+    value = _strip_constraints(value)
+    if isinstance(value, ir.BlockArgument):
+        return False
+    op = value.owner
+    if op.operation.name == "stablehlo.broadcast_in_dim":
+        return _is_zero(op.operands[0])
+    if op.operation.name != "stablehlo.constant":
+        return False
+    attr = ir.DenseElementsAttr(op.attributes["value"])
+    if not attr.is_splat:
+        return False
+    try:
+        return ir.FloatAttr(attr.get_splat_value()).value == 0.0
+    except (ValueError, TypeError):       # an integer table: not a gradient
+        return False
 
 
 def _reduce(op, value, result: TensorSharding, mesh: MeshSpec) -> _Chain:
@@ -324,28 +411,32 @@ def partial_candidates(outlined) -> dict[str, list[int]]:
 
 
 def mark_gradient_sums(func, results) -> int:
-    """Mark (mw.gradient_sum) the dot_generals and add-reduces whose sums the listed results are
-    linear in, walking back through the ops `_trace` accepts; before auto-sharding, so layouts are
-    not known yet (the ILP prices their all-reduce once per step; what partial-gradients then
-    cannot prove is priced back per micro-batch by the stage DP). Returns how many were marked."""
+    """Mark (mw.gradient_sum) the dot_generals, add-reduces and scatter-adds whose sums the listed
+    results are linear in, walking back through the ops `_trace` accepts; before auto-sharding, so
+    layouts are not known yet (the ILP prices their all-reduce once per step; what partial-gradients
+    then cannot prove is priced back per micro-batch by the stage DP). The walk stops at a value
+    some other op also reads (an activation gradient the backward pass goes on with): it can never
+    stay partial (`_users_outside`), so its sum is priced in full. Returns how many were marked."""
     block = mw.entry_block(func)
     ret = block.operations[len(block.operations) - 1]
     linear = _ELEMENTWISE + ("stablehlo.transpose", "stablehlo.reshape", "sdy.sharding_constraint")
-    todo, seen, marked = [ret.operands[r] for r in results], set(), 0
+    todo, seen, marked = [(ret.operands[r], ret.operation) for r in results], set(), 0
     while todo:
-        v = todo.pop()
+        v, reader = todo.pop()
         if isinstance(v, ir.BlockArgument) or v in seen:
+            continue
+        if any(use.owner.operation != reader for use in v.uses):
             continue
         seen.add(v)
         op = v.owner
         name = op.operation.name
-        if name in ("stablehlo.dot_general", "stablehlo.reduce"):
+        if name in ("stablehlo.dot_general", "stablehlo.reduce", "stablehlo.scatter"):
             op.attributes[mw.GRADIENT_SUM] = ir.UnitAttr.get(func.context)
             marked += 1
-            if name == "stablehlo.reduce":
-                todo.append(op.operands[0])           # bias: the inner reduce is the sum over the batch
+            if name in ("stablehlo.reduce", "stablehlo.scatter"):
+                todo.append((op.operands[0], op.operation))  # bias: the inner reduce is the sum; a scatter's table
         elif name in linear:
-            todo.extend(op.operands)
+            todo.extend((x, op.operation) for x in op.operands)
     return marked
 
 

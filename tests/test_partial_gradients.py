@@ -66,3 +66,37 @@ def test_the_ilp_prices_marked_gradient_sums_once_per_step():
     assert share["objective"] + p.latency_adjustment(8) == pytest.approx(p.once / 8, rel=1e-2)
     unproven = GradientPricing(marked=p.marked, saved=0.0, once=0.0, accumulator_bytes=0.0)
     assert share["objective"] + unproven.latency_adjustment(8) == pytest.approx(full["objective"], rel=1e-2)
+
+
+NORM_SCALE_GRAD = """
+module {
+  func.func @main(%dy: tensor<64x32xf32>, %w: tensor<32x32xf32>, %xhat: tensor<64x32xf32>) -> (tensor<32xf32>, tensor<32xf32>, tensor<64x32xf32>) {
+    %z = stablehlo.constant dense<0.0> : tensor<f32>
+    %dx = stablehlo.dot_general %dy, %w, contracting_dims = [1] x [1] : (tensor<64x32xf32>, tensor<32x32xf32>) -> tensor<64x32xf32>
+    %p = stablehlo.multiply %dx, %xhat : tensor<64x32xf32>
+    %g = stablehlo.reduce(%p init: %z) applies stablehlo.add across dimensions = [0] : (tensor<64x32xf32>, tensor<f32>) -> tensor<32xf32>
+    %dx2 = stablehlo.dot_general %dy, %w, contracting_dims = [1] x [0] : (tensor<64x32xf32>, tensor<32x32xf32>) -> tensor<64x32xf32>
+    %p2 = stablehlo.multiply %dx2, %xhat : tensor<64x32xf32>
+    %g2 = stablehlo.reduce(%p2 init: %z) applies stablehlo.add across dimensions = [0] : (tensor<64x32xf32>, tensor<f32>) -> tensor<32xf32>
+    return %g, %g2, %dx : tensor<32xf32>, tensor<32xf32>, tensor<64x32xf32>
+  }
+}
+"""
+
+
+def test_a_sum_the_backward_pass_also_reads_is_not_marked_as_a_gradient_sum():
+    """A norm scale's gradient reduces dx * xhat; dx (an activation gradient: a dot over the hidden
+    dim) also flows on to the previous layer, so it can never stay partial: the ILP must price its
+    all-reduce in full (marked at 1/B, a tensor-parallel plan looked nearly free). Where dx has no
+    other reader, the walk still reaches it."""
+    from meshweave.dialects import meshweave as mw
+    from meshweave.passes.partial_gradients import mark_gradient_sums
+
+    module = parse_module(NORM_SCALE_GRAD)
+    func = mw.main_func(module)
+    assert mark_gradient_sums(func, [0, 1]) == 3
+    ops = {o.operation.name: [] for o in mw.entry_block(func).operations}
+    for o in mw.entry_block(func).operations:
+        ops[o.operation.name].append(mw.GRADIENT_SUM in o.attributes)
+    assert ops["stablehlo.reduce"] == [True, True]
+    assert ops["stablehlo.dot_general"] == [False, True]     # dx is returned too; dx2 only feeds g2
