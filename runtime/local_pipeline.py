@@ -48,6 +48,12 @@ class LocalProgramExecutor:
         self.meshes = {m.name: Mesh(np.array([devices_by_id[i] for i in m.device_ids]).reshape(m.shape), m.axis_names)
                        for m in program.meshes}
         self._input_shardings = [named_sharding(b.sig, self.meshes[b.mesh]) for b in program.inputs]
+        # XLA's CPU client runs collectives of executables in flight together on one thread pool:
+        # fragments dispatched back to back (no data dependence) could leave one simulated device
+        # in the next fragment while seven wait in an all-reduce of the previous one, until XLA's
+        # 40 s rendezvous timeout aborts the process. On CPU each fragment finishes before the next
+        # starts (simulated devices gain nothing from the overlap); accelerators keep async dispatch.
+        self._serialize = any(d.platform == "cpu" for m in self.meshes.values() for d in m.devices.flat)
         self._expected = {name: list(jax.tree.leaves(c.input_shardings[0],
                                                      is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)))
                           for name, c in compiled.items()}
@@ -113,6 +119,8 @@ class LocalProgramExecutor:
                 x = store[k]
                 args.append(x if _same(x, s) else place(x, s))
             outs = self.compiled[ins.fragment](*args)
+            if self._serialize:
+                jax.block_until_ready(outs)
             for k, v in zip(ins.outputs, outs):
                 store[k] = v
         elif ins.op == "send":
