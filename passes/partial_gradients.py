@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 
 from jaxlib.mlir import ir
@@ -62,6 +63,10 @@ class PartialGradientsResult(PassResult):
 
 class _NotPartial(Exception):
     """The value is not provably a linear function of partial sums (message: why)."""
+
+
+class _ChainTooLong(_NotPartial):
+    """The walk gave up (MAX_CHAIN): the whole chain stays reduced, whichever operand it was in."""
 
 
 @dataclass
@@ -127,12 +132,46 @@ def _dot_dims(op) -> dict[str, list[int]]:
 def _partial_or_none(value: ir.Value, mesh: MeshSpec) -> _Chain | None:
     try:
         return _trace(value, mesh)
+    except _ChainTooLong:
+        raise
     except _NotPartial:
         return None
 
 
+MAX_CHAIN = 256
+"""Ops a chain may pass through (a whole stage's backward holds long elementwise chains, e.g. the
+residual stream's gradient over many layers): beyond it the value stays reduced, which is always
+correct, rather than recursing past Python's limit."""
+
+_walk = threading.local()
+
+
 def _trace(value: ir.Value, mesh: MeshSpec) -> _Chain:
-    """The chain of ops making `value` a linear function of partial sums, or _NotPartial."""
+    """The chain of ops making `value` a linear function of partial sums, or _NotPartial. Values
+    found not partial are remembered for the walk (a backward's DAG reaches them by many paths)."""
+    failed = getattr(_walk, "failed", None)
+    if failed is None:
+        failed = _walk.failed = {}
+        _walk.depth = 0
+    if value in failed:
+        raise _NotPartial(failed[value])
+    if _walk.depth >= MAX_CHAIN:
+        raise _ChainTooLong(f"the chain of linear ops is longer than {MAX_CHAIN} ops")
+    _walk.depth += 1
+    try:
+        return _trace_op(value, mesh)
+    except _ChainTooLong:
+        raise
+    except _NotPartial as e:
+        failed[value] = str(e)
+        raise
+    finally:
+        _walk.depth -= 1
+        if _walk.depth == 0:
+            _walk.failed = None
+
+
+def _trace_op(value: ir.Value, mesh: MeshSpec) -> _Chain:
     if isinstance(value, ir.BlockArgument):
         raise _NotPartial("it is (a linear function of) a fragment argument, not a sum over the batch")
     op = value.owner

@@ -100,3 +100,37 @@ def test_a_sum_the_backward_pass_also_reads_is_not_marked_as_a_gradient_sum():
         ops[o.operation.name].append(mw.GRADIENT_SUM in o.attributes)
     assert ops["stablehlo.reduce"] == [True, True]
     assert ops["stablehlo.dot_general"] == [False, True]     # dx is returned too; dx2 only feeds g2
+
+
+def _scaled_chain(n: int) -> str:
+    """A weight gradient scaled n times after its dot (a stand-in for a whole stage's long chains)."""
+    ops = "\n".join(f"    %s{i + 1} = stablehlo.multiply %s{i}, %c : tensor<16x32xf32>" for i in range(n))
+    return f"""
+module {{
+  func.func @main(%x: tensor<64x16xf32> {{mw.batch_dim = 0 : i64}}, %dy: tensor<64x32xf32> {{mw.batch_dim = 0 : i64}})
+      -> tensor<16x32xf32> {{
+    %s0 = stablehlo.dot_general %x, %dy, contracting_dims = [0] x [0] : (tensor<64x16xf32>, tensor<64x32xf32>) -> tensor<16x32xf32>
+    %c = stablehlo.constant dense<0.5> : tensor<16x32xf32>
+{ops}
+    return %s{n} : tensor<16x32xf32>
+  }}
+}}
+"""
+
+
+@pytest.mark.parametrize("n, partial", [(8, True), (600, False)])
+def test_a_chain_longer_than_the_limit_stays_reduced_with_a_reason(n, partial):
+    """A linear chain past partial_gradients.MAX_CHAIN ops is kept reduced (always correct) and says
+    so, instead of recursing past Python's limit (a 48-layer stage's backward did)."""
+    from meshweave.passes import partial_gradients
+
+    assert (n <= partial_gradients.MAX_CHAIN) == partial
+    spec = MeshSpec.from_shape((4,))
+    module = parse_module(_scaled_chain(n))
+    state = PipelineState(mesh=spec, options={})
+    Pipeline("install-mesh{shape=4},auto-sharding{batch-axes=x},partial-gradients{results=0}").run(
+        module, state, record_ir=False)
+    result = state.results["partial-gradients"]
+    assert [p.index for p in result.partial] == ([0] if partial else [])
+    if not partial:
+        assert "longer than" in result.kept[0]
