@@ -120,14 +120,16 @@ def plan_megatron(suite_name: str, cluster_name: str, row: dict):
 def planned_entry(row: dict, planned, seconds: float) -> dict:
     """What a suite JSON row keeps of mw.plan's pricing of its Megatron configuration."""
     mega = next(b for b in row["baselines"] if b["method"].startswith("Megatron"))
-    memory = max((s.memory or 0.0) for s in planned.stages.stages)
+    # mw.plan does not count memory for hand-given stages (StageSpec.memory None): unknown, not 0
+    mems = [s.memory for s in planned.stages.stages]
+    memory = None if any(m is None for m in mems) else max(mems)
     capacity = row.get("device_memory")
     return {"config": mega["plan"], "analytic_step_time": mega["step_time"],
             "planned_step_time": planned.predicted_step_time,
             "stage_latencies": [s.latency for s in planned.stages.stages],
             # the stage DP's memory model (the planned layouts, activations as the unfused program holds them)
-            "memory_per_device_gb": memory / 1e9, "stage_memory_gb": [(s.memory or 0.0) / 1e9 for s in planned.stages.stages],
-            "fits": None if capacity is None else memory <= capacity,
+            "memory_per_device_gb": None if memory is None else memory / 1e9,
+            "fits": None if capacity is None or memory is None else memory <= capacity,
             "planning_seconds": round(seconds, 1)}
 
 
@@ -183,7 +185,7 @@ def main(argv=None):
             entry = planned_entry(row, planned, time.perf_counter() - t0)
             print(f"{row['suite']} {row['cluster']} {row['model']} Megatron {entry['config']}: analytic "
                   f"{entry['analytic_step_time']} s, mw.plan {entry['planned_step_time']:.4g} s, "
-                  f"{entry['memory_per_device_gb']:.1f} GB/device (fits: {entry['fits']}; {entry['planning_seconds']} s)")
+                  f"memory fits: {entry['fits']} ({entry['planning_seconds']} s)")
             sp.record(args.results, row["gpus"], "megatron_planned", entry, cmd)
             continue
         out = sp.plan_dir(row["suite"], cluster, row["gpus"], args.plans_dir) + "_megatron"

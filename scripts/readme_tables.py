@@ -113,7 +113,7 @@ def _tf(m: dict) -> str:
 def suite_table() -> str:
     """benchmarks.suite rows: the automatic plan against the best baseline, per suite and preset."""
     rows = ["| suite | cluster | GPUs | model | auto plan | auto TFLOP/s/GPU (% peak) | auto GB/dev | best baseline "
-            "(plan) | its TFLOP/s/GPU | auto / best | Megatron in mw.plan: s (fits) | planning s: total (ILPs / DP) |",
+            "(plan) | its TFLOP/s/GPU | auto / best | Megatron in mw.plan: s (auto / it) | planning s: total (ILPs / DP) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sources = []
     for suite, cluster in SUITES:
@@ -127,7 +127,8 @@ def suite_table() -> str:
             best = next((b for b in r["baselines"] if b["method"] == r["best_baseline"]), None)
             ratio = f"{r['auto_vs_best_baseline']:.2f}" if r.get("auto_vs_best_baseline") else "–"
             mp = r.get("megatron_planned")
-            mp_s = "–" if not mp else f"{mp['planned_step_time']:.3g} ({'yes' if mp.get('fits') else 'no'})"
+            mp_s = "–" if not mp else f"{mp['planned_step_time']:.3g} s" + (
+                f" ({mp['planned_step_time'] / a['step_time']:.2f})" if a.get("step_time") else "")
             t = det["timings"]
             rows.append(f"| {suite} | {cluster} | {r['gpus']} | {r['model']} | {a['plan'].split(' ', 2)[-1]} | {_tf(a)} "
                         f"| {a['memory_per_device_gb']:.0f} | {best['method'] + ' (' + best['plan'] + ')' if best else 'none fits'} "
