@@ -377,8 +377,8 @@ class PipeshardParallel(ParallelMethod):
     stages' logical mesh axes; every fragment that reads an argument keeps its layout (Megatron's
     layouts on a ManualStageOption pipeline, for instance).
 
-    num_micro_batches: an int, or a search: a tuple of counts, or "auto" (the powers of two that
-    divide the global batch, walked from the middle towards less predicted step time). The whole
+    num_micro_batches: an int, or a search: a tuple of counts, or "auto" (the divisors of the
+    global batch, walked from the middle towards less predicted step time). The whole
     plan is made at each count tried and the least predicted step time that fits the cluster's
     memory wins (meshweave.pipeshard.search_micro_batches); counts must divide the batch.
 

@@ -252,7 +252,9 @@ class MicroBatchTry:
 
 def micro_batch_counts(call, option) -> tuple[int, ...]:
     """The counts a PipeshardParallel(num_micro_batches=option) search may try, ascending: a tuple's
-    counts (each must divide the global batch), or for "auto" every power of two that divides it."""
+    counts (each must divide the global batch), or for "auto" every divisor of it (a batch of 1520
+    = 2^4 x 5 x 19 has only 1-16 among the powers of two, all too few micro-batches to fit memory;
+    its fitting counts were 38 and up)."""
     sizes = {x.shape[0] for x, r in zip(call.leaves, call.leaf_roles()) if r[1] and len(getattr(x, "shape", ())) >= 1}
     if len(sizes) != 1:
         raise PipeshardError(f"num_micro_batches={option!r} searches micro-batch counts of the batch, but the batch "
@@ -260,7 +262,7 @@ def micro_batch_counts(call, option) -> tuple[int, ...]:
                              "give one batch size on dimension 0, or a fixed num_micro_batches")
     batch = sizes.pop()
     if option == "auto":
-        return tuple(2 ** e for e in range(batch.bit_length()) if batch % 2 ** e == 0)
+        return tuple(k for k in range(1, batch + 1) if batch % k == 0)
     bad = [k for k in option if batch % k]
     if bad:
         raise PipeshardError(f"num_micro_batches={option!r}: {bad} do not divide the global batch of {batch}; "
