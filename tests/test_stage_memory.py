@@ -174,3 +174,31 @@ def test_auto_micro_batch_counts_are_every_divisor_of_the_batch():
     counts = micro_batch_counts(call, "auto")
     assert counts == tuple(k for k in range(1, 1521) if 1520 % k == 0)
     assert 38 in counts and 380 in counts
+
+
+def test_micro_batch_search_skips_counts_at_which_the_step_does_not_trace():
+    """A step that groups samples in pairs (as a MoE groups tokens for dispatch) does not trace at
+    one sample per micro-batch: the search records that count as failed and keeps the others; a
+    fixed count that does not trace still raises."""
+    from meshweave.models import training
+
+    def paired_loss(params, batch):
+        x = batch["x"].reshape(-1, 2, batch["x"].shape[-1]).reshape(-1, batch["x"].shape[-1])
+        return mlp.mse_loss(params, {"x": x, "y": batch["y"]})
+
+    opt = optax.sgd(1e-2)
+    key = jax.random.PRNGKey(0)
+    state = mlp.init_state(key, [16, 32, 32, 8], opt)
+    batch = mlp.synthetic_batch(key, 8, 16, 8)
+    step = training.make_train_step(paired_loss, opt, mw.value_and_grad)
+
+    def plan(k):
+        return mw.plan(step, state, batch, method=mw.PipeshardParallel(num_micro_batches=k),
+                       cluster=mw.ClusterSpec(1, 4, device_flops=_FREE_COMPUTE))
+
+    result = plan((4, 8))
+    tries = {t.micro_batches: t for t in result.micro_batch_search}
+    assert tries[4].step_time is not None and result.stages.micro_batches == 4
+    assert tries[8].step_time is None and "does not trace at 8 micro-batches" in tries[8].error
+    with pytest.raises(Exception, match="could not trace"):
+        plan(8)

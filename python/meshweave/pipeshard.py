@@ -324,12 +324,20 @@ class NoPlanFits(PipeshardError):
     """The stage DP found no plan that fits memory at this micro-batch count."""
 
 
-def _plan_or_no_fit(fun, call, method, cluster):
+def _plan_or_no_fit(fun, call, method, cluster, searching: bool = False):
+    """plan_pipeline at one count: (plan, step time), or NoPlanFits when nothing fits memory, or
+    (searching) when the step does not trace at this micro-batch size (a MoE's dispatch groups
+    need 2 samples: at one sample per micro-batch its reshape fails), so the search moves on."""
     from meshweave.passes.registry import PassError
     from meshweave.passes.stage_dp import StageOptionError
+    from meshweave.plugin.arguments import ArgumentError
 
     try:
         result = plan_pipeline(fun, call, method, cluster)
+    except ArgumentError as e:
+        if searching and "could not trace" in str(e):
+            raise NoPlanFits(f"the step does not trace at {method.num_micro_batches} micro-batches: {e}") from e
+        raise
     except PassError as e:
         if isinstance(e.__cause__, StageOptionError) and "memory_capacity" in str(e):
             raise NoPlanFits(str(e)) from e
@@ -341,7 +349,8 @@ def _search_plan(fun, call, method, cluster):
     """plan_pipeline over the micro-batch counts `method` names: (count, its PlanResult with the tries attached)."""
     counts = micro_batch_counts(call, method.num_micro_batches)
     k, best, tries = search_micro_batches(
-        counts, lambda k: _plan_or_no_fit(fun, call, dataclasses.replace(method, num_micro_batches=k), cluster),
+        counts, lambda k: _plan_or_no_fit(fun, call, dataclasses.replace(method, num_micro_batches=k), cluster,
+                                          searching=len(counts) > 1),
         walk=method.num_micro_batches == "auto")
     best.micro_batch_search = tries
     best.timings = {**best.timings, "micro_batch_search": sum(t.seconds for t in tries)}
