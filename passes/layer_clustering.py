@@ -63,7 +63,8 @@ def _nested_markers(op) -> list:
     return found
 
 
-def _nbytes(value) -> int:
+def value_bytes(value) -> int:
+    """Bytes of a ranked tensor value (0 for anything else: tokens, tuples)."""
     try:
         t = ir.RankedTensorType(value.type)
     except ValueError:
@@ -162,10 +163,10 @@ def assign_layers(func, micro_batches: int = 1) -> LayerClusteringResult:
         for v in op.operands:
             j = producer.get(v)
             if j is not None and layer[j] is not None:
-                key = (_nbytes(v), -layer[j])
+                key = (value_bytes(v), -layer[j])
                 if best is None or key > best[0]:
                     best = (key, layer[j])
-        out_bytes = max([_nbytes(r) for r in op.results] or [0])
+        out_bytes = max([value_bytes(r) for r in op.results] or [0])
         # Follow a large operand only: a broadcast of a scalar (Adam's bias correction) joins its
         # consumers instead, so only the scalar crosses meshes, not the broadcast tensor.
         layer[i] = best[1] if best and 8 * best[0][0] >= out_bytes else None

@@ -17,7 +17,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import func as func_d
 
 from meshweave.dialects import meshweave as mw
-from meshweave.passes.layer_clustering import ACCUMULATE, LAYER, PHASE
+from meshweave.passes.layer_clustering import ACCUMULATE, LAYER, PHASE, value_bytes
 from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Pass, PassError, register
 
@@ -81,17 +81,6 @@ def _small(value) -> bool:
     return n * 8 <= SMALL_BYTES
 
 
-def _nbytes(value) -> int:
-    try:
-        t = ir.RankedTensorType(value.type)
-    except ValueError:
-        return 0
-    n = 1
-    for d in t.shape:
-        n *= d
-    return n * max(getattr(t.element_type, "width", 32) // 8, 1)
-
-
 def rematerializable(ops, producer, returned, params=frozenset()) -> set[int]:
     """Ops cheaper to recompute in every fragment that reads them than to transfer or keep: constants,
     iotas, ops computed from those alone, and broadcasts / reshapes / converts of small values (Adam's bias
@@ -119,7 +108,7 @@ def rematerializable(ops, producer, returned, params=frozenset()) -> set[int]:
                                     for v in op.operands):
             views.add(i)                # a view of parameters: not a source for rule 2 (a dot of two is no view)
         elif name == "stablehlo.broadcast_in_dim" and \
-                _nbytes(op.results[0]) >= BROADCAST_GROWTH * max(_nbytes(op.operands[0]), 1):
+                value_bytes(op.results[0]) >= BROADCAST_GROWTH * max(value_bytes(op.operands[0]), 1):
             views.add(i)
     return out | views
 
