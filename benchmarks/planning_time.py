@@ -1,12 +1,12 @@
 """Whole planning time of one suite row, by phase: the issue's yardstick is GPT-39B on 64 virtual
 GPUs (Alpa: about 40 minutes).
 
-The row is planned twice in one process, both plan-only (abstract arguments, no devices):
-at Alpa's micro-batch count (what Alpa's planning time covers: it does not search the count), and
-with meshweave's micro-batch search (`num_micro_batches="auto"`, the suite's default), each timed
-from the call to `mw.plan` to its result, with the phases `PlanResult.timings` reports.
+The row is planned plan-only (abstract arguments, no devices) at Alpa's micro-batch count (what
+Alpa's planning time covers: it does not search the count) and, with --search, also with meshweave's
+micro-batch search (`num_micro_batches="auto"`, the suite's default; several plans), each timed from
+the call to `mw.plan` to its result, with the phases `PlanResult.timings` reports.
 
-    python -m benchmarks.planning_time [--suite gpt --cluster h100 --gpus 64]
+    python -m benchmarks.planning_time [--suite gpt --cluster h100 --gpus 64] [--search]
         -> benchmarks/results/planning_time_<suite>_<cluster>_<gpus>.json
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main(argv=None):
     p.add_argument("--suite", choices=("gpt", "bert", "moe", "wresnet"), default="gpt")
     p.add_argument("--cluster", choices=("h100", "p3"), default="h100")
     p.add_argument("--gpus", type=int, default=64)
+    p.add_argument("--search", action="store_true", help="also time the plan with the micro-batch search")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import meshweave as mw
@@ -44,7 +45,7 @@ def main(argv=None):
 
     case = suite.weak_scaling_case(args.suite, args.gpus)
     cluster = mw.ClusterSpec.preset(args.cluster, args.gpus)
-    rows = [time_plan(case, cluster, None), time_plan(case, cluster, "auto")]
+    rows = [time_plan(case, cluster, None)] + ([time_plan(case, cluster, "auto")] if args.search else [])
     doc = {"command": "python -m benchmarks.planning_time " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
            "model": case.model, "cluster": args.cluster, "gpus": args.gpus, "rows": rows}
