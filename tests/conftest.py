@@ -49,3 +49,21 @@ def abstract_gpt_4x512():
     batch = {"tokens": jax.ShapeDtypeStruct((16, 256), jnp.int32),
              "targets": jax.ShapeDtypeStruct((16, 256), jnp.int32)}
     return gpt.make_train_step(opt, grad_fn=mw.value_and_grad), state, batch
+
+
+def run_against_jit(step, state, batch, method, steps=2, rtol=1e-5):
+    """`steps` training steps of `mw.parallelize(step, method)` beside `jax.jit(step)`: losses equal
+    at every step, states close at the end; returns the last executable."""
+    import jax
+    import numpy as np
+
+    import meshweave as mw
+
+    par = mw.parallelize(step, method=method)
+    s1 = s2 = state
+    for _ in range(steps):
+        s1, l1 = par(s1, batch)
+        s2, l2 = jax.jit(step)(s2, batch)
+        np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    assert_trees_close(s1, s2, rtol=rtol, atol=1e-6)
+    return par.last_executable

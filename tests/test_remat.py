@@ -11,18 +11,10 @@ import meshweave as mw
 from meshweave.methods import MethodError
 from meshweave.models import gpt, mlp
 from meshweave.passes.stage_dp import StageCandidate, solve_stages
-from conftest import assert_trees_close, abstract_gpt_4x512
+from conftest import abstract_gpt_4x512, run_against_jit
 
 
-def _run(step, state, batch, method, steps=2, rtol=1e-5):
-    par = mw.parallelize(step, method=method)
-    s1 = s2 = state
-    for _ in range(steps):
-        s1, l1 = par(s1, batch)
-        s2, l2 = jax.jit(step)(s2, batch)
-        np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
-    assert_trees_close(s1, s2, rtol=rtol, atol=1e-6)
-    return par.last_executable
+_run = run_against_jit
 
 
 def _gpt(layers=4):
