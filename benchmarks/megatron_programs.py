@@ -120,16 +120,10 @@ def plan_megatron(suite_name: str, cluster_name: str, row: dict):
 def planned_entry(row: dict, planned, seconds: float) -> dict:
     """What a suite JSON row keeps of mw.plan's pricing of its Megatron configuration."""
     mega = next(b for b in row["baselines"] if b["method"].startswith("Megatron"))
-    # mw.plan does not count memory for hand-given stages (StageSpec.memory None): unknown, not 0
-    mems = [s.memory for s in planned.stages.stages]
-    memory = None if any(m is None for m in mems) else max(mems)
-    capacity = row.get("device_memory")
+    # No memory here: mw.plan does not count it for hand-given stages (StageSpec.memory is None).
     return {"config": mega["plan"], "analytic_step_time": mega["step_time"],
             "planned_step_time": planned.predicted_step_time,
             "stage_latencies": [s.latency for s in planned.stages.stages],
-            # the stage DP's memory model (the planned layouts, activations as the unfused program holds them)
-            "memory_per_device_gb": None if memory is None else memory / 1e9,
-            "fits": None if capacity is None or memory is None else memory <= capacity,
             "planning_seconds": round(seconds, 1)}
 
 
@@ -179,13 +173,10 @@ def main(argv=None):
         if args.plan_only:
             t0 = time.perf_counter()
             _, _, _, planned, _ = plan_megatron(row["suite"], cluster, row)
-            import meshweave as mw
-
-            row = {**row, "device_memory": mw.ClusterSpec.preset(cluster, row["gpus"]).device_memory}
             entry = planned_entry(row, planned, time.perf_counter() - t0)
             print(f"{row['suite']} {row['cluster']} {row['model']} Megatron {entry['config']}: analytic "
-                  f"{entry['analytic_step_time']} s, mw.plan {entry['planned_step_time']:.4g} s, "
-                  f"memory fits: {entry['fits']} ({entry['planning_seconds']} s)")
+                  f"{entry['analytic_step_time']} s, mw.plan {entry['planned_step_time']:.4g} s "
+                  f"({entry['planning_seconds']} s)")
             sp.record(args.results, row["gpus"], "megatron_planned", entry, cmd)
             continue
         out = sp.plan_dir(row["suite"], cluster, row["gpus"], args.plans_dir) + "_megatron"
