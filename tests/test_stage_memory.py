@@ -202,3 +202,23 @@ def test_micro_batch_search_skips_counts_at_which_the_step_does_not_trace():
     assert tries[8].step_time is None and "does not trace at 8 micro-batches" in tries[8].error
     with pytest.raises(Exception, match="could not trace"):
         plan(8)
+
+
+def test_auto_search_walks_down_from_a_count_the_step_cannot_trace():
+    """Samples grouped in fours: at 8 samples, 4 and 8 micro-batches do not trace. "auto" starts at
+    the middle count (4), so it must walk towards fewer micro-batches, not bisect towards more."""
+    from meshweave.models import training
+
+    def grouped_loss(params, batch):
+        x = batch["x"].reshape(-1, 4, batch["x"].shape[-1]).reshape(-1, batch["x"].shape[-1])
+        return mlp.mse_loss(params, {"x": x, "y": batch["y"]})
+
+    opt = optax.sgd(1e-2)
+    key = jax.random.PRNGKey(0)
+    state = mlp.init_state(key, [16, 32, 32, 8], opt)
+    step = training.make_train_step(grouped_loss, opt, mw.value_and_grad)
+    result = mw.plan(step, state, mlp.synthetic_batch(key, 8, 16, 8),
+                     method=mw.PipeshardParallel(num_micro_batches="auto"),
+                     cluster=mw.ClusterSpec(1, 4, device_flops=_FREE_COMPUTE))
+    assert result.stages.micro_batches in (1, 2)
+    assert any(t.step_time is None and "does not trace" in t.error for t in result.micro_batch_search)

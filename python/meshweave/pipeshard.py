@@ -299,13 +299,24 @@ def search_micro_batches(counts, plan_at, walk: bool):
         for i in range(len(counts)):
             at(i)
     else:
+        def untraceable(j) -> bool:     # too many micro-batches: each is too small for the step
+            at(j)
+            return tried[counts[j]][2].error.startswith(NO_TRACE)
+
         i = len(counts) // 2
+        while i > 0 and untraceable(i):
+            i -= 1
         if at(i) is None:               # bisect for the fewest micro-batches above it that fit (more
             lo, hi = i + 1, len(counts) - 1     # micro-batches hold less activation memory)
             while lo < hi:
                 mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if at(mid) is not None else (mid + 1, hi)
-            i = lo
+                if at(mid) is not None:
+                    hi = mid
+                elif untraceable(mid):
+                    hi = mid - 1
+                else:
+                    lo = mid + 1
+            i = min(lo, len(counts) - 1)
         while at(i) is not None:
             better = [j for j in (i - 1, i + 1) if 0 <= j < len(counts) and at(j) is not None and at(j) < at(i)]
             if not better:
@@ -318,6 +329,9 @@ def search_micro_batches(counts, plan_at, walk: bool):
                          f"{[t.micro_batches for t in tries]}): " + tries[-1].error)
     step, k = min(fitting)
     return k, tried[k][0], tries
+
+
+NO_TRACE = "the step does not trace at"
 
 
 class NoPlanFits(PipeshardError):
@@ -336,7 +350,7 @@ def _plan_or_no_fit(fun, call, method, cluster, searching: bool = False):
         result = plan_pipeline(fun, call, method, cluster)
     except ArgumentError as e:
         if searching and "could not trace" in str(e):
-            raise NoPlanFits(f"the step does not trace at {method.num_micro_batches} micro-batches: {e}") from e
+            raise NoPlanFits(f"{NO_TRACE} {method.num_micro_batches} micro-batches: {e}") from e
         raise
     except PassError as e:
         if isinstance(e.__cause__, StageOptionError) and "memory_capacity" in str(e):
