@@ -29,6 +29,8 @@ from meshweave.passes.pipeline import PassResult
 from meshweave.passes.registry import Option, Pass, PassError, register
 
 COST_SCALE = 1000          # float cost units -> integer problem units (tie-breakers are 0.001)
+PRICED_TOTAL_LIMIT = 1e12  # graph units of held-memory price at most (x COST_SCALE: 1000x below the solver's
+                           # forbidden 10^18, and within float64's exact integers, 2^53 ~ 9e15)
 
 
 class MemoryBudgetError(PassError):
@@ -412,7 +414,7 @@ class AutoSharding(Pass):
         Option("priced-result-scales", "float-list", (), "per priced result: bytes held per byte (default 1)"),
     )
 
-    def _price_held_memory(self, graph: CostGraph, func) -> list[tuple[int, np.ndarray]]:
+    def _price_held_memory(self, graph: CostGraph, func, warn) -> list[tuple[int, np.ndarray]]:
         """Add the memory price of the priced arguments/results to their groups' strategy costs;
         returns (group, added cost per strategy) so the objective can be reported without it."""
         if not self.memory_price:
@@ -444,14 +446,16 @@ class AutoSharding(Pass):
             per_device = np.array([t.nbytes / graph.mesh.axes_size(sh.used_axes()) for sh in t.shardings])
             add = per_device * (self.memory_price * scale / unit)
             added[t.group] = added.get(t.group, 0.0) + add
-        # Keep the priced costs far from the solver's "forbidden" cost, or every strategy would look
-        # forbidden: scale the price down where it would get close (the ranking by memory stays).
-        from meshweave.passes.solver.problem import INF_COST
-
-        top = max((float(np.max(a)) for a in added.values()), default=0.0)
-        limit = 1e-6 * INF_COST / COST_SCALE
-        if top > limit:
-            added = {g: a * (limit / top) for g, a in added.items()}
+        # The price is applied as given: scaling it down (as a cap on the largest priced entry once
+        # did) made every lean level of a large model the same weak price, and its "lean" layouts
+        # hold what the fastest ones hold. Only a price whose total nears the solver's forbidden
+        # cost (or float64's exact integers) is scaled, with a warning: the layouts then hold more.
+        total = sum(float(np.max(a)) for a in added.values())
+        if total > PRICED_TOTAL_LIMIT:
+            warn(f"auto-sharding: memory-price={self.memory_price:g} prices up to {total:.3g} cost units of held "
+                 f"memory, beyond what the solver keeps exact ({PRICED_TOTAL_LIMIT:.3g}); scaled down to that "
+                 "(the layouts may hold more than the price asks for; use a lower memory price)")
+            added = {g: a * (PRICED_TOTAL_LIMIT / total) for g, a in added.items()}
         for g, add in added.items():
             graph.groups[g].node_cost = graph.groups[g].node_cost + add
         return list(added.items())
@@ -495,7 +499,7 @@ class AutoSharding(Pass):
                               combiner=CombinerSpec(self.all_reduce_combine_bytes or None)
                               if self.combine_all_reduces else None,
                               flop_cost=1.0 / self.device_flops / lmesh.unit if self.device_flops else 0.0).build(func)
-            held = self._price_held_memory(graph, func)
+            held = self._price_held_memory(graph, func, state.warn)
             problem = build_problem(graph, budget)
         t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
         sol = solve(problem, time_limit=self.time_limit, method="auto", backend=self.solver,
@@ -515,7 +519,7 @@ class AutoSharding(Pass):
         choice = [int(x) for x in sol.assignment[: len(graph.groups)]]
         held_cost = sum(float(price[choice[g]]) for g, price in held)     # in the graph's units
         objective = lmesh.to_user_units(sol.cost / COST_SCALE - held_cost)
-        if sol.cost / COST_SCALE >= 1e13:
+        if sol.cost / COST_SCALE - held_cost >= 1e13:      # the held-memory price is not a forbidden cost
             state.warn("auto-sharding: the plan needs a forbidden (infinite-cost) resharding; check the warnings "
                        "above for ops that run replicated")
         n_constraints = _annotate(module, func, graph, choice)

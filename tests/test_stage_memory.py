@@ -222,3 +222,51 @@ def test_auto_search_walks_down_from_a_count_the_step_cannot_trace():
                      cluster=mw.ClusterSpec(1, 4, device_flops=_FREE_COMPUTE))
     assert result.stages.micro_batches in (1, 2)
     assert any(t.step_time is None and "does not trace" in t.error for t in result.micro_batch_search)
+
+
+# One matmul whose 4 GiB weight is priced: as a 39B-parameter model's layers are, too large for the
+# old cap on the priced cost (1e9 units: a byte over the fastest link is 1), which scaled every
+# price down to the same weak one, so that the memory-lean levels of GPT-39B on 64 p3 GPUs held
+# what the fastest layouts hold and the DP's only fitting plan at 256 micro-batches was one
+# 64-device stage at 46551 s per step.
+_BIG_WEIGHT = """
+module {
+  func.func public @main(%w: tensor<32768x65536xbf16>, %x: tensor<4096x32768xbf16> {mw.batch_dim = 0 : i64})
+      -> tensor<4096x65536xbf16> {
+    %0 = stablehlo.dot_general %x, %w, contracting_dims = [1] x [0]
+        : (tensor<4096x32768xbf16>, tensor<32768x65536xbf16>) -> tensor<4096x65536xbf16>
+    return %0 : tensor<4096x65536xbf16>
+  }
+}
+"""
+
+
+def _priced_weight_layout(per_byte: float):
+    from meshweave.dialects.context import parse_module
+    from meshweave.dialects.sharding import MeshSpec
+    from meshweave.passes import Pipeline, PipelineState
+    from meshweave.plugin.compile import arg_shardings
+
+    module = parse_module(_BIG_WEIGHT)
+    state = PipelineState(mesh=MeshSpec.from_shape((8,)))
+    priced = f" memory-price={per_byte!r} priced-args=0 priced-arg-scale=4.0" if per_byte else ""
+    Pipeline(f"install-mesh,auto-sharding{{alpha=1e-5 beta=1e-11 batch-axes={state.mesh.axis_names[0]}{priced}}}"
+             ).run(module, state)
+    return arg_shardings(module)[0].used_axes(), state.results["auto-sharding"].objective
+
+
+def test_memory_price_of_a_large_weight_is_not_scaled_away():
+    """Held at 4 bytes per weight byte and priced at one fastest-link byte per byte, keeping the
+    weight sharded (all-gathered for the matmul, ~3.8 GB over the link once) beats holding 4 GiB
+    x 4 on every device: the ILP must shard it, and report the all-gather's time, not the price."""
+    assert _priced_weight_layout(0.0)[0] == ()                  # unpriced: replicated, no collective
+    axes, objective = _priced_weight_layout(1e-11)
+    assert axes, "the priced weight stays replicated: the memory price did not reach the ILP"
+    gathered = 32768 * 65536 * 2 * 7 / 8 * 1e-11
+    assert objective == pytest.approx(gathered, rel=0.05)
+
+
+def test_a_memory_price_beyond_the_solvers_range_is_scaled_with_a_warning():
+    with pytest.warns(UserWarning, match="memory-price=1e-09 .* scaled down"):
+        axes, _ = _priced_weight_layout(1e-9)
+    assert axes                                                 # scaled, still far above the break-even
