@@ -378,7 +378,8 @@ class PipeshardParallel(ParallelMethod):
     layouts on a ManualStageOption pipeline, for instance).
 
     num_micro_batches: an int, or a search: a tuple of counts, or "auto" (the divisors of the
-    global batch, walked from the middle towards less predicted step time). The whole
+    global batch: a ladder of counts a factor 2 apart over the range that fits, then a walk from the
+    best to less predicted step time). The whole
     plan is made at each count tried and the least predicted step time that fits the cluster's
     memory wins (meshweave.pipeshard.search_micro_batches); counts must divide the batch.
 
