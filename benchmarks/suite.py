@@ -356,6 +356,31 @@ def figure(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+ROW_KEYS = {f.name for f in dataclasses.fields(Row)}
+
+
+def merge_rows(path: str, rows: list[dict], command: str) -> dict:
+    """The suite JSON at `path` with `rows` in place of its rows for the same GPU counts (others
+    kept, in GPU order), re-read just before writing. A replaced row keeps the keys other tools
+    added (`megatron_planned`: benchmarks/megatron_programs.py), but not `compiled`, which described
+    the old plan's stages (recompile: benchmarks/stage_programs.py), unless the new row has it. The
+    file's `command` stays; the merging run's command is appended to `merged_commands`."""
+    with open(path) as f:
+        doc = json.load(f)
+    old = {r["gpus"]: r for r in doc["rows"]}
+    for r in rows:
+        kept = {k: v for k, v in old.get(r["gpus"], {}).items() if k not in ROW_KEYS}
+        old[r["gpus"]] = {**r, **kept}
+    doc["rows"] = [old[g] for g in sorted(old)]
+    log = doc.setdefault("merged_commands", [])
+    if not log or log[-1]["command"] != command:     # one entry per run (it merges after every row)
+        log.append({"command": command, "gpus": [], "load_average_1_5_15min": list(os.getloadavg())})
+    log[-1]["gpus"] = sorted(set(log[-1]["gpus"]) | {r["gpus"] for r in rows})
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    return doc
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=("gpt", "bert", "moe", "wresnet"), default="gpt")
@@ -369,6 +394,8 @@ def main(argv=None):
     p.add_argument("--emit-plans", action="store_true", help="also compile every automatic plan's stages on "
                    "simulated CPU devices (one process per row) into benchmarks/results/plans/<suite>_<cluster>_<gpus>/")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<suite>_<cluster>.json)")
+    p.add_argument("--merge", action="store_true", help="replace only these GPU counts' rows of the existing --out "
+                   "JSON (other rows and keys kept; the command appended to its merged_commands)")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="only draw the rows of these result files together "
                    "(to --out's .png)")
     args = p.parse_args(argv)
@@ -382,6 +409,8 @@ def main(argv=None):
 
     gpus = [int(g) for g in args.gpus.split(",")]
     out = args.out or os.path.join(RESULTS, f"{args.suite}_{args.cluster}.json")
+    if args.merge and not os.path.exists(out):
+        raise SystemExit(f"--merge replaces rows of {out}, which does not exist; run without --merge to write it")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     rows = []
     bar = tqdm(gpus, desc=f"{args.suite} on {args.cluster}", unit="row")
@@ -398,15 +427,19 @@ def main(argv=None):
             row = rows[-1]
             row.compiled = stage_programs.summary(stage_programs.compile_row_in_subprocess(
                 args.suite, args.cluster, dataclasses.asdict(row), stage_programs.plan_dir(args.suite, args.cluster, g)))
-        doc = {"command": "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv),
+        command = "python -m benchmarks.suite " + " ".join(sys.argv[1:] if argv is None else argv)
+        if args.merge:                   # after every row: a long run that is stopped keeps what it planned
+            doc = merge_rows(out, [dataclasses.asdict(rows[-1])], command)
+            continue
+        doc = {"command": command,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
                "load_average_1_5_15min": os.getloadavg(),        # the machine is shared: planning times vary
                "cluster_preset": dataclasses.asdict(mw.ClusterSpec.preset(args.cluster, gpus[-1])),
                "rows": [dataclasses.asdict(r) for r in rows]}
-        with open(out, "w") as f:        # after every row: a long run that is stopped keeps what it planned
+        with open(out, "w") as f:
             json.dump(doc, f, indent=1)
     print(table(rows))
-    figure([dataclasses.asdict(r) for r in rows], out[:-5] + ".png")
+    figure(doc["rows"], out[:-5] + ".png")
     print("wrote", out, "and", out[:-5] + ".png")
 
 

@@ -121,7 +121,9 @@ def suite_table() -> str:
         d = _load(name)
         if d is None:
             continue
-        sources.append(f"`{d['command']}`")
+        merged = "".join(f" (rows {', '.join(map(str, m['gpus']))} re-planned: `{m['command']}`)"
+                         for m in d.get("merged_commands", []))
+        sources.append(f"`{d['command']}`{merged}")
         for r in d["rows"]:
             a, det = r["auto"], r["auto_detail"]
             best = next((b for b in r["baselines"] if b["method"] == r["best_baseline"]), None)

@@ -219,3 +219,19 @@ def test_compiling_stages_needs_their_devices():
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16"):
         stage_programs.compile_stages(case.step, case.state, case.batch,
                                       [stage_programs.StageLayout((0, 4), (16,))], 2, mw.ClusterSpec.preset("h100", 16))
+
+
+def test_merging_a_replanned_row_keeps_the_other_rows_and_keys(tmp_path):
+    """--merge replaces only the re-planned GPU counts; a replaced row keeps what other tools added
+    (megatron_planned) but not `compiled`, which described the old plan's stages."""
+    path = tmp_path / "moe_p3.json"
+    old = {"command": "python -m benchmarks.suite --suite moe", "machine": "x", "rows": [
+        {"gpus": 8, "auto": {"step_time": 11.4}, "compiled": {"stages": []}, "megatron_planned": {"s": 1.0}},
+        {"gpus": 16, "auto": {"step_time": 9.4}, "compiled": {"stages": []}}]}
+    path.write_text(json.dumps(old))
+    doc = suite.merge_rows(str(path), [{"gpus": 8, "auto": {"step_time": 8.9}}], "python -m benchmarks.suite --gpus 8")
+    assert json.loads(path.read_text()) == doc
+    assert doc["command"] == old["command"] and doc["machine"] == "x"
+    assert doc["rows"][0] == {"gpus": 8, "auto": {"step_time": 8.9}, "megatron_planned": {"s": 1.0}}
+    assert doc["rows"][1] == old["rows"][1]
+    assert [(c["command"], c["gpus"]) for c in doc["merged_commands"]] == [("python -m benchmarks.suite --gpus 8", [8])]
