@@ -102,15 +102,18 @@ def stage_cluster(cluster, logical_shape):
 
 
 def stage_options(stages: list[StageLayout], cluster) -> tuple:
-    """Per stage: the auto-sharding α-β of its sub-cluster, the stage DP's solver time limit and the
-    memory price of the candidate the DP chose (as the DP priced it)."""
+    """Per stage: the auto-sharding α-β of its sub-cluster, its compute rate (the planned DP's ILPs
+    price FLOPs, so a fragment ILP that did not would choose other layouts than the ones priced),
+    the stage DP's solver time limit and the memory price of the candidate the DP chose."""
+    from meshweave.methods import MemoryPrice
+
     out = []
     for s in stages:
-        _, alpha, beta = stage_cluster(cluster, s.logical_shape).logical_mesh()
-        from meshweave.methods import MemoryPrice
-
+        sub = stage_cluster(cluster, s.logical_shape)
+        _, alpha, beta = sub.logical_mesh()
         price = MemoryPrice(**s.memory_price) if s.memory_price else None
-        out.append({"alpha": alpha, "beta": beta, "time_limit": 5.0, "memory_price": price})
+        out.append({"alpha": alpha, "beta": beta, "device_flops": sub.device_flops, "time_limit": 5.0,
+                    "memory_price": price})
     return tuple(out)
 
 
