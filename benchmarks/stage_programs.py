@@ -2,7 +2,7 @@
 
 The suite plans with no devices; this turns a planned row back into programs: the step is traced
 at micro-batch size, cut at the planned layer ranges (`ManualStageOption` with each stage's logical
-mesh and its sub-cluster's α-β, exactly as the stage DP priced it), every fragment (forward,
+mesh and its sub-cluster's α-β and compute rate, exactly as the stage DP priced it), every fragment (forward,
 backward, apply-grad) is auto-sharded and compiled by XLA for its stage's mesh, and the
 SPMD-partitioned HLO of stage k is written to `<dir>/stage_<k>.hlo.gz` (its fragments one after
 another, each introduced by a `// fragment <name> (<phase>)` line). Each stage's real collectives

@@ -193,8 +193,7 @@ def _dims_attr(attrs: str, key: str) -> tuple[int, ...]:
 def matmul_flops(ins: Instruction, shapes: dict[str, str]) -> float:
     """2 x multiply-adds of a dot or convolution (0 for any other op). A convolution counts as
     `cost_model.conv_flops`, the planner's own count: the zeros an lhs dilation inserts (the input
-    gradient of a strided convolution, `lhs_dilate=2x2`) are not multiplied, as XLA's cost analysis
-    and cuDNN's backward-data kernels skip them."""
+    gradient of a strided convolution, `lhs_dilate=2x2`) are not multiplied, as in XLA's cost analysis."""
     if ins.opcode not in ("dot", "convolution") or not ins.operands:
         return 0.0
     out = array_dims(ins.shape)

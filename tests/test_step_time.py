@@ -165,7 +165,7 @@ def test_mesh_syntax_with_a_device_order():
 
 def test_a_strided_convolutions_gradients_are_judged_at_the_planners_flops():
     """The input gradient of a stride-2 convolution is an lhs-dilated convolution in the compiled
-    HLO; its dilation zeros are not multiplied (XLA's cost analysis and cuDNN skip them, the planner's
+    HLO; its dilation zeros are not multiplied (XLA's cost analysis skips them, the planner's
     cost_model.conv_flops does not count them): forward, input and weight gradients cost the same."""
     import jax
     import jax.numpy as jnp
