@@ -352,21 +352,21 @@ def main(argv=None):
                   f"judged {judged} ms per micro-batch")
         print(f"  compiled in {time.perf_counter() - t0:.0f} s -> {out}")
         cmd = "python -m benchmarks.stage_programs " + " ".join(sys.argv[1:] if argv is None else argv)
-        record(args.results, row["gpus"], "compiled", row["compiled"], cmd)
+        record(args.results, row["gpus"], {"compiled": row["compiled"]}, cmd)
 
 
-def record(results: str, gpus: int, key: str, value: dict, command: str) -> None:
-    """Set `key` of the row for `gpus` in the suite JSON, re-read just before writing (the auto plans
-    and the Megatron programs of one suite may be compiled by two processes at once)."""
+def record(results: str, gpus: int, entries: dict, command: str) -> None:
+    """Set `entries` (key -> value) in the row for `gpus` of the suite JSON, re-read just before
+    writing (the auto plans and the Megatron programs of one suite may be compiled by two processes
+    at once)."""
     with open(results) as f:
         doc = json.load(f)
-    next(r for r in doc["rows"] if r["gpus"] == gpus)[key] = value
+    next(r for r in doc["rows"] if r["gpus"] == gpus).update(entries)
     doc.setdefault("compiled_commands", [])
     if command not in doc["compiled_commands"]:
         doc["compiled_commands"].append(command)
     with open(results, "w") as f:
         json.dump(doc, f, indent=1)
-
 
 if __name__ == "__main__":
     main()
