@@ -259,10 +259,16 @@ def planned_entry(ranking: MegatronRanking, seconds: float) -> dict:
 
 
 def planned_comparison(row: dict, entry: dict, peak_flops: float | None) -> tuple[dict | None, float | None]:
-    """The row's best baseline with Megatron as the program mw.plan chose (the other baselines stay
-    analytic), and the automatic plan's throughput over it (>= 1: auto is at least as fast)."""
+    """The row's best baseline with Megatron as the program mw.plan chose (and expert parallel +
+    ZeRO-2 too where `benchmarks.expert_programs` planned it; the other baselines stay analytic), and
+    the automatic plan's throughput over it (>= 1: auto is at least as fast)."""
+    ep = row.get("ep_zero2_planned")
     candidates = [{"method": b["method"], "plan": b["plan"], "step_time": b["step_time"], "priced_by": "formula"}
-                  for b in row["baselines"] if not b["method"].startswith("Megatron") and b["step_time"] is not None]
+                  for b in row["baselines"] if not b["method"].startswith("Megatron") and b["step_time"] is not None
+                  and not (ep is not None and b["method"] == "expert parallel + ZeRO-2")]
+    if ep is not None and ep.get("planned_step_time") is not None:
+        candidates.append({"method": "expert parallel + ZeRO-2", "plan": ep["config"],
+                           "step_time": ep["planned_step_time"], "priced_by": "mw.plan"})
     if entry.get("planned_step_time") is not None:
         candidates.append({"method": "Megatron dp x tp x pp", "plan": entry["config"],
                            "step_time": entry["planned_step_time"], "priced_by": "mw.plan"})
