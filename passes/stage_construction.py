@@ -28,7 +28,7 @@ class StageSpec:
     mesh: MeshDesc                          # logical shape, axis names, global device ids
     auto_sharding: dict = field(default_factory=dict)
     latency: float | None = None            # predicted seconds per micro-batch (auto mode)
-    memory: float | None = None             # predicted bytes per device, micro-batches in flight included (auto)
+    memory: float | None = None             # predicted bytes per device, micro-batches in flight included (auto; mw.plan)
     remat: bool = False                     # the backward recomputes the forward (passes/rematerialize.py)
 
 

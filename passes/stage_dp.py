@@ -352,13 +352,7 @@ def solve_stages(num_layers: int, num_hosts: int, devices_per_host: int, num_mic
     list may hold whole hosts and, when devices_per_host is a power of two, 1 x 2^k shapes.
     """
     t0 = time.perf_counter()
-    _check_cluster(num_hosts, devices_per_host)
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise StageOptionError(f"num_layers={num_layers!r}: expected a positive integer")
-    if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
-        raise StageOptionError(f"num_micro_batches={num_micro_batches!r}: expected a positive integer")
-    if schedule not in _SCHEDULES:
-        raise StageOptionError(f"schedule={schedule!r}: the stage DP models {_SCHEDULES}")
+    _check_common(num_layers, num_hosts, devices_per_host, num_micro_batches, schedule)
     if memory_capacity is not None and not memory_capacity > 0:
         raise StageOptionError(f"memory_capacity={memory_capacity!r}: expected bytes per device > 0, or None")
     subs = tuple(submeshes) if submeshes is not None else submesh_choices(num_hosts, devices_per_host)

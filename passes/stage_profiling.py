@@ -366,41 +366,20 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
         replicated LM head), so they can hold more, or less, than the layers' sum."""
         cuts = sorted({start, end} - {0, num_layers})
         stage_of = [sum(c <= i for c in cuts) for i in range(num_layers)]
-        here = stage_of[start]
         whole = parse_module(module_text(module))
         out = outline(whole, stage_of, [f"s{j}" for j in range(len(cuts) + 1)])
         stage_funcs = mw.funcs(whole)
-        maybe_partial = partial_candidates(out)
-        lat = params_dev = params_full = state_full = acc = acts = 0.0
-        spec = MeshSpec.from_shape(logical)
         t_solve = time.perf_counter()
         try:
-            for f in out.fragments:
-                if f.stage != here:
-                    continue
-                fn = stage_funcs[f.name]
-                types = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value).inputs
-                if f.phase == "apply":
-                    state_full += sum(_tensor_bytes(t) for src, t in zip(f.inputs, types)
-                                      if src.arg is not None and not src.batch_dependent)
-                    continue
-                values = held_values(out.fragments, f)
-                grads = (maybe_partial.get(f.name, []), list(values[2])) if f.phase == "backward" else None
-                try:
-                    t, m, g = solve_fragment(_fragment_text(fn), logical, level, grads, values)
-                except MemoryBudgetError:
-                    return None
-                lat += t
-                if g is not None:
-                    acc += g.accumulator_bytes
-                if f.phase == "forward":
-                    p, a = _held_bytes(m, spec, values[0], values[1])
-                    params_dev, acts = params_dev + p, acts + a
-                    params_full += sum(_tensor_bytes(types[j]) for j in values[0])
+            price = price_stage(out, stage_funcs, stage_of[start], MeshSpec.from_shape(logical),
+                                lambda f, fn, values, grads: solve_fragment(_fragment_text(fn), logical, level,
+                                                                            grads, values))
+        except MemoryBudgetError:
+            return None
         finally:
             solve_seconds[0] += time.perf_counter() - t_solve
-        ratio = (state_full + params_full) / params_full if params_full else 0.0
-        return StageCandidate(logical, lat, params_dev * ratio + acc, acts, level_options(logical, level))
+        return StageCandidate(logical, price.latency, price.fixed_bytes, price.activation_bytes,
+                              level_options(logical, level))
 
     def level_of(choice) -> int:
         price = choice.options.get("memory_price")
@@ -456,6 +435,53 @@ def auto_stages(module, state, num_layers: int, num_hosts: int, devices_per_host
                                    seconds=time.perf_counter() - t0, candidates=len(solves),
                                    solve_seconds=solve_seconds[0], layer_param_bytes=list(param_bytes),
                                    layer_activation_bytes=list(act_bytes), micro_batches=k)
+
+
+@dataclass(frozen=True)
+class StagePrice:
+    """One stage priced from its outlined fragments, in the layouts their ILPs chose."""
+
+    latency: float            # one micro-batch's forward + backward; weight-gradient reductions amortized
+    fixed_bytes: float        # per device: parameters x (parameter + optimizer state) / parameter, accumulators
+    activation_bytes: float   # per device, per micro-batch in flight: forward results the backward reads
+
+    def memory(self, in_flight: int) -> float:
+        return self.fixed_bytes + in_flight * self.activation_bytes
+
+
+def price_stage(outlined, funcs, stage: int, spec, solve) -> StagePrice:
+    """Price stage `stage` of a stage-outlining result the way the stage DP prices the stages it
+    chooses (and so the way a hand-given stage is priced: one model for both): each forward and
+    backward fragment auto-sharded by `solve(f, fn, held_values, grads)` -> (latency, solved
+    module, GradientPricing or None), with `grads` = (results that may stay partial, accumulated
+    results) for a backward fragment; parameter and activation bytes read from the solved layouts
+    on `spec`; apply-grad's parameters and optimizer state scaled by the parameters' layout.
+    MemoryBudgetError from `solve` propagates (the stage does not fit a budget)."""
+    from meshweave.passes.partial_gradients import partial_candidates
+
+    maybe_partial = partial_candidates(outlined)
+    lat = params_dev = params_full = state_full = acc = acts = 0.0
+    for f in outlined.fragments:
+        if f.stage != stage:
+            continue
+        fn = funcs[f.name]
+        types = ir.FunctionType(ir.TypeAttr(fn.attributes["function_type"]).value).inputs
+        if f.phase == "apply":
+            state_full += sum(_tensor_bytes(t) for src, t in zip(f.inputs, types)
+                              if src.arg is not None and not src.batch_dependent)
+            continue
+        values = held_values(outlined.fragments, f)
+        grads = (maybe_partial.get(f.name, []), list(values[2])) if f.phase == "backward" else None
+        t, m, g = solve(f, fn, values, grads)
+        lat += t
+        if g is not None:
+            acc += g.accumulator_bytes
+        if f.phase == "forward":
+            p, a = _held_bytes(m, spec, values[0], values[1])
+            params_dev, acts = params_dev + p, acts + a
+            params_full += sum(_tensor_bytes(types[j]) for j in values[0])
+    ratio = (state_full + params_full) / params_full if params_full else 0.0
+    return StagePrice(lat, params_dev * ratio + acc, acts)
 
 
 class _RangeSums:

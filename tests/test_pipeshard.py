@@ -343,3 +343,23 @@ def test_each_pipeline_fragment_compiles_to_the_collectives_its_ilp_priced():
         assert "all-gather" not in sp.collectives, (frag["name"], sp.collectives)
         phases.add(frag["kind"])
     assert phases == {"forward", "backward", "apply"}
+
+
+def test_cpu_runtime_finishes_each_fragment_before_the_next(monkeypatch):
+    """XLA's CPU client runs the collectives of executables in flight on one thread pool: fragments
+    dispatched back to back could leave simulated devices in two different all-reduces until XLA's
+    40 s rendezvous timeout aborts (about half the runs of a two-stage embedding model). No
+    numerics test catches that deterministically; this checks the wait that prevents it: on CPU
+    every fragment's outputs are ready before the runtime issues its next instruction."""
+    from meshweave.runtime import local_pipeline
+
+    step, state, batch = _mlp()
+    par = mw.parallelize(step, method=mw.PipeshardParallel(
+        num_micro_batches=4, stage_option=mw.UniformStageOption(num_stages=2)))
+    par(state, batch)                                      # compile outside the count
+    program = par.last_executable.program
+    runs = sum(1 for lst in program.instructions.values() for i in lst if i.op == "run")
+    real, waited = jax.block_until_ready, []
+    monkeypatch.setattr(local_pipeline.jax, "block_until_ready", lambda x: (waited.append(len(x)), real(x))[1])
+    par(state, batch)
+    assert runs > 2 and len(waited) >= runs

@@ -222,3 +222,43 @@ def test_auto_search_walks_down_from_a_count_the_step_cannot_trace():
                      cluster=mw.ClusterSpec(1, 4, device_flops=_FREE_COMPUTE))
     assert result.stages.micro_batches in (1, 2)
     assert any(t.step_time is None and "does not trace" in t.error for t in result.micro_batch_search)
+
+
+def _given_back(auto):
+    """The stages an automatic plan chose, written as a ManualStageOption (with their carried settings)."""
+    st = auto.stages.stages
+    return mw.ManualStageOption(tuple(tuple(range(*s.layers)) for s in st), tuple(s.physical_shape for s in st),
+                                tuple(tuple(s.mesh.shape) for s in st), tuple(dict(s.auto_sharding) for s in st))
+
+
+@pytest.mark.parametrize("fraction", [None, 0.8])
+def test_hand_given_stages_are_priced_as_the_dp_prices_its_choice(tiny_gpt, fraction):
+    """One model for both: the stages the DP chose, given back by hand, get the DP's latency and
+    memory per stage (so a hand-written plan, e.g. Megatron's, is checked against the capacity)."""
+    step, state, batch = tiny_gpt
+    capacity = None if fraction is None else fraction * _fastest_memory(tiny_gpt)
+    auto = _plan(tiny_gpt, capacity)
+    cluster = mw.ClusterSpec(1, 4, device_memory=capacity, device_flops=_FREE_COMPUTE)
+    hand = mw.plan(step, state, batch, cluster=cluster, method=mw.PipeshardParallel(
+        num_micro_batches=2, stage_option=_given_back(auto),
+        remat=tuple(s.remat for s in auto.stages.stages),
+        default_auto_sharding_option=mw.AutoShardingOption(combine_all_reduces=False)))
+    assert len(hand.stages.stages) == len(auto.stages.stages) >= (1 if fraction is None else 2)
+    for a, h in zip(auto.stages.stages, hand.stages.stages):
+        assert not a.remat
+        assert h.latency == pytest.approx(a.latency, rel=1e-6)
+        assert h.memory == pytest.approx(a.memory, rel=1e-6)
+    assert hand.predicted_step_time == pytest.approx(auto.predicted_step_time, rel=1e-6)
+    assert hand.memory_per_device == pytest.approx(auto.memory_per_device, rel=1e-6)
+    assert not any("capacity" in w for w in hand.warnings)
+
+
+def test_hand_given_stages_over_the_capacity_are_flagged(tiny_gpt):
+    step, state, batch = tiny_gpt
+    auto = _plan(tiny_gpt, None, micro_batches=2)
+    capacity = 0.5 * auto.memory_per_device
+    hand = mw.plan(step, state, batch, cluster=mw.ClusterSpec(1, 4, device_memory=capacity, device_flops=_FREE_COMPUTE),
+                   method=mw.PipeshardParallel(num_micro_batches=2, stage_option=_given_back(auto)))
+    assert hand.memory_per_device > capacity
+    over = [w for w in hand.warnings if "capacity" in w]
+    assert over and "more micro-batches" in over[0] and f"stage {auto.stages.stages[0].index}" in " ".join(over)

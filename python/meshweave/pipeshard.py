@@ -659,6 +659,14 @@ def plan_pipeline(fun, call, method, cluster):
         t2 = time.perf_counter()
         stages.objective = _price_given_stages(module, state, stages, method, _micro_batch_call(call, k), step, cluster)
         timings["stage_ilps"] = time.perf_counter() - t2
+        capacity = getattr(method.default_auto_sharding_option, "memory_budget_per_device", None) \
+            or cluster.device_memory
+        for s in stages.stages:
+            if capacity is not None and s.memory > capacity:
+                state.warnings.append(
+                    f"stage {s.index} (layers {s.layers[0]}..{s.layers[1] - 1}) needs {s.memory / 1e9:.3g} GB per "
+                    f"device, over the {capacity / 1e9:.3g} GB capacity: use more micro-batches, rematerialization "
+                    "(PipeshardParallel(remat=True)), more stages or larger sub-meshes")
     objective = float(stages.objective) if stages.objective is not None else float("nan")
     shape = (len(stages.stages),)
     return PlanResult(MeshSpec.from_shape(shape, ("stage",)), pipeline.spec(), objective, objective, 0.0,
@@ -667,30 +675,27 @@ def plan_pipeline(fun, call, method, cluster):
 
 
 def _price_given_stages(module, state, stages, method, micro_call, step, cluster) -> float:
-    """The pipeline time of hand-given stages in the stage DP's terms: each stage's forward and
-    backward fragments auto-sharded on its logical mesh with the α-β of the part of `cluster` it
-    occupies (hand-written pins kept, weight gradients left partial across micro-batches as in the
-    DP's pricing), latency = ILP communication + FLOPs at the device rate, plus the forward/backward
-    transfers between consecutive stages (the amortized once-per-step reduction the DP adds to a
-    layer is not added here). Sets each stage's `latency`."""
+    """The pipeline time of hand-given stages in the stage DP's terms (`stage_profiling.price_stage`,
+    as the DP prices the stages it chooses): each stage's forward and backward fragments
+    auto-sharded on its logical mesh with the α-β of the part of `cluster` it occupies (hand-written
+    pins kept, weight gradients reduced once per step), latency = ILP communication + FLOPs at the
+    device rate, plus the forward/backward transfers between consecutive stages. Sets each stage's
+    `latency` and `memory` (bytes per device, its micro-batches in flight included)."""
     import math
 
     from meshweave.methods import _auto_sharding_pipeline
     from meshweave.passes.solver.cache import SolveCache
-    from meshweave.passes.stage_dp import pipeline_objective
-    from meshweave.passes.stage_profiling import _flops, _tensor_bytes
+    from meshweave.passes.stage_dp import in_flight, pipeline_objective
+    from meshweave.passes.stage_profiling import _auto_report, _flops, _gradients_once_per_step, _tensor_bytes, \
+        price_stage
 
     outlined = state.results["stage-outlining"]
     funcs = mw.funcs(module)
     phase_of = {f.name: (f.stage, f.phase) for f in outlined.fragments}
-    latency = [0.0] * len(stages.stages)
-    crossing = [0] * len(stages.stages)              # bytes a stage's forward receives from earlier stages
-    cache, pins_of = SolveCache(), {}
-    keep_partial = partial_candidates(outlined)      # weight gradients reduced once per step, as the DP prices
-    for f in outlined.fragments:
-        if f.phase == "apply":
-            continue
-        stage = stages.stages[f.stage]
+    cache, k = SolveCache(), method.num_micro_batches
+    schedule = method.pipeline_schedule if method.pipeline_schedule in ("1f1b", "gpipe") else "1f1b"
+    objective_stages = []
+    for stage in stages.stages:
         logical = tuple(stage.mesh.shape)
         n = math.prod(logical)
         sub = dataclasses.replace(cluster, num_hosts=max(1, n // cluster.devices_per_host),
@@ -698,37 +703,41 @@ def _price_given_stages(module, state, stages, method, micro_call, step, cluster
         _, alpha, beta = sub.logical_mesh()
         opt = dataclasses.replace(method.default_auto_sharding_option, alpha=alpha, beta=beta,
                                   device_flops=sub.device_flops, **(stage.auto_sharding or {}))
-        if method.manual_sharding is not None and f.stage not in pins_of:
-            pins_of[f.stage] = _manual_pins(method, micro_call, stage)
-        pins = pins_of.get(f.stage)
-        names = [step.arg_paths[src.arg] if src.arg is not None else value_name(src) for src in f.inputs]
-        text = _fragment_module(module, f.name, names, {}, frozenset(),
-                                [pins[src.arg] if pins is not None and src.arg is not None else None
-                                 for src in f.inputs])
-        fmod = parse_module(text)
-        fstate = PipelineState(mesh=MeshSpec.from_shape(logical, stage.mesh.axis_names),
-                               options={"solve_cache": cache})
-        Pipeline(_auto_sharding_pipeline(opt, len(logical), gradient_results=keep_partial.get(f.name, ()),
-                                         micro_batches=method.num_micro_batches,
-                                         priced=held_values(outlined.fragments, f))).run(fmod, fstate, record_ir=False)
-        solved = fstate.results.get("auto-sharding")
-        latency[f.stage] += (float(solved.objective) if solved is not None else 0.0) + (
-            0.0 if solved is not None and solved.compute_priced else _flops(fmod) / n / sub.device_flops)
-        if f.phase == "forward":
-            types = ir.FunctionType(ir.TypeAttr(funcs[f.name].attributes["function_type"]).value).inputs
-            for src, t in zip(f.inputs, types):
-                if src.fragment is not None and phase_of[src.fragment] != (f.stage, "forward") \
-                        and phase_of[src.fragment][1] == "forward":
-                    crossing[f.stage] += _tensor_bytes(t)
-    k = method.num_micro_batches
+        pins = _manual_pins(method, micro_call, stage) if method.manual_sharding is not None else None
+        spec = MeshSpec.from_shape(logical, stage.mesh.axis_names)
+
+        def solve(f, fn, values, grads, opt=opt, pins=pins, spec=spec, n=n, sub=sub):
+            names = [step.arg_paths[src.arg] if src.arg is not None else value_name(src) for src in f.inputs]
+            fmod = parse_module(_fragment_module(module, f.name, names, {}, frozenset(),
+                                                 [pins[src.arg] if pins is not None and src.arg is not None else None
+                                                  for src in f.inputs]))
+            fstate = PipelineState(mesh=spec, options={"solve_cache": cache})
+            Pipeline(_auto_sharding_pipeline(opt, len(spec.shape), gradient_results=grads[0] if grads else (),
+                                             micro_batches=k, priced=values)).run(fmod, fstate, record_ir=False)
+            report = _auto_report(fstate)
+            lat = float(report["objective"]) + (0.0 if report["compute_priced"] else _flops(fmod) / n / sub.device_flops)
+            g = _gradients_once_per_step(fmod, fstate, spec, *grads) if grads is not None else None
+            return lat + (g.latency_adjustment(k) if g is not None else 0.0), fmod, g
+
+        price = price_stage(outlined, funcs, stage.index, spec, solve)
+        stage.latency = price.latency
+        stage.memory = price.memory(in_flight(schedule, stage.index, len(stages.stages), k))
+        objective_stages.append(price.latency)
+    crossing = [0] * len(stages.stages)              # bytes a stage's forward receives from earlier stages
+    for f in outlined.fragments:
+        if f.phase != "forward":
+            continue
+        types = ir.FunctionType(ir.TypeAttr(funcs[f.name].attributes["function_type"]).value).inputs
+        for src, t in zip(f.inputs, types):
+            if src.fragment is not None and phase_of[src.fragment] != (f.stage, "forward") \
+                    and phase_of[src.fragment][1] == "forward":
+                crossing[f.stage] += _tensor_bytes(t)
     transfers = []
     for before, after in zip(stages.stages, stages.stages[1:]):
         hosts = before.physical_shape[0] > 1 or after.physical_shape[0] > 1
         bw = cluster.inter_host_bandwidth if hosts else cluster.intra_host_bandwidth
         transfers.append(2.0 * crossing[after.index] / k / bw)      # as the stage DP prices a cut
-    for st, lat in zip(stages.stages, latency):
-        st.latency = lat
-    return pipeline_objective(latency, transfers, k)
+    return pipeline_objective(objective_stages, transfers, k)
 
 
 def compiled_stage_memory(program, outlined) -> list[float]:

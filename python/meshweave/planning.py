@@ -84,6 +84,16 @@ class PlanResult:
     micro_batch_search: list = field(default_factory=list)   # PipeshardParallel search: MicroBatchTry per count tried
 
     @property
+    def memory_per_device(self) -> float | None:
+        """PipeshardParallel: the most bytes a device of any stage holds (parameters, optimizer state,
+        gradient accumulators, activations of its micro-batches in flight; the stage DP's account),
+        for automatic and hand-given stages alike; None when not priced."""
+        stages = getattr(self.stages, "stages", None)
+        if not stages or any(s.memory is None for s in stages):
+            return None
+        return max(s.memory for s in stages)
+
+    @property
     def problem(self):
         """The auto-sharding ShardingProblem (re-solve it, or write it as IOPDDL)."""
         return self.auto_sharding.problem if self.auto_sharding is not None else None
