@@ -116,7 +116,7 @@ def rank_row(row: dict, cluster, max_tries: int = 3, log=print) -> EPRanking:
             t.error = f"{type(e).__name__}: {e}"
         else:
             t.planned_step_time = planned.predicted_step_time
-            t.memory_per_device = getattr(planned, "memory_per_device", None)
+            t.memory_per_device = planned.memory_per_device
             if t.memory_per_device is not None:
                 t.fits = cluster.device_memory is None or t.memory_per_device <= cluster.device_memory
         t.planning_seconds = round(time.perf_counter() - t0, 1)

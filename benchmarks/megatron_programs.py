@@ -232,7 +232,7 @@ def rank_row(suite_name: str, cluster_name: str, row: dict, top: int = 6, remat=
             planned_count += 1
             t.planned_step_time = planned.predicted_step_time
             t.stage_latencies = [s.latency for s in planned.stages.stages]
-            t.memory_per_device = getattr(planned, "memory_per_device", None)
+            t.memory_per_device = planned.memory_per_device
             if t.memory_per_device is not None:
                 t.fits = cluster.device_memory is None or t.memory_per_device <= cluster.device_memory
         t.planning_seconds = round(time.perf_counter() - t0, 1)
