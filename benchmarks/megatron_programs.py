@@ -139,6 +139,9 @@ def row_config(row: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- ranking by mw.plan
+EXTEND = 3                      # rank_row: at most this many times `top` plans when none of the first fits
+
+
 @dataclass
 class MegatronTry:
     """One configuration priced by the formula and then planned by mw.plan."""
@@ -198,6 +201,10 @@ def rank_row(suite_name: str, cluster_name: str, row: dict, top: int = 6, remat=
     """Plan the `top` fastest configurations by formula with mw.plan and choose the fastest that fits
     by mw.plan's memory count. A configuration whose step does not trace at its micro-batch size is a
     failed try (recorded, not counted in `top`); so is every other one at the same micro-batch size.
+    If none of the `top` fits (mw.plan counts more memory than the formula: e.g. GPT-15B on 32 p3
+    GPUs), the walk goes on in the formula's order, up to EXTEND x `top` plans, over the
+    configurations whose formula memory times the least mw.plan / formula ratio seen is within
+    capacity, until one fits.
     `cluster`: the row's preset unless given (tests: another memory capacity)."""
     import meshweave as mw
     from benchmarks import baselines
@@ -208,9 +215,14 @@ def rank_row(suite_name: str, cluster_name: str, row: dict, top: int = 6, remat=
     stats, cluster = model_stats_of(row), cluster or mw.ClusterSpec.preset(cluster_name, row["gpus"])
     formula_best, _ = baselines.megatron(stats, cluster, remat=remat)
     tries, no_trace, planned_count = [], {}, 0
+    cap = cluster.device_memory
+    ratio = None                # the least mw.plan / formula memory seen: what may still fit by mw.plan
     for plan in formula_ranking(stats, cluster, remat, memory_slack):
         if planned_count >= top:
-            break
+            if any(t.fits for t in tries) or planned_count >= EXTEND * top:
+                break
+            if ratio is not None and cap is not None and plan.memory_per_device * ratio > cap:
+                continue        # the walk goes on only for one that may fit
         dp, tp, pp, k = parse_config(plan.config)
         samples = stats.global_batch // dp // k
         t = MegatronTry(plan.config, plan.compute_time + plan.communication_time, plan.memory_per_device, plan.fits)
@@ -234,7 +246,9 @@ def rank_row(suite_name: str, cluster_name: str, row: dict, top: int = 6, remat=
             t.stage_latencies = [s.latency for s in planned.stages.stages]
             t.memory_per_device = planned.memory_per_device
             if t.memory_per_device is not None:
-                t.fits = cluster.device_memory is None or t.memory_per_device <= cluster.device_memory
+                t.fits = cap is None or t.memory_per_device <= cap
+                r = t.memory_per_device / t.analytic_memory
+                ratio = r if ratio is None else min(ratio, r)
         t.planning_seconds = round(time.perf_counter() - t0, 1)
         log(f"  {t.config}: formula {t.analytic_step_time:.4g} s, mw.plan "
             + (f"{t.planned_step_time:.4g} s, " + (f"{t.memory_per_device / 1e9:.1f} GB/device" if t.memory_per_device

@@ -302,8 +302,14 @@ def table(doc: dict) -> str:
         c, m, mp = r.get("compiled"), r.get("megatron_compiled"), r.get("megatron_planned")
         if not c and not m and not mp:
             continue
+        formula = next((b for b in r["baselines"] if b["method"].startswith("Megatron")), {})
+        if mp and mp.get("tries") is not None:   # ranked by mw.plan: its choice (the formula's time for it)
+            mega = {"plan": mp["config"] or "none fits", "step_time": mp["analytic_step_time"]}
+        else:
+            mega = formula
         planned = (mp or {}).get("planned_step_time") or (m or {}).get("planned_step_time")
-        mega = next((b for b in r["baselines"] if b["method"].startswith("Megatron")), {})
+        if m and m.get("config") not in (None, mega.get("plan")):
+            m = None                             # compiled for another configuration than the one shown
         shape = ",".join("x".join(map(str, s["logical"])) for s in r["auto_detail"]["stages"])
         lines.append(f"| {r['suite']} | {r['cluster'].split('x')[0]} | {r['gpus']} | {r['model']} | "
                      f"{len(r['auto_detail']['stages'])}x {shape} mb={r['auto_detail']['micro_batches']} | "

@@ -171,16 +171,16 @@ def test_plan_only_ranks_megatron_configurations_by_mw_plan():
     priced = [t for t in ranking.tries if t.planned_step_time is not None]
     assert len(priced) == 3 and all(t.memory_per_device > 0 and t.fits for t in priced)
     assert ranking.chosen == min(priced, key=lambda t: t.planned_step_time)
-    # A capacity below the fastest plan's memory (by mw.plan's count) makes another one the choice.
-    fastest = ranking.chosen
-    small = dataclasses.replace(cluster, device_memory=fastest.memory_per_device * 0.999)
-    tight = megatron_programs.rank_row("moe", "h100", row, top=3, memory_slack=1e6, log=lambda *_: None,
+    # A capacity below the first plan's memory (by mw.plan's count): with top=1 the walk goes on past
+    # it in the formula's order and stops at the first that fits.
+    small = dataclasses.replace(cluster, device_memory=priced[0].memory_per_device * 0.999)
+    tight = megatron_programs.rank_row("moe", "h100", row, top=1, memory_slack=1e6, log=lambda *_: None,
                                        cluster=small)
     tight_priced = [t for t in tight.tries if t.planned_step_time is not None]
-    assert [t.config for t in tight_priced] == [t.config for t in priced]               # same formula order
-    assert not next(t for t in tight_priced if t.config == fastest.config).fits
-    assert tight.chosen == min((t for t in tight_priced if t.memory_per_device <= small.device_memory),
-                               key=lambda t: t.planned_step_time, default=None)
+    assert tight_priced[0].config == priced[0].config and not tight_priced[0].fits
+    assert 1 < len(tight_priced) <= megatron_programs.EXTEND and not any(t.fits for t in tight_priced[:-1])
+    assert tight.chosen is tight_priced[-1] and tight.chosen.memory_per_device <= small.device_memory
+    fastest = ranking.chosen
     entry = megatron_programs.planned_entry(ranking, 1.0)
     assert entry["config"] == fastest.config and len(entry["tries"]) == len(ranking.tries)
     best, ratio = megatron_programs.planned_comparison(row, entry, cluster.peak_flops)
