@@ -111,7 +111,10 @@ def _tf(m: dict) -> str:
 
 
 def _ratio(x) -> str:
-    return f"{x:.2f}" if x else "–"
+    """Two decimals, four where two would round a ratio below 1 up to 1.00."""
+    if not x:
+        return "–"
+    return f"{x:.4f}" if 0.995 <= x < 1 else f"{x:.2f}"
 
 
 def _best_planned(r: dict) -> tuple[str, str, str]:
