@@ -141,7 +141,7 @@ def suite_table() -> str:
         if d is None:
             continue
         sources.append(f"`{d['command']}`" + "".join(f"; `{c}`" for c in d.get("compiled_commands", [])
-                                                     if "--plan-only" in c))
+                                                     if "--plan-only" in c or "expert_programs" in c))
         for r in d["rows"]:
             a, det = r["auto"], r["auto_detail"]
             best, best_tf, ratio = _best_planned(r)
