@@ -2,7 +2,7 @@
 
 The suite plans with no devices; this turns a planned row back into programs: the step is traced
 at micro-batch size, cut at the planned layer ranges (`ManualStageOption` with each stage's logical
-mesh and its sub-cluster's α-β, exactly as the stage DP priced it), every fragment (forward,
+mesh and its sub-cluster's α-β and compute rate, exactly as the stage DP priced it), every fragment (forward,
 backward, apply-grad) is auto-sharded and compiled by XLA for its stage's mesh, and the
 SPMD-partitioned HLO of stage k is written to `<dir>/stage_<k>.hlo.gz` (its fragments one after
 another, each introduced by a `// fragment <name> (<phase>)` line). Each stage's real collectives
@@ -102,15 +102,18 @@ def stage_cluster(cluster, logical_shape):
 
 
 def stage_options(stages: list[StageLayout], cluster) -> tuple:
-    """Per stage: the auto-sharding α-β of its sub-cluster, the stage DP's solver time limit and the
-    memory price of the candidate the DP chose (as the DP priced it)."""
+    """Per stage: the auto-sharding α-β of its sub-cluster, its compute rate (the planned DP's ILPs
+    price FLOPs, so a fragment ILP that did not would choose other layouts than the ones priced),
+    the stage DP's solver time limit and the memory price of the candidate the DP chose."""
+    from meshweave.methods import MemoryPrice
+
     out = []
     for s in stages:
-        _, alpha, beta = stage_cluster(cluster, s.logical_shape).logical_mesh()
-        from meshweave.methods import MemoryPrice
-
+        sub = stage_cluster(cluster, s.logical_shape)
+        _, alpha, beta = sub.logical_mesh()
         price = MemoryPrice(**s.memory_price) if s.memory_price else None
-        out.append({"alpha": alpha, "beta": beta, "time_limit": 5.0, "memory_price": price})
+        out.append({"alpha": alpha, "beta": beta, "device_flops": sub.device_flops, "time_limit": 5.0,
+                    "memory_price": price})
     return tuple(out)
 
 
@@ -302,8 +305,14 @@ def table(doc: dict) -> str:
         c, m, mp = r.get("compiled"), r.get("megatron_compiled"), r.get("megatron_planned")
         if not c and not m and not mp:
             continue
+        formula = next((b for b in r["baselines"] if b["method"].startswith("Megatron")), {})
+        if mp and mp.get("tries") is not None:   # ranked by mw.plan: its choice (the formula's time for it)
+            mega = {"plan": mp["config"] or "none fits", "step_time": mp["analytic_step_time"]}
+        else:
+            mega = formula
         planned = (mp or {}).get("planned_step_time") or (m or {}).get("planned_step_time")
-        mega = next((b for b in r["baselines"] if b["method"].startswith("Megatron")), {})
+        if m and m.get("config") not in (None, mega.get("plan")):
+            m = None                             # compiled for another configuration than the one shown
         shape = ",".join("x".join(map(str, s["logical"])) for s in r["auto_detail"]["stages"])
         lines.append(f"| {r['suite']} | {r['cluster'].split('x')[0]} | {r['gpus']} | {r['model']} | "
                      f"{len(r['auto_detail']['stages'])}x {shape} mb={r['auto_detail']['micro_batches']} | "
@@ -352,21 +361,21 @@ def main(argv=None):
                   f"judged {judged} ms per micro-batch")
         print(f"  compiled in {time.perf_counter() - t0:.0f} s -> {out}")
         cmd = "python -m benchmarks.stage_programs " + " ".join(sys.argv[1:] if argv is None else argv)
-        record(args.results, row["gpus"], "compiled", row["compiled"], cmd)
+        record(args.results, row["gpus"], {"compiled": row["compiled"]}, cmd)
 
 
-def record(results: str, gpus: int, key: str, value: dict, command: str) -> None:
-    """Set `key` of the row for `gpus` in the suite JSON, re-read just before writing (the auto plans
-    and the Megatron programs of one suite may be compiled by two processes at once)."""
+def record(results: str, gpus: int, entries: dict, command: str) -> None:
+    """Set `entries` (key -> value) in the row for `gpus` of the suite JSON, re-read just before
+    writing (the auto plans and the Megatron programs of one suite may be compiled by two processes
+    at once)."""
     with open(results) as f:
         doc = json.load(f)
-    next(r for r in doc["rows"] if r["gpus"] == gpus)[key] = value
+    next(r for r in doc["rows"] if r["gpus"] == gpus).update(entries)
     doc.setdefault("compiled_commands", [])
     if command not in doc["compiled_commands"]:
         doc["compiled_commands"].append(command)
     with open(results, "w") as f:
         json.dump(doc, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

@@ -362,15 +362,22 @@ ROW_KEYS = {f.name for f in dataclasses.fields(Row)}
 def merge_rows(path: str, rows: list[dict], command: str) -> dict:
     """The suite JSON at `path` with `rows` in place of its rows for the same GPU counts (others
     kept, in GPU order), re-read just before writing. A replaced row keeps the keys other tools
-    added (`megatron_planned`: benchmarks/megatron_programs.py), but not `compiled`, which described
-    the old plan's stages (recompile: benchmarks/stage_programs.py), unless the new row has it. The
+    added (`megatron_planned`: benchmarks/megatron_programs.py; the automatic plan's ratio to the best
+    baseline they price is recomputed), but not `compiled`, which described the old plan's stages
+    (recompile: benchmarks/stage_programs.py), unless the new row has it. The
     file's `command` stays; the merging run's command is appended to `merged_commands`."""
     with open(path) as f:
         doc = json.load(f)
     old = {r["gpus"]: r for r in doc["rows"]}
     for r in rows:
         kept = {k: v for k, v in old.get(r["gpus"], {}).items() if k not in ROW_KEYS}
-        old[r["gpus"]] = {**r, **kept}
+        merged = old[r["gpus"]] = {**r, **kept}
+        if "auto_vs_best_planned" in merged:         # the comparison with the new automatic plan
+            from benchmarks.megatron_programs import planned_comparison
+
+            merged["best_baseline_planned"], merged["auto_vs_best_planned"] = planned_comparison(
+                merged, merged["megatron_planned"], mw.ClusterSpec.preset(merged["cluster"].split("x")[0],
+                                                                          merged["gpus"]).peak_flops)
     doc["rows"] = [old[g] for g in sorted(old)]
     log = doc.setdefault("merged_commands", [])
     if not log or log[-1]["command"] != command:     # one entry per run (it merges after every row)

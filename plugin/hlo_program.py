@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meshweave.passes.cost_model import conv_flops
 from meshweave.plugin.hlo_stats import _DTYPE_BYTES, KINDS
 
 _HEADER = re.compile(r"^\s*(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
@@ -190,7 +191,9 @@ def _dims_attr(attrs: str, key: str) -> tuple[int, ...]:
 
 
 def matmul_flops(ins: Instruction, shapes: dict[str, str]) -> float:
-    """2 x multiply-adds of a dot or convolution (0 for any other op)."""
+    """2 x multiply-adds of a dot or convolution (0 for any other op). A convolution counts as
+    `cost_model.conv_flops`, the planner's own count: the zeros an lhs dilation inserts (the input
+    gradient of a strided convolution, `lhs_dilate=2x2`) are not multiplied, as in XLA's cost analysis."""
     if ins.opcode not in ("dot", "convolution") or not ins.operands:
         return 0.0
     out = array_dims(ins.shape)
@@ -205,9 +208,9 @@ def matmul_flops(ins: Instruction, shapes: dict[str, str]) -> float:
     labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attributes)
     if not rhs or not labels:
         raise HloParseError(f"%{ins.name}: convolution without a kernel shape or dim_labels")
-    kernel = rhs[0][1]
-    out_features = kernel[labels.group(1).index("o")]
-    return 2.0 * out_elems * math.prod(kernel) / out_features
+    dilate = re.search(r"\blhs_dilate=([0-9x]+)", ins.attributes)
+    return conv_flops(rhs[0][1], out[0][1], labels.group(1).index("o"),
+                      [int(d) for d in dilate.group(1).split("x")] if dilate else ())
 
 
 # ----------------------------------------------------------------------------- device groups

@@ -110,10 +110,29 @@ def _tf(m: dict) -> str:
     return f"{m['tflops_per_gpu']:.0f} ({m['percent_of_peak']:.0f}%)"
 
 
+def _ratio(x) -> str:
+    """Two decimals, four where two would round a ratio below 1 up to 1.00."""
+    if not x:
+        return "–"
+    return f"{x:.4f}" if 0.995 <= x < 1 else f"{x:.2f}"
+
+
+def _best_planned(r: dict) -> tuple[str, str, str]:
+    """(best baseline with Megatron as the program mw.plan chose, its TFLOP/s/GPU, auto / it)."""
+    if "best_baseline_planned" not in r:
+        return "not ranked by mw.plan", "", "–"
+    b = r["best_baseline_planned"]
+    if b is None:
+        return "none fits", "", "–"
+    return f"{b['method']} ({b['plan']}; {b['priced_by']})", _tf(b), _ratio(r.get("auto_vs_best_planned"))
+
+
 def suite_table() -> str:
-    """benchmarks.suite rows: the automatic plan against the best baseline, per suite and preset."""
+    """benchmarks.suite rows: the automatic plan against the best baseline (Megatron as a meshweave
+    program priced by mw.plan; the other baselines analytic), and the formula's Megatron for reference."""
     rows = ["| suite | cluster | GPUs | model | auto plan | auto TFLOP/s/GPU (% peak) | auto GB/dev | best baseline "
-            "(plan) | its TFLOP/s/GPU | auto / best | Megatron in mw.plan: s (auto / it) | planning s: total (ILPs / DP) |",
+            "(plan; priced by) | its TFLOP/s/GPU | auto / it | formula's Megatron (plan): TFLOP/s/GPU, auto / it "
+            "| planning s: total (ILPs / DP) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sources = []
     for suite, cluster in SUITES:
@@ -121,20 +140,19 @@ def suite_table() -> str:
         d = _load(name)
         if d is None:
             continue
-        merged = "".join(f" (rows {', '.join(map(str, m['gpus']))} re-planned: `{m['command']}`)"
-                         for m in d.get("merged_commands", []))
-        sources.append(f"`{d['command']}`{merged}")
+        sources.append(f"`{d['command']}`" + "".join(f"; `{c}`" for c in d.get("compiled_commands", [])
+                                                     if "--plan-only" in c or "expert_programs" in c))
+        sources[-1] += "".join(f" (rows {', '.join(map(str, m['gpus']))} re-planned: `{m['command']}`)"
+                               for m in d.get("merged_commands", []))
         for r in d["rows"]:
             a, det = r["auto"], r["auto_detail"]
-            best = next((b for b in r["baselines"] if b["method"] == r["best_baseline"]), None)
-            ratio = f"{r['auto_vs_best_baseline']:.2f}" if r.get("auto_vs_best_baseline") else "–"
-            mp = r.get("megatron_planned")
-            mp_s = "–" if not mp else f"{mp['planned_step_time']:.3g} s" + (
-                f" ({mp['planned_step_time'] / a['step_time']:.2f})" if a.get("step_time") else "")
+            best, best_tf, ratio = _best_planned(r)
+            mega = next((b for b in r["baselines"] if b["method"].startswith("Megatron")), None)
+            mega_s = "–" if mega is None else f"{mega['plan']}: {_tf(mega)}, " + _ratio(
+                mega["step_time"] / a["step_time"] if mega.get("step_time") and a.get("step_time") else None)
             t = det["timings"]
             rows.append(f"| {suite} | {cluster} | {r['gpus']} | {r['model']} | {a['plan'].split(' ', 2)[-1]} | {_tf(a)} "
-                        f"| {a['memory_per_device_gb']:.0f} | {best['method'] + ' (' + best['plan'] + ')' if best else 'none fits'} "
-                        f"| {_tf(best) if best else ''} | {ratio} | {mp_s} "
+                        f"| {a['memory_per_device_gb']:.0f} | {best} | {best_tf} | {ratio} | {mega_s} "
                         f"| {det['planning_seconds']:.0f} ({t.get('stage_ilps', 0):.0f} / {t.get('stage_dp', 0):.0f}) |")
     return "\n".join(rows) + "\n\n" + "; ".join(sources) + (" (commands in each JSON).\n" if sources else "\n")
 

@@ -161,3 +161,22 @@ def test_mesh_syntax_with_a_device_order():
     assert hp.device_groups(text, 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     text = "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}"
     assert hp.device_groups(text, 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+def test_a_strided_convolutions_gradients_are_judged_at_the_planners_flops():
+    """The input gradient of a stride-2 convolution is an lhs-dilated convolution in the compiled
+    HLO; its dilation zeros are not multiplied (XLA's cost analysis skips them, the planner's
+    cost_model.conv_flops does not count them): forward, input and weight gradients cost the same."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y * y)
+
+    w, x = jnp.ones((3, 3, 8, 16)), jnp.ones((4, 16, 16, 8))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, x).compile().as_text()
+    assert "lhs_dilate=2x2" in text
+    est = estimate_compiled_step(text, (1,), ("x",), ClusterSpec.preset("h100", 1))
+    forward = 2.0 * (4 * 8 * 8 * 16) * (3 * 3 * 8)
+    assert est.flops == pytest.approx(3 * forward)

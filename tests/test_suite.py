@@ -212,6 +212,26 @@ def test_planned_stages_compile_on_simulated_devices_and_are_judged(tmp_path):
             assert all(not f["collectives"] for f in s["fragments"])
 
 
+@pytest.mark.parametrize("suite_name, batch", [("gpt", 32), ("wresnet", 16)])
+def test_compiled_stages_cost_what_the_stage_dp_priced(suite_name, batch):
+    """Issue 14: per stage, the compiled fragments' own ILPs equal the stage DP's price and the α-β
+    judgement of what XLA compiled agrees with both. On a device slow enough that compute decides
+    layouts: the fragment ILPs must price FLOPs as the DP's do (unpriced, GPT's ILPs chose other
+    layouts than the DP's), and a strided convolution's input gradient (lhs-dilated in the HLO)
+    must not be judged at 4x its FLOPs (Wide-ResNet stages were judged 13-28% over the plan)."""
+    from benchmarks import stage_programs
+
+    case = suite.make_case(suite_name, "tiny", global_batch=batch, micro_batches=2)
+    cluster = dataclasses.replace(mw.ClusterSpec.preset("h100", 4), device_flops=1e9)
+    plan, _ = suite.plan_auto(case, cluster, micro_batches=2)
+    layouts = stage_programs.layouts_of_row({"auto_detail": dataclasses.asdict(plan)})
+    compiled = stage_programs.compile_stages(case.step, case.state, case.batch, layouts, plan.micro_batches, cluster)
+    for s, layout in zip(compiled.stages, layouts):
+        if not layout.remat:            # remat stages are priced from their layers' sums
+            assert s.ilp_latency == pytest.approx(s.predicted_latency, rel=1e-3), s
+        assert s.judged_latency == pytest.approx(s.ilp_latency, rel=0.03), s
+
+
 def test_compiling_stages_needs_their_devices():
     from benchmarks import stage_programs
 
