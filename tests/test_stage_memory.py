@@ -177,21 +177,26 @@ def test_auto_micro_batch_counts_are_every_divisor_of_the_batch():
     assert 38 in counts and 380 in counts
 
 
-def test_micro_batch_search_skips_counts_at_which_the_step_does_not_trace():
-    """A step that groups samples in pairs (as a MoE groups tokens for dispatch) does not trace at
-    one sample per micro-batch: the search records that count as failed and keeps the others; a
-    fixed count that does not trace still raises."""
+def _grouped_mlp(group: int):
+    """An MLP step whose loss groups the samples `group` at a time (as a MoE groups tokens for
+    dispatch): it does not trace at micro-batches of fewer than `group` samples; batch of 8."""
     from meshweave.models import training
 
-    def paired_loss(params, batch):
-        x = batch["x"].reshape(-1, 2, batch["x"].shape[-1]).reshape(-1, batch["x"].shape[-1])
+    def grouped_loss(params, batch):
+        x = batch["x"].reshape(-1, group, batch["x"].shape[-1]).reshape(-1, batch["x"].shape[-1])
         return mlp.mse_loss(params, {"x": x, "y": batch["y"]})
 
     opt = optax.sgd(1e-2)
     key = jax.random.PRNGKey(0)
-    state = mlp.init_state(key, [16, 32, 32, 8], opt)
-    batch = mlp.synthetic_batch(key, 8, 16, 8)
-    step = training.make_train_step(paired_loss, opt, mw.value_and_grad)
+    return (training.make_train_step(grouped_loss, opt, mw.value_and_grad),
+            mlp.init_state(key, [16, 32, 32, 8], opt), mlp.synthetic_batch(key, 8, 16, 8))
+
+
+def test_micro_batch_search_skips_counts_at_which_the_step_does_not_trace():
+    """A step that groups samples in pairs (as a MoE groups tokens for dispatch) does not trace at
+    one sample per micro-batch: the search records that count as failed and keeps the others; a
+    fixed count that does not trace still raises."""
+    step, state, batch = _grouped_mlp(2)
 
     def plan(k):
         return mw.plan(step, state, batch, method=mw.PipeshardParallel(num_micro_batches=k),
@@ -208,17 +213,8 @@ def test_micro_batch_search_skips_counts_at_which_the_step_does_not_trace():
 def test_auto_search_walks_down_from_a_count_the_step_cannot_trace():
     """Samples grouped in fours: at 8 samples, 4 and 8 micro-batches do not trace. "auto" starts at
     the middle count (4), so it must walk towards fewer micro-batches, not bisect towards more."""
-    from meshweave.models import training
-
-    def grouped_loss(params, batch):
-        x = batch["x"].reshape(-1, 4, batch["x"].shape[-1]).reshape(-1, batch["x"].shape[-1])
-        return mlp.mse_loss(params, {"x": x, "y": batch["y"]})
-
-    opt = optax.sgd(1e-2)
-    key = jax.random.PRNGKey(0)
-    state = mlp.init_state(key, [16, 32, 32, 8], opt)
-    step = training.make_train_step(grouped_loss, opt, mw.value_and_grad)
-    result = mw.plan(step, state, mlp.synthetic_batch(key, 8, 16, 8),
+    step, state, batch = _grouped_mlp(4)
+    result = mw.plan(step, state, batch,
                      method=mw.PipeshardParallel(num_micro_batches="auto"),
                      cluster=mw.ClusterSpec(1, 4, device_flops=_FREE_COMPUTE))
     assert result.stages.micro_batches in (1, 2)
