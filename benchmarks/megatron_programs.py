@@ -83,7 +83,13 @@ def megatron_sharding(suite: str, state, batch):
     def spec(path, leaf):
         keys = [k.key for k in path if isinstance(k, DictKey)]
         entry = table.get(tuple(keys[-2:])) or table.get(keys[-1] if keys else None)
-        return P(*entry) if entry is not None and len(entry) == len(leaf.shape) else P()
+        if entry is None:
+            return P()
+        if len(entry) != len(leaf.shape):       # a renamed or reshaped model: say so, do not replicate it
+            raise ValueError(f"Megatron's {suite} layout {entry} for {jax.tree_util.keystr(path)} expects "
+                             f"{len(entry)} dimensions, the leaf has shape {tuple(leaf.shape)}; update "
+                             f"megatron_programs.LAYOUTS[{suite!r}] for this model")
+        return P(*entry)
 
     state_specs = jax.tree_util.tree_map_with_path(spec, state)
     batch_specs = jax.tree.map(lambda x: P("x") if len(x.shape) else P(), batch)

@@ -124,6 +124,8 @@ def test_pipeline_manual_sharding_errors():
     assert megatron_programs.parse_config("dp=2 tp=4 pp=8 mb=512") == (2, 4, 8, 512)
     assert megatron_programs.parse_config("dp=2 tp=4 pp=8 mb=512 remat") == (2, 4, 8, 512)
     assert megatron_programs.recomputes("dp=2 tp=4 pp=8 mb=512 remat") and not megatron_programs.recomputes("dp=1 tp=1 pp=1 mb=1")
+    with pytest.raises(ValueError, match="expects 3 dimensions"):     # a listed leaf of another rank is not replicated
+        megatron_programs.megatron_sharding("gpt", {"params": {"wq": jax.numpy.zeros((4, 4))}}, {"tokens": jax.numpy.zeros((2, 3))})
 
 
 def test_plan_prices_hand_given_stages_with_their_pins():
