@@ -95,9 +95,7 @@ def plan_config(row: dict, cluster, config: str):
 def rank_row(row: dict, cluster, max_tries: int = 3, log=print) -> EPRanking:
     """The formula's micro-batch count first, then twice as many (less activation memory) until one
     fits by mw.plan's memory count or `max_tries` counts were planned; the fastest that fits wins."""
-    from meshweave.passes.registry import PassError
-    from meshweave.pipeshard import PipeshardError
-    from meshweave.plugin.arguments import ArgumentError
+    from benchmarks import megatron_programs
 
     base = next(b for b in row["baselines"] if b["method"] == "expert parallel + ZeRO-2")
     ep, dp, k = parse_config(base["plan"])
@@ -106,23 +104,13 @@ def rank_row(row: dict, cluster, max_tries: int = 3, log=print) -> EPRanking:
     while k <= per_device and len(out.tries) < max_tries:
         t, t0 = EPTry(f"ep={ep} dp={dp} mb={k}"), time.perf_counter()
         out.tries.append(t)
-        try:
-            planned = plan_config(row, cluster, t.config)
-        except ArgumentError as e:
-            if "could not trace" not in str(e):
-                raise
-            t.error = f"the step does not trace at {row['global_batch'] // k} sample(s) per micro-batch: {e}"
-        except (PassError, PipeshardError) as e:
-            t.error = f"{type(e).__name__}: {e}"
-        else:
+        planned, t.error, _ = megatron_programs.plan_or_reason(lambda: plan_config(row, cluster, t.config),
+                                                               row["global_batch"] // k)
+        if planned is not None:
             t.planned_step_time = planned.predicted_step_time
-            t.memory_per_device = planned.memory_per_device
-            if t.memory_per_device is not None:
-                t.fits = cluster.device_memory is None or t.memory_per_device <= cluster.device_memory
+            t.memory_per_device, t.fits = megatron_programs.memory_fit(planned, cluster.device_memory)
         t.planning_seconds = round(time.perf_counter() - t0, 1)
-        log(f"  {t.config}: mw.plan " + (f"{t.planned_step_time:.4g} s, " + (
-            f"{t.memory_per_device / 1e9:.1f} GB/device" if t.memory_per_device is not None else "memory unknown")
-            if t.planned_step_time else t.error[:120]) + f" ({t.planning_seconds} s)")
+        log(f"  {t.config}: mw.plan " + megatron_programs.try_summary(t))
         if t.fits:
             break
         k *= 2

@@ -202,6 +202,39 @@ def formula_ranking(stats, cluster, remat=(False, True), memory_slack: float = 1
                   key=lambda p: p.compute_time + p.communication_time)
 
 
+def plan_or_reason(plan, samples: int):
+    """`plan()` (an mw.plan of a hand-written layout) as (PlanResult, "", False), or (None, why,
+    untraceable) when the step does not trace at `samples` per micro-batch (untraceable: True) or
+    mw.plan refuses the layout (a PassError or PipeshardError, e.g. a stage mesh the ILP cannot use).
+    Anything else propagates."""
+    from meshweave.passes.registry import PassError
+    from meshweave.pipeshard import PipeshardError
+    from meshweave.plugin.arguments import ArgumentError
+
+    try:
+        return plan(), "", False
+    except ArgumentError as e:
+        if "could not trace" not in str(e):
+            raise
+        return None, f"the step does not trace at {samples} sample(s) per micro-batch: {e}", True
+    except (PassError, PipeshardError) as e:
+        return None, f"{type(e).__name__}: {e}", False
+
+
+def memory_fit(planned, capacity: float | None) -> tuple[float | None, bool | None]:
+    """mw.plan's memory per device of a plan and whether it fits `capacity` (None: unknown)."""
+    memory = planned.memory_per_device
+    return memory, (None if memory is None else capacity is None or memory <= capacity)
+
+
+def try_summary(t) -> str:
+    """One log line's mw.plan part of a try (MegatronTry or expert_programs.EPTry)."""
+    if not t.planned_step_time:
+        return t.error[:120] + f" ({t.planning_seconds} s)"
+    memory = f"{t.memory_per_device / 1e9:.1f} GB/device" if t.memory_per_device is not None else "memory unknown"
+    return f"{t.planned_step_time:.4g} s, {memory} ({t.planning_seconds} s)"
+
+
 def rank_row(suite_name: str, cluster_name: str, row: dict, top: int = 6, remat=(False, True),
              memory_slack: float = 1.25, log=print, cluster=None) -> MegatronRanking:
     """Plan the `top` fastest configurations by formula with mw.plan and choose the fastest that fits
@@ -214,9 +247,6 @@ def rank_row(suite_name: str, cluster_name: str, row: dict, top: int = 6, remat=
     `cluster`: the row's preset unless given (tests: another memory capacity)."""
     import meshweave as mw
     from benchmarks import baselines
-    from meshweave.passes.registry import PassError
-    from meshweave.pipeshard import PipeshardError
-    from meshweave.plugin.arguments import ArgumentError
 
     stats, cluster = model_stats_of(row), cluster or mw.ClusterSpec.preset(cluster_name, row["gpus"])
     formula_best, _ = baselines.megatron(stats, cluster, remat=remat)
@@ -237,29 +267,21 @@ def rank_row(suite_name: str, cluster_name: str, row: dict, top: int = 6, remat=
             t.error = no_trace[samples]
             continue
         t0 = time.perf_counter()
-        try:
-            _, _, _, planned = plan_config(suite_name, cluster_name, row, plan.config, cluster)
-        except ArgumentError as e:
-            if "could not trace" not in str(e):
-                raise
-            t.error = no_trace[samples] = f"the step does not trace at {samples} sample(s) per micro-batch: {e}"
-        except (PassError, PipeshardError) as e:       # e.g. a stage mesh the ILP cannot use: a failed try
-            t.error = f"{type(e).__name__}: {e}"
-            planned_count += 1
+        planned, t.error, untraceable = plan_or_reason(
+            lambda: plan_config(suite_name, cluster_name, row, plan.config, cluster)[3], samples)
+        if untraceable:
+            no_trace[samples] = t.error
         else:
             planned_count += 1
+        if planned is not None:
             t.planned_step_time = planned.predicted_step_time
             t.stage_latencies = [s.latency for s in planned.stages.stages]
-            t.memory_per_device = planned.memory_per_device
+            t.memory_per_device, t.fits = memory_fit(planned, cap)
             if t.memory_per_device is not None:
-                t.fits = cap is None or t.memory_per_device <= cap
                 r = t.memory_per_device / t.analytic_memory
                 ratio = r if ratio is None else min(ratio, r)
         t.planning_seconds = round(time.perf_counter() - t0, 1)
-        log(f"  {t.config}: formula {t.analytic_step_time:.4g} s, mw.plan "
-            + (f"{t.planned_step_time:.4g} s, " + (f"{t.memory_per_device / 1e9:.1f} GB/device" if t.memory_per_device
-                                                   is not None else "memory unknown") if t.planned_step_time else t.error[:120])
-            + f" ({t.planning_seconds} s)")
+        log(f"  {t.config}: formula {t.analytic_step_time:.4g} s, mw.plan " + try_summary(t))
     priced = [t for t in tries if t.planned_step_time is not None]
     chosen = min((t for t in priced if t.fits), key=lambda t: t.planned_step_time, default=None)
     return MegatronRanking(formula_best.config, top, memory_slack, cluster.device_memory, tries, chosen)
