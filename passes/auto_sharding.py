@@ -454,7 +454,8 @@ class AutoSharding(Pass):
         if total > PRICED_TOTAL_LIMIT:
             warn(f"auto-sharding: memory-price={self.memory_price:g} prices up to {total:.3g} cost units of held "
                  f"memory, beyond what the solver keeps exact ({PRICED_TOTAL_LIMIT:.3g}); scaled down to that "
-                 "(the layouts may hold more than the price asks for; use a lower memory price)")
+                 "(the layouts may hold more than the price asks for; a MemoryPrice set by hand: lower it; a "
+                 "memory-lean level of the stage DP: it comes from LEAN_PRICE_FACTORS)")
             added = {g: a * (PRICED_TOTAL_LIMIT / total) for g, a in added.items()}
         for g, add in added.items():
             graph.groups[g].node_cost = graph.groups[g].node_cost + add
