@@ -9,7 +9,7 @@ import optax
 import meshweave as mw
 from meshweave.models import mlp
 
-TIMING_KEYS = ("time", "seconds")
+TIMING_KEYS = ("time", "seconds", "workers")   # workers: solver processes, chosen by the load average at the time
 
 
 def _without_timings(tree):
